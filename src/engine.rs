@@ -1,0 +1,647 @@
+//! The engine: one per subscriber member. It takes records from a [`ConsumerTransport`], dispatches them
+//! to the handler under the ack policy and the concurrency rules, turns settles into offsets through the
+//! [`OffsetTracker`], and commits, rewinds, drains and shuts down. It is broker-agnostic: the in-memory
+//! broker and Kafka run this very code.
+//!
+//! Rules it keeps (SPEC section 3):
+//! - a record is dispatched at most once at a time, and not at all when its offset is already settled;
+//! - per partition at most `max_in_flight` handlers run; two records with the same key (or both without
+//!   a key) never run at once and start in offset order;
+//! - `AckFirst` records are settled on receipt and dispatched only once the broker confirmed a commit
+//!   past them (at most once, for real);
+//! - a nack drops the queued records at and after the nacked offset and seeks the partition back to it;
+//!   records still arriving from before the seek are dropped until the nacked offset comes back;
+//! - settles of a previous assignment of a partition (older generation) are ignored;
+//! - at most one commit is in flight, so commits land in order.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::broker::Broker;
+use crate::error::{BrokerError, Error};
+use crate::extract::{Context, StateMap};
+use crate::handler::ErasedHandler;
+use crate::message::{CORRELATION_ID, Message, Record, SettleSink, SettledBy};
+use crate::metrics::Counters;
+use crate::observe::{Event, Outcome};
+use crate::offset::{Delivery, OffsetTracker, TopicPartition};
+use crate::publish::Outgoing;
+use crate::settle::{AckPolicy, Settle};
+use crate::subscriber::ResolvedSubscriber;
+use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
+
+/// A partition's queue is paused at the transport above this many buffered records.
+const PAUSE_ABOVE: usize = 4096;
+/// ...and resumed below this many.
+const RESUME_BELOW: usize = 1024;
+/// Wait before retrying a failed commit.
+const COMMIT_RETRY: Duration = Duration::from_millis(200);
+
+/// What handler tasks and message handles tell the engine.
+#[derive(Debug)]
+pub(crate) enum EngineEvent {
+    Settled {
+        tp: TopicPartition,
+        generation: u64,
+        offset: i64,
+        settle: Settle,
+        by: SettledBy,
+    },
+    Finished {
+        tp: TopicPartition,
+        generation: u64,
+        offset: i64,
+    },
+}
+
+/// Everything a handler task needs, shared by all tasks of one subscriber.
+pub(crate) struct SubscriberRuntime {
+    pub(crate) cfg: ResolvedSubscriber,
+    pub(crate) handler: Arc<dyn ErasedHandler>,
+    pub(crate) state: StateMap,
+    pub(crate) broker: Broker,
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl SubscriberRuntime {
+    fn observe(&self, event: impl FnOnce() -> Event) {
+        if let Some(o) = self.broker.observer_if_any() {
+            o.record(event());
+        }
+    }
+}
+
+struct Partition {
+    generation: u64,
+    /// Received, not yet dispatched, in offset order.
+    queue: VecDeque<Record>,
+    /// Dispatched and not finished: offset -> key.
+    in_flight: HashMap<i64, Option<Bytes>>,
+    /// Keys (None = no key) with a record in flight.
+    busy_keys: HashSet<Option<Bytes>>,
+    /// After a seek back: drop arriving records until this offset arrives.
+    rewind_to: Option<i64>,
+    /// After a delayed nack: dispatch nothing before this instant.
+    hold_until: Option<Instant>,
+    paused: bool,
+}
+
+impl Partition {
+    fn new(generation: u64) -> Self {
+        Partition {
+            generation,
+            queue: VecDeque::new(),
+            in_flight: HashMap::new(),
+            busy_keys: HashSet::new(),
+            rewind_to: None,
+            hold_until: None,
+            paused: false,
+        }
+    }
+}
+
+struct InFlightCommit {
+    commits: Commits,
+    future: BoxFuture<'static, Result<(), BrokerError>>,
+}
+
+pub(crate) struct Engine<T: ConsumerTransport> {
+    transport: T,
+    rt: Arc<SubscriberRuntime>,
+    tracker: OffsetTracker,
+    parts: HashMap<TopicPartition, Partition>,
+    next_generation: u64,
+    events_tx: mpsc::UnboundedSender<EngineEvent>,
+    events_rx: mpsc::UnboundedReceiver<EngineEvent>,
+    commit: Option<InFlightCommit>,
+    /// Settles since the last commit was started.
+    settles_since_commit: usize,
+    /// When the next cadence commit is due (None: nothing to commit).
+    commit_due: Option<Instant>,
+    commits_enabled: bool,
+    shutdown: watch::Receiver<bool>,
+    /// Tells the app the first assignment (or failure) happened.
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+enum Step {
+    Engine(EngineEvent),
+    Committed(Result<(), BrokerError>),
+    Consumer(Option<ConsumerEvent>),
+    Tick,
+    Shutdown,
+}
+
+impl<T: ConsumerTransport> Engine<T> {
+    pub(crate) fn new(
+        transport: T,
+        rt: Arc<SubscriberRuntime>,
+        shutdown: watch::Receiver<bool>,
+        ready: tokio::sync::oneshot::Sender<()>,
+    ) -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let commits_enabled = rt.cfg.group_id.is_some();
+        Engine {
+            transport,
+            rt,
+            tracker: OffsetTracker::default(),
+            parts: HashMap::new(),
+            next_generation: 0,
+            events_tx,
+            events_rx,
+            commit: None,
+            settles_since_commit: 0,
+            commit_due: None,
+            commits_enabled,
+            shutdown,
+            ready: Some(ready),
+        }
+    }
+
+    fn policy(&self) -> AckPolicy {
+        self.rt.cfg.policy
+    }
+
+    pub(crate) async fn run(mut self) {
+        let name = self.rt.cfg.name.clone();
+        loop {
+            self.dispatch_all();
+            self.maybe_commit();
+            match self.next_step().await {
+                Step::Engine(ev) => self.on_engine_event(ev),
+                Step::Committed(r) => self.on_commit_done(r),
+                Step::Consumer(Some(ev)) => self.on_consumer_event(ev).await,
+                Step::Consumer(None) => {
+                    tracing::error!(subscriber = %name, "consumer transport ended; stopping this subscriber");
+                    break;
+                }
+                Step::Tick => self.on_tick(),
+                Step::Shutdown => break,
+            }
+        }
+        self.shutdown().await;
+    }
+
+    fn next_timer(&self) -> Option<Instant> {
+        let holds = self.parts.values().filter_map(|p| p.hold_until);
+        holds.chain(self.commit_due).min()
+    }
+
+    async fn next_step(&mut self) -> Step {
+        let timer = self.next_timer();
+        let accepting = true;
+        let commit = &mut self.commit;
+        let transport = &mut self.transport;
+        let rx = &mut self.events_rx;
+        let shutdown = &mut self.shutdown;
+        tokio::select! {
+            biased;
+            ev = rx.recv() => match ev {
+                Some(ev) => Step::Engine(ev),
+                // Unreachable: the engine holds a sender.
+                None => Step::Shutdown,
+            },
+            r = async { commit.as_mut().map(|c| c.future.as_mut()).expect("guarded").await }, if commit.is_some() => Step::Committed(r),
+            _ = shutdown.wait_for(|stop| *stop) => Step::Shutdown,
+            _ = async { tokio::time::sleep_until(timer.expect("guarded")).await }, if timer.is_some() => Step::Tick,
+            ev = transport.next(), if accepting => Step::Consumer(ev),
+        }
+    }
+
+    // ---- consumer events -------------------------------------------------------------------------
+
+    async fn on_consumer_event(&mut self, ev: ConsumerEvent) {
+        match ev {
+            ConsumerEvent::Records(records) => self.on_records(records),
+            ConsumerEvent::Assigned(tps) => {
+                for tp in &tps {
+                    self.next_generation += 1;
+                    self.parts.insert(tp.clone(), Partition::new(self.next_generation));
+                    self.tracker.assign(tp.clone());
+                }
+                tracing::info!(subscriber = %self.rt.cfg.name, partitions = ?tps, "partitions assigned");
+                self.rt.observe(|| Event::Assigned {
+                    subscriber: self.rt.cfg.name.clone(),
+                    partitions: tps,
+                });
+                if let Some(ready) = self.ready.take() {
+                    let _ = ready.send(());
+                }
+            }
+            ConsumerEvent::Revoked { partitions, reply } => {
+                let commits = self.drain(&partitions, self.rt.cfg.drain_timeout).await;
+                for tp in &partitions {
+                    self.parts.remove(tp);
+                    self.tracker.revoke(tp);
+                }
+                tracing::info!(subscriber = %self.rt.cfg.name, partitions = ?partitions, final_commits = ?commits, "partitions revoked");
+                if self.commits_enabled {
+                    self.observe_commits(&commits);
+                }
+                reply(if self.commits_enabled { commits } else { Vec::new() });
+                self.rt.observe(|| Event::Revoked {
+                    subscriber: self.rt.cfg.name.clone(),
+                    partitions,
+                });
+            }
+        }
+    }
+
+    fn on_records(&mut self, records: Vec<Record>) {
+        let ack_first = self.policy() == AckPolicy::AckFirst;
+        let mut settled_now = 0;
+        for rec in records {
+            let Some(part) = self.parts.get_mut(&rec.tp) else {
+                continue; // not ours (revoked meanwhile)
+            };
+            if let Some(r) = part.rewind_to {
+                if rec.offset != r {
+                    continue; // fetched before the seek back
+                }
+                part.rewind_to = None;
+            }
+            let Some(offsets) = self.tracker.partition(&rec.tp) else {
+                continue;
+            };
+            match offsets.deliver(rec.offset) {
+                Delivery::Fresh => {
+                    if ack_first {
+                        offsets.settle(rec.offset);
+                        settled_now += 1;
+                        self.rt.counters.settled(Settle::Ack);
+                        self.rt.observe(|| Event::Settled {
+                            subscriber: self.rt.cfg.name.clone(),
+                            tp: rec.tp.clone(),
+                            offset: rec.offset,
+                            settle: Settle::Ack,
+                            by: SettledBy::Receipt,
+                        });
+                    }
+                }
+                Delivery::Unsettled => {
+                    if part.in_flight.contains_key(&rec.offset) {
+                        continue; // still running; its own settle decides
+                    }
+                }
+                Delivery::Settled | Delivery::Stale => continue,
+            }
+            part.queue.push_back(rec);
+            if part.queue.len() > PAUSE_ABOVE && !part.paused {
+                part.paused = true;
+                let tp = part.queue.back().map(|r| r.tp.clone());
+                if let Some(tp) = tp {
+                    self.transport.pause(&tp);
+                }
+            }
+        }
+        if settled_now > 0 {
+            self.note_settles(settled_now, true);
+        }
+    }
+
+    // ---- dispatch ----------------------------------------------------------------------------------
+
+    fn dispatch_all(&mut self) {
+        if self.rt.cfg.commit_sync_each && (self.commit.is_some() || self.commit_due.is_some()) {
+            return; // the previous settle is not committed yet
+        }
+        let now = Instant::now();
+        let tps: Vec<TopicPartition> = self
+            .parts
+            .iter()
+            .filter(|(_, p)| !p.queue.is_empty() && p.in_flight.len() < self.rt.cfg.max_in_flight)
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in tps {
+            self.dispatch_partition(&tp, now);
+        }
+    }
+
+    fn dispatch_partition(&mut self, tp: &TopicPartition, now: Instant) {
+        let max = self.rt.cfg.max_in_flight;
+        let ack_first = self.policy() == AckPolicy::AckFirst && self.commits_enabled;
+        let confirmed = self.tracker.confirmed(tp);
+        let Some(part) = self.parts.get_mut(tp) else { return };
+        if part.hold_until.is_some_and(|h| h > now) {
+            return;
+        }
+        part.hold_until = None;
+        let mut blocked: HashSet<Option<Bytes>> = HashSet::new();
+        let mut i = 0;
+        while part.in_flight.len() < max && i < part.queue.len() {
+            let rec = &part.queue[i];
+            if ack_first && confirmed.is_none_or(|c| rec.offset >= c) {
+                break; // its commit is not confirmed yet: at most once means commit first
+            }
+            if part.busy_keys.contains(&rec.key) || blocked.contains(&rec.key) {
+                blocked.insert(rec.key.clone());
+                i += 1;
+                if max == 1 {
+                    break;
+                }
+                continue;
+            }
+            let Some(rec) = part.queue.remove(i) else { break };
+            part.in_flight.insert(rec.offset, rec.key.clone());
+            part.busy_keys.insert(rec.key.clone());
+            let sink = SettleSink {
+                events: self.events_tx.clone(),
+                generation: part.generation,
+            };
+            let pre = (self.rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
+            let msg = Message::new(rec, self.rt.cfg.name.clone(), sink, pre);
+            tokio::spawn(run_handler(self.rt.clone(), msg));
+        }
+        if part.paused && part.queue.len() < RESUME_BELOW {
+            part.paused = false;
+            self.transport.resume(tp);
+        }
+    }
+
+    // ---- settles -------------------------------------------------------------------------------------
+
+    fn on_engine_event(&mut self, ev: EngineEvent) {
+        match ev {
+            EngineEvent::Finished { tp, generation, offset } => {
+                if let Some(part) = self.parts.get_mut(&tp).filter(|p| p.generation == generation)
+                    && let Some(key) = part.in_flight.remove(&offset)
+                {
+                    part.busy_keys.remove(&key);
+                }
+            }
+            EngineEvent::Settled {
+                tp,
+                generation,
+                offset,
+                settle,
+                by,
+            } => {
+                self.rt.counters.settled(settle);
+                self.rt.observe(|| Event::Settled {
+                    subscriber: self.rt.cfg.name.clone(),
+                    tp: tp.clone(),
+                    offset,
+                    settle,
+                    by,
+                });
+                if !self.parts.get(&tp).is_some_and(|p| p.generation == generation) {
+                    tracing::debug!(subscriber = %self.rt.cfg.name, %tp, offset, "settle of a revoked assignment ignored");
+                    return;
+                }
+                match settle {
+                    Settle::Ack | Settle::Reject => {
+                        if let Some(p) = self.tracker.partition(&tp) {
+                            p.settle(offset);
+                        }
+                        self.note_settles(1, false);
+                    }
+                    Settle::Nack { delay } => self.rewind(&tp, offset, delay),
+                }
+            }
+        }
+    }
+
+    /// SPEC 3.2: nothing at or after `offset` is committed until it is settled; deliver it again.
+    fn rewind(&mut self, tp: &TopicPartition, offset: i64, delay: Option<Duration>) {
+        let Some(part) = self.parts.get_mut(tp) else { return };
+        part.queue.retain(|r| r.offset < offset);
+        if part.rewind_to.is_none_or(|r| offset < r) {
+            part.rewind_to = Some(offset);
+            if let Err(e) = self.transport.seek(tp, offset) {
+                tracing::error!(subscriber = %self.rt.cfg.name, %tp, offset, error = %e, "seek after nack failed");
+            }
+        }
+        if let Some(d) = delay {
+            let until = Instant::now() + d;
+            part.hold_until = Some(part.hold_until.map_or(until, |h| h.max(until)));
+        }
+    }
+
+    fn on_tick(&mut self) {
+        // Holds that expired are cleared in dispatch; only the commit cadence needs work here.
+        if self.commit_due.is_some_and(|d| d <= Instant::now()) {
+            self.settles_since_commit = usize::MAX;
+        }
+    }
+
+    // ---- commits -------------------------------------------------------------------------------------
+
+    fn note_settles(&mut self, n: usize, urgent: bool) {
+        if !self.commits_enabled {
+            return;
+        }
+        self.settles_since_commit = self.settles_since_commit.saturating_add(n);
+        let due = if urgent || self.rt.cfg.commit_sync_each {
+            Instant::now()
+        } else {
+            Instant::now() + self.rt.cfg.commit_interval
+        };
+        self.commit_due = Some(self.commit_due.map_or(due, |d| d.min(due)));
+    }
+
+    fn maybe_commit(&mut self) {
+        if !self.commits_enabled || self.commit.is_some() {
+            return;
+        }
+        let Some(due) = self.commit_due else { return };
+        let now_due = due <= Instant::now() || self.settles_since_commit >= self.rt.cfg.commit_every;
+        if !now_due {
+            return;
+        }
+        self.commit_due = None;
+        self.settles_since_commit = 0;
+        let commits = self.tracker.take_commits();
+        if commits.is_empty() {
+            return;
+        }
+        let future = self.transport.commit(commits.clone());
+        self.commit = Some(InFlightCommit { commits, future });
+    }
+
+    fn on_commit_done(&mut self, r: Result<(), BrokerError>) {
+        let Some(done) = self.commit.take() else { return };
+        match r {
+            Ok(()) => {
+                self.rt.counters.committed(true);
+                self.tracker.confirm(&done.commits);
+                self.observe_commits(&done.commits);
+            }
+            Err(e) => {
+                self.rt.counters.committed(false);
+                tracing::warn!(subscriber = %self.rt.cfg.name, error = %e, "commit failed; retrying");
+                self.tracker.commit_failed(&done.commits);
+                let retry = Instant::now() + COMMIT_RETRY;
+                self.commit_due = Some(self.commit_due.map_or(retry, |d| d.max(retry)));
+            }
+        }
+    }
+
+    fn observe_commits(&self, commits: &Commits) {
+        for (tp, offset) in commits {
+            self.rt.observe(|| Event::Committed {
+                subscriber: self.rt.cfg.name.clone(),
+                tp: tp.clone(),
+                offset: *offset,
+            });
+        }
+    }
+
+    // ---- revoke and shutdown -----------------------------------------------------------------------
+
+    /// Stops dispatching `tps`, waits for their in-flight handlers up to the drain timeout, and returns
+    /// the final offsets to commit for them (SPEC 3.7).
+    async fn drain(&mut self, tps: &[TopicPartition], timeout: Duration) -> Commits {
+        for tp in tps {
+            if let Some(p) = self.parts.get_mut(tp) {
+                p.queue.clear();
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let busy = tps
+                .iter()
+                .any(|tp| self.parts.get(tp).is_some_and(|p| !p.in_flight.is_empty()));
+            if !busy && self.commit.is_none() {
+                break;
+            }
+            let commit = &mut self.commit;
+            let rx = &mut self.events_rx;
+            let step = tokio::select! {
+                biased;
+                ev = rx.recv() => match ev { Some(ev) => Step::Engine(ev), None => Step::Shutdown },
+                r = async { commit.as_mut().map(|c| c.future.as_mut()).expect("guarded").await }, if commit.is_some() => Step::Committed(r),
+                _ = tokio::time::sleep_until(deadline) => Step::Tick,
+            };
+            match step {
+                Step::Engine(ev) => self.on_engine_event(ev),
+                Step::Committed(r) => self.on_commit_done(r),
+                _ => {
+                    let left: usize = tps
+                        .iter()
+                        .filter_map(|tp| self.parts.get(tp))
+                        .map(|p| p.in_flight.len())
+                        .sum();
+                    tracing::warn!(subscriber = %self.rt.cfg.name, in_flight = left,
+                        "drain deadline passed; in-flight messages stay uncommitted and will be redelivered");
+                    break;
+                }
+            }
+        }
+        self.tracker.watermarks(tps)
+    }
+
+    async fn shutdown(mut self) {
+        let tps: Vec<TopicPartition> = self.parts.keys().cloned().collect();
+        let commits = self.drain(&tps, self.rt.cfg.shutdown_timeout).await;
+        if self.commits_enabled {
+            self.observe_commits(&commits);
+        }
+        let name = self.rt.cfg.name.clone();
+        let commits = if self.commits_enabled { commits } else { Vec::new() };
+        if let Err(e) = self.transport.close(commits).await {
+            tracing::error!(subscriber = %name, error = %e, "final commit or close failed");
+        }
+        tracing::info!(subscriber = %name, "subscriber stopped");
+    }
+}
+
+/// Runs one handler call to its end and settles by the policy (SPEC section 2).
+async fn run_handler(rt: Arc<SubscriberRuntime>, msg: Message) {
+    let cfg = &rt.cfg;
+    let started = {
+        let cx = Context {
+            message: &msg,
+            state: &rt.state,
+        };
+        std::panic::catch_unwind(AssertUnwindSafe(|| rt.handler.call(&cx)))
+    };
+    let result = match started {
+        Ok(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
+            Ok(r) => r,
+            Err(panic) => Err(Error::panic(panic_message(panic))),
+        },
+        Err(panic) => Err(Error::panic(panic_message(panic))),
+    };
+    let result = match result {
+        Ok(Some(payload)) if !cfg.publish_to.is_empty() => publish_result(&rt, &msg, payload).await,
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
+    let outcome = match &result {
+        Ok(()) => Outcome::Ok,
+        Err(e) => match e.interrupt() {
+            Some(s) => Outcome::Interrupted(s),
+            None => Outcome::Failed {
+                kind: e.label(),
+                message: e.to_string(),
+            },
+        },
+    };
+    let label = match &outcome {
+        Outcome::Failed { kind, .. } => Some(*kind),
+        _ => None,
+    };
+    rt.counters.handled(label);
+    if let (Err(e), Some(_)) = (&result, label) {
+        tracing::error!(
+            subscriber = %cfg.name, topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
+            kind = e.label(), error = %e, "handler failed"
+        );
+    }
+    rt.observe(|| Event::Handled {
+        subscriber: cfg.name.clone(),
+        tp: msg.topic_partition().clone(),
+        offset: msg.offset(),
+        payload: String::from_utf8_lossy(msg.payload()).into_owned(),
+        outcome: outcome.clone(),
+    });
+    match outcome {
+        Outcome::Interrupted(s) => {
+            let _ = msg.settle(s, SettledBy::Interrupt);
+        }
+        Outcome::Ok => {
+            if let Some(s) = cfg.policy.after_handler(true) {
+                let _ = msg.settle(s, SettledBy::Policy);
+            }
+        }
+        Outcome::Failed { .. } => {
+            if let Some(s) = cfg.policy.after_handler(false) {
+                let _ = msg.settle(s, SettledBy::Policy);
+            }
+        }
+    }
+    msg.finished();
+}
+
+/// SPEC 3.11: the result is published (and acknowledged) before the incoming message is settled.
+async fn publish_result(rt: &SubscriberRuntime, msg: &Message, payload: Bytes) -> Result<(), Error> {
+    let correlation = msg
+        .correlation_id()
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{}-{}", msg.topic_partition(), msg.offset()));
+    for topic in &rt.cfg.publish_to {
+        let mut out = Outgoing::new(topic.clone(), payload.clone());
+        out.key = msg.key().cloned();
+        out.headers.set(CORRELATION_ID, correlation.clone().into_bytes());
+        rt.broker.send(out).await.map_err(Error::handler)?;
+    }
+    Ok(())
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}

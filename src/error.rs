@@ -1,0 +1,404 @@
+//! Errors: the handler-facing [`Error`], the settling interrupts and the typed errors of each layer.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use crate::settle::Settle;
+
+/// Any error a handler may return.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Interrupts the handler and acks the message immediately, under every policy (SPEC 2.2).
+///
+/// ```
+/// fn smth_processing(body: &str) -> Result<(), ferrostream::Error> {
+///     if body.is_empty() {
+///         return Err(ferrostream::AckMessage.into());
+///     }
+///     Ok(())
+/// }
+/// assert!(smth_processing("").unwrap_err().interrupt().is_some());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AckMessage;
+
+/// Interrupts the handler and nacks the message (redelivery), optionally after a delay.
+///
+/// ```
+/// use std::time::Duration;
+/// let e: ferrostream::Error = ferrostream::NackMessage::after(Duration::from_millis(50)).into();
+/// assert_eq!(e.interrupt(), Some(ferrostream::Settle::Nack { delay: Some(Duration::from_millis(50)) }));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NackMessage {
+    /// Minimum time before the message is delivered again.
+    pub delay: Option<Duration>,
+}
+
+impl NackMessage {
+    /// A nack that redelivers no earlier than `delay` from now.
+    pub fn after(delay: Duration) -> Self {
+        NackMessage { delay: Some(delay) }
+    }
+}
+
+/// Interrupts the handler and rejects the message: it is never delivered again.
+///
+/// ```
+/// let e: ferrostream::Error = ferrostream::RejectMessage.into();
+/// assert_eq!(e.interrupt(), Some(ferrostream::Settle::Reject));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RejectMessage;
+
+impl fmt::Display for AckMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("processing interrupted: ack the message")
+    }
+}
+impl fmt::Display for NackMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.delay {
+            Some(d) => write!(f, "processing interrupted: nack the message (redeliver after {d:?})"),
+            None => f.write_str("processing interrupted: nack the message"),
+        }
+    }
+}
+impl fmt::Display for RejectMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("processing interrupted: reject the message")
+    }
+}
+impl StdError for AckMessage {}
+impl StdError for NackMessage {}
+impl StdError for RejectMessage {}
+
+/// A payload that could not be decoded into the handler's argument type (SPEC 2.4).
+#[derive(Debug)]
+pub struct DecodeError {
+    /// The subscriber whose handler asked for the value.
+    pub subscriber: String,
+    /// The Rust type the payload was decoded into.
+    pub target: &'static str,
+    /// What went wrong.
+    pub cause: BoxError,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "subscriber `{}`: cannot decode payload into `{}`: {}",
+            self.subscriber, self.target, self.cause
+        )
+    }
+}
+
+impl StdError for DecodeError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(self.cause.as_ref())
+    }
+}
+
+/// The error type of handlers and of code under them.
+///
+/// It carries either a settling interrupt ([`AckMessage`], [`NackMessage`], [`RejectMessage`]), a decode
+/// failure, a caught panic, or any other error. Handlers may return `Result<_, E>` for any error type `E`
+/// convertible into a boxed error; interrupts are recognised anywhere in its `source()` chain.
+///
+/// ```
+/// use ferrostream::{Error, NackMessage};
+/// fn check(n: u32) -> Result<u32, Error> {
+///     if n == 0 {
+///         Err(NackMessage::default())?;
+///     }
+///     Ok(n)
+/// }
+/// assert!(check(0).is_err());
+/// ```
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+}
+
+/// What an [`Error`] is.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Settle the message this way now (SPEC 2.2).
+    Interrupt(Settle),
+    /// The payload did not decode (SPEC 2.4).
+    Decode(DecodeError),
+    /// The handler panicked (SPEC 2.3); the panic message.
+    Panic(String),
+    /// Any other handler error.
+    Handler(BoxError),
+}
+
+impl Error {
+    /// Wraps any error as a handler error.
+    pub fn handler(err: impl Into<BoxError>) -> Self {
+        Error::from_box(err.into())
+    }
+
+    /// Wraps a boxed error, recognising interrupts and known kinds inside it.
+    pub(crate) fn from_box(err: BoxError) -> Self {
+        let err = match err.downcast::<Error>() {
+            Ok(e) => return *e,
+            Err(e) => e,
+        };
+        let err = match err.downcast::<DecodeError>() {
+            Ok(d) => {
+                return Error {
+                    kind: ErrorKind::Decode(*d),
+                };
+            }
+            Err(e) => e,
+        };
+        if let Some(settle) = interrupt_in_chain(err.as_ref()) {
+            return Error {
+                kind: ErrorKind::Interrupt(settle),
+            };
+        }
+        Error {
+            kind: ErrorKind::Handler(err),
+        }
+    }
+
+    pub(crate) fn panic(message: String) -> Self {
+        Error {
+            kind: ErrorKind::Panic(message),
+        }
+    }
+
+    /// What this error is.
+    pub fn kind(&self) -> &ErrorKind {
+        &self.kind
+    }
+
+    /// The settle this error demands, when it is an interrupt.
+    pub fn interrupt(&self) -> Option<Settle> {
+        match self.kind {
+            ErrorKind::Interrupt(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A short label for logs and metrics: `interrupt`, `decode`, `panic` or `handler`.
+    pub fn label(&self) -> &'static str {
+        match self.kind {
+            ErrorKind::Interrupt(_) => "interrupt",
+            ErrorKind::Decode(_) => "decode",
+            ErrorKind::Panic(_) => "panic",
+            ErrorKind::Handler(_) => "handler",
+        }
+    }
+}
+
+fn interrupt_in_chain(err: &(dyn StdError + 'static)) -> Option<Settle> {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.is::<AckMessage>() {
+            return Some(Settle::Ack);
+        }
+        if let Some(n) = e.downcast_ref::<NackMessage>() {
+            return Some(Settle::Nack { delay: n.delay });
+        }
+        if e.is::<RejectMessage>() {
+            return Some(Settle::Reject);
+        }
+        if let Some(Error {
+            kind: ErrorKind::Interrupt(s),
+        }) = e.downcast_ref::<Error>()
+        {
+            return Some(*s);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            ErrorKind::Interrupt(s) => write!(f, "processing interrupted: {s}"),
+            ErrorKind::Decode(d) => d.fmt(f),
+            ErrorKind::Panic(m) => write!(f, "handler panicked: {m}"),
+            ErrorKind::Handler(e) => e.fmt(f),
+        }
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match &self.kind {
+            ErrorKind::Decode(d) => Some(d),
+            ErrorKind::Handler(e) => Some(e.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl From<AckMessage> for Error {
+    fn from(_: AckMessage) -> Self {
+        Error {
+            kind: ErrorKind::Interrupt(Settle::Ack),
+        }
+    }
+}
+impl From<NackMessage> for Error {
+    fn from(n: NackMessage) -> Self {
+        Error {
+            kind: ErrorKind::Interrupt(Settle::Nack { delay: n.delay }),
+        }
+    }
+}
+impl From<RejectMessage> for Error {
+    fn from(_: RejectMessage) -> Self {
+        Error {
+            kind: ErrorKind::Interrupt(Settle::Reject),
+        }
+    }
+}
+impl From<DecodeError> for Error {
+    fn from(d: DecodeError) -> Self {
+        Error {
+            kind: ErrorKind::Decode(d),
+        }
+    }
+}
+
+/// A configuration that cannot work, found when the app starts (never at runtime).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The policy needs committed offsets, which need a consumer group.
+    #[error(
+        "subscriber `{subscriber}`: ack policy {policy} needs a consumer group; add `.group_id(\"...\")` \
+         or use `.ack_policy(AckPolicy::AckFirst)`"
+    )]
+    MissingGroup {
+        /// The subscriber.
+        subscriber: String,
+        /// Its policy.
+        policy: crate::AckPolicy,
+    },
+    /// `auto_commit(..)` and `ack_policy(..)` disagree.
+    #[error(
+        "subscriber `{subscriber}`: auto_commit({auto_commit}) contradicts ack_policy({policy}); \
+         auto_commit(true) means AckFirst, auto_commit(false) any other policy: set only one of them"
+    )]
+    ConflictingAckSettings {
+        /// The subscriber.
+        subscriber: String,
+        /// The `auto_commit` value given.
+        auto_commit: bool,
+        /// The policy given.
+        policy: crate::AckPolicy,
+    },
+    /// A subscriber setting is out of range.
+    #[error("subscriber `{subscriber}`: {what}")]
+    InvalidSetting {
+        /// The subscriber.
+        subscriber: String,
+        /// What is wrong and what to change.
+        what: String,
+    },
+    /// The broker URL could not be understood.
+    #[error("broker URL `{url}`: {reason}")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// Why it is not usable.
+        reason: String,
+    },
+}
+
+/// A failure talking to the broker.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// The broker client reported an error for an operation.
+    #[error("{op}: {source}")]
+    Client {
+        /// The operation, e.g. `commit` or `publish`.
+        op: &'static str,
+        /// The client's error.
+        source: BoxError,
+    },
+    /// An operation did not finish in time.
+    #[error("{op} timed out after {timeout:?}")]
+    Timeout {
+        /// The operation.
+        op: &'static str,
+        /// The deadline that passed.
+        timeout: Duration,
+    },
+    /// The topic does not exist.
+    #[error("unknown topic `{topic}`")]
+    UnknownTopic {
+        /// The topic.
+        topic: String,
+    },
+    /// The partition does not exist.
+    #[error("topic `{topic}` has {partitions} partitions; partition {partition} does not exist")]
+    UnknownPartition {
+        /// The topic.
+        topic: String,
+        /// The partition asked for.
+        partition: i32,
+        /// How many partitions the topic has.
+        partitions: i32,
+    },
+    /// The payload could not be encoded.
+    #[error("cannot encode the payload: {source}")]
+    Encode {
+        /// Why.
+        source: BoxError,
+    },
+    /// The broker handle was shut down.
+    #[error("the broker connection is closed")]
+    Closed,
+}
+
+/// Why an [`App`](crate::App) could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A subscriber or broker setting is wrong.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The broker could not be reached or refused an operation.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Wrapper(Error);
+    impl fmt::Display for Wrapper {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("wrapped")
+        }
+    }
+    impl StdError for Wrapper {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn interrupts_are_found_through_user_error_wrappers() {
+        let e = Error::handler(Wrapper(RejectMessage.into()));
+        assert_eq!(e.interrupt(), Some(Settle::Reject));
+        let e = Error::handler(NackMessage::default());
+        assert_eq!(e.interrupt(), Some(Settle::NACK));
+        let e = Error::handler(std::io::Error::other("boom"));
+        assert_eq!(e.interrupt(), None);
+        assert_eq!(e.label(), "handler");
+    }
+}

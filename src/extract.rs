@@ -1,0 +1,168 @@
+//! Extractors: what a handler may take as arguments.
+//!
+//! Any type implementing [`FromMessage`] can be a handler argument: the payload as `String`, `Bytes`,
+//! `Vec<u8>` or [`Json<T>`], the [`Message`] handle, [`Headers`], [`Key`], or shared [`State<T>`].
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::error::{DecodeError, Error};
+use crate::message::{Headers, Message};
+
+/// Shared values handlers can ask for with [`State<T>`], keyed by type.
+#[derive(Clone, Default)]
+pub(crate) struct StateMap(HashMap<TypeId, Arc<dyn Any + Send + Sync>>);
+
+impl StateMap {
+    pub(crate) fn insert<T: Clone + Send + Sync + 'static>(&mut self, value: T) {
+        self.0.insert(TypeId::of::<T>(), Arc::new(value));
+    }
+    fn get<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
+        self.0
+            .get(&TypeId::of::<T>())
+            .and_then(|v| v.downcast_ref::<T>())
+            .cloned()
+    }
+}
+
+/// What an extractor sees: the message and its subscriber's shared state.
+pub struct Context<'a> {
+    pub(crate) message: &'a Message,
+    pub(crate) state: &'a StateMap,
+}
+
+impl Context<'_> {
+    /// The message being handled.
+    pub fn message(&self) -> &Message {
+        self.message
+    }
+
+    /// A decode error for this message's subscriber.
+    pub fn decode_error<T>(&self, cause: impl Into<crate::BoxError>) -> Error {
+        DecodeError {
+            subscriber: self.message.subscriber().to_owned(),
+            target: std::any::type_name::<T>(),
+            cause: cause.into(),
+        }
+        .into()
+    }
+}
+
+/// Builds a handler argument from the message.
+///
+/// ```
+/// use ferrostream::{extract::{Context, FromMessage}, Error};
+/// /// The tenant header, required.
+/// struct Tenant(String);
+/// impl FromMessage for Tenant {
+///     fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
+///         cx.message().headers().get_str("tenant")
+///             .map(|t| Tenant(t.to_owned()))
+///             .ok_or_else(|| cx.decode_error::<Tenant>("missing `tenant` header"))
+///     }
+/// }
+/// ```
+pub trait FromMessage: Sized + Send + 'static {
+    /// Extracts the value, or fails with a typed error (usually a decode error).
+    fn from_message(cx: &Context<'_>) -> Result<Self, Error>;
+}
+
+impl FromMessage for Message {
+    fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
+        Ok(cx.message.clone())
+    }
+}
+
+impl FromMessage for Bytes {
+    fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
+        Ok(cx.message.payload().clone())
+    }
+}
+
+impl FromMessage for Vec<u8> {
+    fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
+        Ok(cx.message.payload().to_vec())
+    }
+}
+
+impl FromMessage for String {
+    fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
+        match std::str::from_utf8(cx.message.payload()) {
+            Ok(s) => Ok(s.to_owned()),
+            Err(e) => Err(cx.decode_error::<String>(e)),
+        }
+    }
+}
+
+impl FromMessage for Headers {
+    fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
+        Ok(cx.message.headers().clone())
+    }
+}
+
+/// The message key, if any.
+///
+/// ```
+/// async fn handler(ferrostream::Key(key): ferrostream::Key) {
+///     let _ = key; // Option<bytes::Bytes>
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key(pub Option<Bytes>);
+
+impl FromMessage for Key {
+    fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
+        Ok(Key(cx.message.key().cloned()))
+    }
+}
+
+/// A payload decoded from (or encoded to) JSON with serde.
+///
+/// ```
+/// #[derive(serde::Deserialize)]
+/// struct Order { id: u64 }
+/// async fn handler(ferrostream::Json(order): ferrostream::Json<Order>) {
+///     let _ = order.id;
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned + Send + 'static> FromMessage for Json<T> {
+    fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
+        serde_json::from_slice(cx.message.payload())
+            .map(Json)
+            .map_err(|e| cx.decode_error::<T>(e))
+    }
+}
+
+/// Shared state registered with [`Broker::with_state`](crate::Broker::with_state).
+///
+/// ```
+/// use std::sync::{Arc, atomic::{AtomicU64, Ordering}};
+/// #[derive(Clone, Default)]
+/// struct Counter(Arc<AtomicU64>);
+/// async fn handler(ferrostream::State(c): ferrostream::State<Counter>) {
+///     c.0.fetch_add(1, Ordering::Relaxed);
+/// }
+/// ```
+#[derive(Debug, Clone)]
+pub struct State<T>(pub T);
+
+/// Asking for state of a type nobody registered.
+#[derive(Debug, thiserror::Error)]
+#[error("no state of type `{0}` was registered with Broker::with_state")]
+pub struct MissingState(&'static str);
+
+impl<T: Clone + Send + Sync + 'static> FromMessage for State<T> {
+    fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
+        cx.state
+            .get::<T>()
+            .map(State)
+            .ok_or_else(|| Error::handler(MissingState(std::any::type_name::<T>())))
+    }
+}

@@ -1,0 +1,171 @@
+//! Handlers: plain `async fn`s whose arguments are extractors and whose return value says what happened.
+//!
+//! A handler may return `()`, a payload to publish (`String`, `&'static str`, `Bytes`, `Vec<u8>`,
+//! [`Json<T>`]), `Option` of a payload, or `Result<R, E>` of any of those with any error type `E` that
+//! converts into a boxed error (`ferrostream::Error`, your own error enums, `anyhow::Error`...).
+
+use std::future::Future;
+use std::marker::PhantomData;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use serde::Serialize;
+
+use crate::error::{BoxError, Error};
+use crate::extract::{Context, FromMessage, Json};
+
+/// A value a handler can return to be published to the subscriber's `publish_to` topics.
+pub trait IntoPayload {
+    /// Encodes the value.
+    fn into_payload(self) -> Result<Bytes, Error>;
+}
+
+impl IntoPayload for Bytes {
+    fn into_payload(self) -> Result<Bytes, Error> {
+        Ok(self)
+    }
+}
+impl IntoPayload for Vec<u8> {
+    fn into_payload(self) -> Result<Bytes, Error> {
+        Ok(Bytes::from(self))
+    }
+}
+impl IntoPayload for String {
+    fn into_payload(self) -> Result<Bytes, Error> {
+        Ok(Bytes::from(self))
+    }
+}
+impl IntoPayload for &'static str {
+    fn into_payload(self) -> Result<Bytes, Error> {
+        Ok(Bytes::from_static(self.as_bytes()))
+    }
+}
+impl<T: Serialize> IntoPayload for Json<T> {
+    fn into_payload(self) -> Result<Bytes, Error> {
+        serde_json::to_vec(&self.0).map(Bytes::from).map_err(Error::handler)
+    }
+}
+
+/// What a handler's return value means: success with something to publish or not, or an error.
+pub trait HandlerReturn: Send + 'static {
+    /// Converts the return value.
+    fn into_outcome(self) -> Result<Option<Bytes>, Error>;
+}
+
+impl HandlerReturn for () {
+    fn into_outcome(self) -> Result<Option<Bytes>, Error> {
+        Ok(None)
+    }
+}
+
+impl<R: HandlerReturn, E: Into<BoxError> + Send + 'static> HandlerReturn for Result<R, E> {
+    fn into_outcome(self) -> Result<Option<Bytes>, Error> {
+        match self {
+            Ok(r) => r.into_outcome(),
+            Err(e) => Err(Error::from_box(e.into())),
+        }
+    }
+}
+
+impl<P: IntoPayload + Send + 'static> HandlerReturn for Option<P> {
+    fn into_outcome(self) -> Result<Option<Bytes>, Error> {
+        self.map(IntoPayload::into_payload).transpose()
+    }
+}
+
+macro_rules! payload_return {
+    ($($t:ty),*) => {$(
+        impl HandlerReturn for $t {
+            fn into_outcome(self) -> Result<Option<Bytes>, Error> {
+                self.into_payload().map(Some)
+            }
+        }
+    )*};
+}
+payload_return!(Bytes, Vec<u8>, String, &'static str);
+
+impl<T: Serialize + Send + 'static> HandlerReturn for Json<T> {
+    fn into_outcome(self) -> Result<Option<Bytes>, Error> {
+        self.into_payload().map(Some)
+    }
+}
+
+/// An async function usable as a handler: every argument implements [`FromMessage`], the output
+/// implements [`HandlerReturn`]. Implemented for functions of up to 8 arguments.
+///
+/// ```
+/// use ferrostream::{Message, Json};
+/// #[derive(serde::Deserialize)]
+/// struct Order { id: u64 }
+/// async fn handle(Json(order): Json<Order>, msg: Message) -> Result<(), ferrostream::Error> {
+///     if order.id == 0 {
+///         msg.reject().await;
+///     }
+///     Ok(())
+/// }
+/// # fn assert_handler<A, H: ferrostream::Handler<A>>(_: H) {}
+/// # assert_handler(handle);
+/// ```
+pub trait Handler<Args>: Clone + Send + Sync + 'static {
+    /// Extracts the arguments and runs the handler.
+    fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Bytes>, Error>>;
+}
+
+macro_rules! impl_handler {
+    ($($arg:ident),*) => {
+        impl<F, Fut, R, $($arg,)*> Handler<($($arg,)*)> for F
+        where
+            F: Fn($($arg),*) -> Fut + Clone + Send + Sync + 'static,
+            Fut: Future<Output = R> + Send + 'static,
+            R: HandlerReturn,
+            $($arg: FromMessage,)*
+        {
+            #[allow(non_snake_case, unused_variables)]
+            fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Bytes>, Error>> {
+                $(
+                    let $arg = match $arg::from_message(cx) {
+                        Ok(v) => v,
+                        Err(e) => return Box::pin(std::future::ready(Err(e))),
+                    };
+                )*
+                let fut = (self)($($arg),*);
+                Box::pin(async move { fut.await.into_outcome() })
+            }
+        }
+    };
+}
+
+impl_handler!();
+impl_handler!(A1);
+impl_handler!(A1, A2);
+impl_handler!(A1, A2, A3);
+impl_handler!(A1, A2, A3, A4);
+impl_handler!(A1, A2, A3, A4, A5);
+impl_handler!(A1, A2, A3, A4, A5, A6);
+impl_handler!(A1, A2, A3, A4, A5, A6, A7);
+impl_handler!(A1, A2, A3, A4, A5, A6, A7, A8);
+
+/// A handler with its argument types erased, as the engine stores it.
+pub(crate) trait ErasedHandler: Send + Sync + 'static {
+    fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Bytes>, Error>>;
+}
+
+pub(crate) struct Erased<H, Args> {
+    handler: H,
+    _args: PhantomData<fn() -> Args>,
+}
+
+impl<H, Args> Erased<H, Args> {
+    pub(crate) fn new(handler: H) -> Self {
+        Erased {
+            handler,
+            _args: PhantomData,
+        }
+    }
+}
+
+impl<H: Handler<Args>, Args: 'static> ErasedHandler for Erased<H, Args> {
+    fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Bytes>, Error>> {
+        self.handler.call(cx)
+    }
+}

@@ -1,0 +1,72 @@
+//! # ferrostream
+//!
+//! Event-driven services on message brokers: write async handlers, subscribe them to topics, and let the
+//! framework consume, decode, dispatch, publish results and settle each message (ack / nack / reject)
+//! exactly as the chosen [`AckPolicy`] says. Kafka semantics first: offsets are committed only past
+//! settled messages (see [`offset`]), nacks seek back, at-most-once really commits before handling.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use ferrostream::{AckMessage, App, Broker, Message, Settle};
+//!
+//! fn smth_processing(body: &str) -> Result<(), ferrostream::Error> {
+//!     if body == "done already" {
+//!         Err(AckMessage)?; // stops the handler and acks, from any depth
+//!     }
+//!     Ok(())
+//! }
+//!
+//! let broker = Broker::new("memory://")?;
+//! let observer = broker.observer();
+//! broker
+//!     .subscriber("test")
+//!     .group_id("group")
+//!     .auto_commit(false) // at least once: ack on success, redeliver on error
+//!     .handle(|body: String, msg: Message| async move {
+//!         smth_processing(&body)?;
+//!         msg.ack().await;
+//!         Ok::<_, ferrostream::Error>(())
+//!     });
+//! let app = App::new(broker.clone()).start().await?;
+//! broker.publish("done already", "test").await?;
+//! let settled = observer.wait_settled("test@group", 1, Duration::from_secs(5)).await?;
+//! assert_eq!(settled[0].settle, Settle::Ack);
+//! app.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+mod app;
+mod broker;
+mod engine;
+mod error;
+pub mod extract;
+mod handler;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+mod memory;
+mod message;
+mod metrics;
+pub mod observe;
+pub mod offset;
+mod publish;
+mod settle;
+mod subscriber;
+mod transport;
+
+pub use app::{App, RunningApp, ShutdownHandle};
+pub use broker::Broker;
+pub use error::{
+    AckMessage, BoxError, BrokerError, ConfigError, DecodeError, Error, ErrorKind, NackMessage, RejectMessage,
+    StartError,
+};
+pub use extract::{Json, Key, State};
+pub use handler::{Handler, HandlerReturn, IntoPayload};
+pub use message::{CORRELATION_ID, Headers, Message, SettledBy};
+pub use metrics::{Metrics, SubscriberMetrics};
+pub use observe::{Event, Observer, Outcome};
+pub use offset::TopicPartition;
+pub use publish::{Publish, PublishAck};
+pub use settle::{AckPolicy, Settle, SettleOutcome};
+pub use subscriber::{OffsetReset, SubscriberBuilder};

@@ -1,0 +1,460 @@
+//! The in-memory broker (`memory://`): a deterministic model of Kafka semantics (SPEC section 4).
+//!
+//! Topics have partitions (keys hashed with Kafka's murmur2, so a key lands where a Java client would
+//! put it); consumer groups keep committed offsets; members get partitions by the range assignor, with an
+//! eager rebalance whenever a member joins or leaves: every member's partitions are revoked (each member
+//! drains and commits first), then the new assignment starts from the committed offsets or the reset
+//! policy. Seek, pause and resume behave as on Kafka. Commits from a member that no longer owns a
+//! partition are refused, as Kafka refuses commits of a stale generation.
+
+mod murmur;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::error::BrokerError;
+use crate::message::{Headers, Record};
+use crate::offset::TopicPartition;
+use crate::publish::{Outgoing, PublishAck};
+use crate::subscriber::OffsetReset;
+use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
+
+/// How long a rebalance waits for a member to drain and answer a revocation.
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Records handed to the engine per fetch, per partition.
+const FETCH_MAX: usize = 512;
+
+struct Stored {
+    key: Option<bytes::Bytes>,
+    payload: bytes::Bytes,
+    headers: Headers,
+    timestamp: i64,
+}
+
+#[derive(Default)]
+struct Topic {
+    partitions: Vec<Vec<Stored>>,
+    round_robin: usize,
+}
+
+enum Control {
+    Assign(Vec<(TopicPartition, i64)>),
+    Revoke(Vec<TopicPartition>, oneshot::Sender<Commits>),
+}
+
+struct Member {
+    topic: Arc<str>,
+    reset: OffsetReset,
+    control: mpsc::UnboundedSender<Control>,
+    owned: Vec<TopicPartition>,
+}
+
+#[derive(Default)]
+struct Group {
+    committed: HashMap<TopicPartition, i64>,
+    members: BTreeMap<u64, Member>,
+    rebalance: Arc<tokio::sync::Mutex<()>>,
+}
+
+#[derive(Default)]
+struct State {
+    topics: HashMap<Arc<str>, Topic>,
+    groups: HashMap<String, Group>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    data: Notify,
+    default_partitions: i32,
+    next_member: AtomicU64,
+}
+
+/// The in-memory broker. Cheap to clone; clones share topics and groups.
+#[derive(Clone)]
+pub(crate) struct MemoryBroker {
+    shared: Arc<Shared>,
+}
+
+impl MemoryBroker {
+    pub(crate) fn new(default_partitions: i32) -> Self {
+        MemoryBroker {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                data: Notify::new(),
+                default_partitions,
+                next_member: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        lock(&self.shared)
+    }
+
+    pub(crate) fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), BrokerError> {
+        let mut st = self.lock();
+        let t = st.topics.entry(topic.into()).or_default();
+        if (t.partitions.len() as i32) < partitions {
+            t.partitions.resize_with(partitions as usize, Vec::new);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn send(&self, out: Outgoing) -> Result<PublishAck, BrokerError> {
+        let ack = {
+            let mut st = self.lock();
+            let default_partitions = self.shared.default_partitions;
+            let topic = topic_entry(&mut st, &out.topic, default_partitions);
+            let n = topic.partitions.len() as i32;
+            let partition = match (out.partition, &out.key) {
+                (Some(p), _) if p < 0 || p >= n => {
+                    return Err(BrokerError::UnknownPartition {
+                        topic: out.topic,
+                        partition: p,
+                        partitions: n,
+                    });
+                }
+                (Some(p), _) => p,
+                (None, Some(key)) => murmur::partition_for(key, n),
+                (None, None) => {
+                    topic.round_robin = topic.round_robin.wrapping_add(1);
+                    (topic.round_robin % n as usize) as i32
+                }
+            };
+            let log = &mut topic.partitions[partition as usize];
+            let offset = log.len() as i64;
+            log.push(Stored {
+                key: out.key,
+                payload: out.payload,
+                headers: out.headers,
+                timestamp: out.timestamp.unwrap_or_else(now_millis),
+            });
+            PublishAck {
+                topic: out.topic,
+                partition,
+                offset,
+            }
+        };
+        self.shared.data.notify_waiters();
+        Ok(ack)
+    }
+
+    /// The committed offsets of a group for a topic, by partition.
+    pub(crate) fn committed(&self, group: &str, topic: &str) -> BTreeMap<i32, i64> {
+        let st = self.lock();
+        st.groups
+            .get(group)
+            .map(|g| {
+                g.committed
+                    .iter()
+                    .filter(|(tp, _)| &*tp.topic == topic)
+                    .map(|(tp, o)| (tp.partition, *o))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The next offset to be written, by partition.
+    pub(crate) fn end_offsets(&self, topic: &str) -> BTreeMap<i32, i64> {
+        let st = self.lock();
+        st.topics
+            .get(topic)
+            .map(|t| {
+                t.partitions
+                    .iter()
+                    .enumerate()
+                    .map(|(p, l)| (p as i32, l.len() as i64))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Joins `group` (a private one when `None`) as a member consuming `topic`.
+    pub(crate) fn join(&self, group: Option<&str>, topic: &str, reset: OffsetReset) -> MemoryConsumer {
+        let member = self.shared.next_member.fetch_add(1, Ordering::Relaxed);
+        let group = group.map_or_else(|| format!("__private-{member}"), str::to_owned);
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut st = self.lock();
+            let default_partitions = self.shared.default_partitions;
+            topic_entry(&mut st, topic, default_partitions);
+            let g = st.groups.entry(group.clone()).or_default();
+            g.members.insert(
+                member,
+                Member {
+                    topic: topic_name(topic),
+                    reset,
+                    control: tx,
+                    owned: Vec::new(),
+                },
+            );
+        }
+        tokio::spawn(rebalance(self.shared.clone(), group.clone()));
+        MemoryConsumer {
+            shared: self.shared.clone(),
+            group,
+            member,
+            control: rx,
+            cursors: BTreeMap::new(),
+        }
+    }
+}
+
+fn topic_name(topic: &str) -> Arc<str> {
+    topic.into()
+}
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
+    // Every mutation below leaves the state consistent before any call that could panic.
+    shared.state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn topic_entry<'a>(st: &'a mut State, topic: &str, default_partitions: i32) -> &'a mut Topic {
+    st.topics.entry(topic.into()).or_insert_with(|| Topic {
+        partitions: (0..default_partitions).map(|_| Vec::new()).collect(),
+        round_robin: 0,
+    })
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Eager rebalance of one group: revoke everything, wait for the members' final commits, assign by
+/// ranges. Serialised per group.
+async fn rebalance(shared: Arc<Shared>, group: String) {
+    let serial = {
+        let mut st = lock(&shared);
+        st.groups.entry(group.clone()).or_default().rebalance.clone()
+    };
+    let _turn = serial.lock().await;
+
+    let pending: Vec<oneshot::Receiver<Commits>> = {
+        let mut st = lock(&shared);
+        let Some(g) = st.groups.get_mut(&group) else { return };
+        g.members
+            .values_mut()
+            .filter(|m| !m.owned.is_empty())
+            .filter_map(|m| {
+                let (tx, rx) = oneshot::channel();
+                let owned = std::mem::take(&mut m.owned);
+                m.control.send(Control::Revoke(owned, tx)).ok().map(|_| rx)
+            })
+            .collect()
+    };
+    for rx in pending {
+        // A member that went away answers nothing: its partitions keep their last committed offsets.
+        if let Ok(Ok(commits)) = tokio::time::timeout(REVOKE_TIMEOUT, rx).await {
+            let mut st = lock(&shared);
+            if let Some(g) = st.groups.get_mut(&group) {
+                for (tp, o) in commits {
+                    g.committed.insert(tp, o);
+                }
+            }
+        }
+    }
+
+    let mut st = lock(&shared);
+    let State { topics, groups } = &mut *st;
+    let Some(g) = groups.get_mut(&group) else { return };
+    let mut by_topic: BTreeMap<Arc<str>, Vec<u64>> = BTreeMap::new();
+    for (id, m) in &g.members {
+        by_topic.entry(m.topic.clone()).or_default().push(*id);
+    }
+    for (topic, members) in by_topic {
+        let logs = topics.get(&topic).map(|t| t.partitions.as_slice()).unwrap_or_default();
+        let n = logs.len();
+        let (per, extra) = (n / members.len(), n % members.len());
+        let mut next = 0;
+        for (i, id) in members.iter().enumerate() {
+            let count = per + usize::from(i < extra);
+            let Some(m) = g.members.get_mut(id) else { continue };
+            let mut assignment = Vec::with_capacity(count);
+            for p in next..next + count {
+                let tp = TopicPartition::new(topic.clone(), p as i32);
+                let start = match (g.committed.get(&tp), m.reset) {
+                    (Some(c), _) => *c,
+                    (None, OffsetReset::Earliest) => 0,
+                    (None, OffsetReset::Latest) => logs[p].len() as i64,
+                };
+                assignment.push((tp, start));
+            }
+            next += count;
+            m.owned = assignment.iter().map(|(tp, _)| tp.clone()).collect();
+            let _ = m.control.send(Control::Assign(assignment));
+        }
+    }
+}
+
+struct Cursor {
+    position: i64,
+    paused: bool,
+}
+
+/// One member of a group on the in-memory broker.
+pub(crate) struct MemoryConsumer {
+    shared: Arc<Shared>,
+    group: String,
+    member: u64,
+    control: mpsc::UnboundedReceiver<Control>,
+    cursors: BTreeMap<TopicPartition, Cursor>,
+}
+
+impl MemoryConsumer {
+    fn apply(&mut self, control: Control) -> ConsumerEvent {
+        match control {
+            Control::Assign(list) => {
+                let mut tps = Vec::with_capacity(list.len());
+                for (tp, position) in list {
+                    self.cursors.insert(
+                        tp.clone(),
+                        Cursor {
+                            position,
+                            paused: false,
+                        },
+                    );
+                    tps.push(tp);
+                }
+                ConsumerEvent::Assigned(tps)
+            }
+            Control::Revoke(partitions, tx) => {
+                for tp in &partitions {
+                    self.cursors.remove(tp);
+                }
+                ConsumerEvent::Revoked {
+                    partitions,
+                    reply: Box::new(move |commits| {
+                        let _ = tx.send(commits);
+                    }),
+                }
+            }
+        }
+    }
+
+    fn fetch(&mut self) -> Vec<Record> {
+        let st = lock(&self.shared);
+        let mut out = Vec::new();
+        for (tp, cursor) in self.cursors.iter_mut().filter(|(_, c)| !c.paused) {
+            let Some(log) = st
+                .topics
+                .get(&tp.topic)
+                .and_then(|t| t.partitions.get(tp.partition as usize))
+            else {
+                continue;
+            };
+            let start = cursor.position.max(0) as usize;
+            let end = log.len().min(start + FETCH_MAX);
+            for (i, s) in log.iter().enumerate().take(end).skip(start) {
+                out.push(Record {
+                    tp: tp.clone(),
+                    offset: i as i64,
+                    key: s.key.clone(),
+                    payload: s.payload.clone(),
+                    headers: s.headers.clone(),
+                    timestamp: Some(s.timestamp),
+                });
+            }
+            cursor.position = cursor.position.max(end as i64);
+        }
+        out
+    }
+
+    fn apply_commits(&self, commits: &Commits) -> Result<(), BrokerError> {
+        let mut st = lock(&self.shared);
+        let Some(g) = st.groups.get_mut(&self.group) else {
+            return Err(BrokerError::Closed);
+        };
+        let owned = g.members.get(&self.member).map(|m| m.owned.clone()).unwrap_or_default();
+        if let Some((tp, _)) = commits.iter().find(|(tp, _)| !owned.contains(tp)) {
+            return Err(BrokerError::Client {
+                op: "commit",
+                source: format!("{tp} is not assigned to this member (rebalance in progress)").into(),
+            });
+        }
+        for (tp, o) in commits {
+            g.committed.insert(tp.clone(), *o);
+        }
+        Ok(())
+    }
+}
+
+impl ConsumerTransport for MemoryConsumer {
+    async fn next(&mut self) -> Option<ConsumerEvent> {
+        loop {
+            match self.control.try_recv() {
+                Ok(c) => return Some(self.apply(c)),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            let shared = self.shared.clone();
+            let notified = shared.data.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let records = self.fetch();
+            if !records.is_empty() {
+                return Some(ConsumerEvent::Records(records));
+            }
+            let control = tokio::select! {
+                c = self.control.recv() => Some(c),
+                _ = notified => None,
+            };
+            if let Some(c) = control {
+                return c.map(|c| self.apply(c));
+            }
+        }
+    }
+
+    fn seek(&mut self, tp: &TopicPartition, offset: i64) -> Result<(), BrokerError> {
+        match self.cursors.get_mut(tp) {
+            Some(c) => {
+                c.position = offset;
+                Ok(())
+            }
+            None => Err(BrokerError::Client {
+                op: "seek",
+                source: format!("{tp} is not assigned").into(),
+            }),
+        }
+    }
+
+    fn pause(&mut self, tp: &TopicPartition) {
+        if let Some(c) = self.cursors.get_mut(tp) {
+            c.paused = true;
+        }
+    }
+
+    fn resume(&mut self, tp: &TopicPartition) {
+        if let Some(c) = self.cursors.get_mut(tp) {
+            c.paused = false;
+        }
+        self.shared.data.notify_waiters();
+    }
+
+    fn commit(&mut self, commits: Commits) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let r = self.apply_commits(&commits);
+        Box::pin(std::future::ready(r))
+    }
+
+    async fn close(self, final_commits: Commits) -> Result<(), BrokerError> {
+        let r = if final_commits.is_empty() {
+            Ok(())
+        } else {
+            self.apply_commits(&final_commits)
+        };
+        {
+            let mut st = lock(&self.shared);
+            if let Some(g) = st.groups.get_mut(&self.group) {
+                g.members.remove(&self.member);
+            }
+        }
+        tokio::spawn(rebalance(self.shared.clone(), self.group.clone()));
+        r
+    }
+}

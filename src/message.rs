@@ -1,0 +1,248 @@
+//! The message handle a handler receives: coordinates, payload, headers, and the settle calls.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::engine::EngineEvent;
+use crate::offset::TopicPartition;
+use crate::settle::{Settle, SettleOutcome};
+
+/// Name of the header that carries a correlation id.
+pub const CORRELATION_ID: &str = "correlation_id";
+
+/// Message headers, in the order they were sent. Names may repeat.
+///
+/// ```
+/// let mut h = ferrostream::Headers::new();
+/// h.insert("tenant", "acme");
+/// assert_eq!(h.get_str("tenant"), Some("acme"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(String, Bytes)>);
+
+impl Headers {
+    /// No headers.
+    pub fn new() -> Self {
+        Headers(Vec::new())
+    }
+
+    /// Appends a header.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
+        self.0.push((name.into(), value.into()));
+    }
+
+    /// Replaces every header of that name by one with this value.
+    pub fn set(&mut self, name: &str, value: impl Into<Bytes>) {
+        self.0.retain(|(n, _)| n != name);
+        self.0.push((name.to_owned(), value.into()));
+    }
+
+    /// The last value of a header.
+    pub fn get(&self, name: &str) -> Option<&Bytes> {
+        self.0.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// The last value of a header, when it is UTF-8.
+    pub fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Every header in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Bytes)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A record as a transport delivers it.
+#[derive(Debug, Clone)]
+pub(crate) struct Record {
+    pub(crate) tp: TopicPartition,
+    pub(crate) offset: i64,
+    pub(crate) key: Option<Bytes>,
+    pub(crate) payload: Bytes,
+    pub(crate) headers: Headers,
+    /// Milliseconds since the Unix epoch.
+    pub(crate) timestamp: Option<i64>,
+}
+
+/// Where settles go: the engine of the subscriber that delivered the message.
+#[derive(Debug, Clone)]
+pub(crate) struct SettleSink {
+    pub(crate) events: mpsc::UnboundedSender<EngineEvent>,
+    pub(crate) generation: u64,
+}
+
+/// Who settled a message, for logs and the test observer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettledBy {
+    /// The framework on receipt (`AckFirst`).
+    Receipt,
+    /// User code through [`Message::ack`], [`Message::nack`] or [`Message::reject`].
+    User,
+    /// An `AckMessage` / `NackMessage` / `RejectMessage` returned from the handler.
+    Interrupt,
+    /// The ack policy after the handler returned.
+    Policy,
+}
+
+struct Inner {
+    record: Record,
+    subscriber: Arc<str>,
+    settled: Mutex<Option<Settle>>,
+    sink: SettleSink,
+}
+
+/// One delivered message and its settle calls (SPEC 2.1). Cheap to clone; clones share the settle state.
+///
+/// ```
+/// # async fn demo(msg: ferrostream::Message) {
+/// use ferrostream::Settle;
+/// assert!(msg.ack().await.took_effect());
+/// // The first settle wins: this one reports that the message was already acked.
+/// assert_eq!(msg.nack().await, ferrostream::SettleOutcome::AlreadySettled(Settle::Ack));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Message {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("subscriber", &self.inner.subscriber)
+            .field("topic", &self.topic())
+            .field("partition", &self.partition())
+            .field("offset", &self.offset())
+            .field("settled", &self.settled())
+            .finish()
+    }
+}
+
+impl Message {
+    pub(crate) fn new(record: Record, subscriber: Arc<str>, sink: SettleSink, pre_settled: Option<Settle>) -> Self {
+        Message {
+            inner: Arc::new(Inner {
+                record,
+                subscriber,
+                settled: Mutex::new(pre_settled),
+                sink,
+            }),
+        }
+    }
+
+    /// Acks the message: it counts as processed.
+    pub async fn ack(&self) -> SettleOutcome {
+        self.settle(Settle::Ack, SettledBy::User)
+    }
+
+    /// Nacks the message: it is delivered again (on Kafka, from this offset on; SPEC 3.2).
+    pub async fn nack(&self) -> SettleOutcome {
+        self.settle(Settle::NACK, SettledBy::User)
+    }
+
+    /// Nacks the message; it is delivered again no earlier than `delay` from now (SPEC 2.6).
+    pub async fn nack_after(&self, delay: std::time::Duration) -> SettleOutcome {
+        self.settle(Settle::Nack { delay: Some(delay) }, SettledBy::User)
+    }
+
+    /// Rejects the message: it is never delivered again.
+    pub async fn reject(&self) -> SettleOutcome {
+        self.settle(Settle::Reject, SettledBy::User)
+    }
+
+    /// How the message was settled, if it was.
+    pub fn settled(&self) -> Option<Settle> {
+        *self.lock()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Settle>> {
+        // The guarded value is a plain Option: a panic elsewhere cannot leave it half-written.
+        self.inner.settled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The single place a settle takes effect: first settle wins.
+    pub(crate) fn settle(&self, settle: Settle, by: SettledBy) -> SettleOutcome {
+        {
+            let mut slot = self.lock();
+            if let Some(prev) = *slot {
+                return SettleOutcome::AlreadySettled(prev);
+            }
+            *slot = Some(settle);
+        }
+        let r = &self.inner.record;
+        // The engine may be gone (shutdown past its deadline); the settle then has no effect on
+        // commits, which is the documented at-least-once outcome.
+        let _ = self.inner.sink.events.send(EngineEvent::Settled {
+            tp: r.tp.clone(),
+            generation: self.inner.sink.generation,
+            offset: r.offset,
+            settle,
+            by,
+        });
+        SettleOutcome::Settled(settle)
+    }
+
+    /// Tells the engine the handler call for this message ended (its in-flight slot is free).
+    pub(crate) fn finished(&self) {
+        let r = &self.inner.record;
+        let _ = self.inner.sink.events.send(EngineEvent::Finished {
+            tp: r.tp.clone(),
+            generation: self.inner.sink.generation,
+            offset: r.offset,
+        });
+    }
+
+    /// The subscriber that received it.
+    pub fn subscriber(&self) -> &str {
+        &self.inner.subscriber
+    }
+    /// Its topic.
+    pub fn topic(&self) -> &str {
+        &self.inner.record.tp.topic
+    }
+    /// Its partition.
+    pub fn partition(&self) -> i32 {
+        self.inner.record.tp.partition
+    }
+    /// Its topic and partition.
+    pub fn topic_partition(&self) -> &TopicPartition {
+        &self.inner.record.tp
+    }
+    /// Its offset in the partition.
+    pub fn offset(&self) -> i64 {
+        self.inner.record.offset
+    }
+    /// Its key.
+    pub fn key(&self) -> Option<&Bytes> {
+        self.inner.record.key.as_ref()
+    }
+    /// Its raw payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.inner.record.payload
+    }
+    /// Its headers.
+    pub fn headers(&self) -> &Headers {
+        &self.inner.record.headers
+    }
+    /// Its timestamp, in milliseconds since the Unix epoch.
+    pub fn timestamp(&self) -> Option<i64> {
+        self.inner.record.timestamp
+    }
+    /// Its correlation id header.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.inner.record.headers.get_str(CORRELATION_ID)
+    }
+}

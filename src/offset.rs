@@ -1,0 +1,369 @@
+//! The offset engine: which offset of each partition may be committed.
+//!
+//! Kafka settles offsets, not messages. Every backend feeds this module the offsets it delivers and the
+//! settles the handlers make; this module alone decides what gets committed.
+//!
+//! # Invariant (SPEC 3.1)
+//!
+//! For each partition, with `D` the set of offsets delivered since the partition was assigned and `S ⊆ D`
+//! the ones settled by ack or reject:
+//!
+//! ```text
+//! watermark = min { o ∈ D \ S }            if some delivered offset is unsettled
+//!           = 1 + max D                     otherwise (None if D is empty)
+//! ```
+//!
+//! So every delivered offset below the watermark is settled, the watermark never passes an unsettled
+//! offset whatever the completion order, and offsets that were never delivered (gaps left by compaction
+//! or transaction markers) do not hold it back. A nack leaves its offset in `D \ S`, so nothing at or
+//! after it is committed until it is redelivered and settled. The watermark never decreases: settled
+//! offsets stay settled, and a new delivery below the watermark is reported as [`Delivery::Stale`]
+//! instead of being tracked again.
+//!
+//! Representation: `pending` holds the delivered offsets at or above `floor` with their state; settled
+//! entries at the front are folded into `floor` eagerly, so the first entry, when present, is unsettled
+//! and the watermark is read in O(log n).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+/// A partition of a topic.
+///
+/// ```
+/// let tp = ferrostream::TopicPartition::new("orders", 3);
+/// assert_eq!(tp.to_string(), "orders[3]");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The partition number.
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    /// A topic partition.
+    pub fn new(topic: impl Into<Arc<str>>, partition: i32) -> Self {
+        TopicPartition {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.topic, self.partition)
+    }
+}
+
+/// How a delivered offset relates to what the partition already knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Never seen: dispatch it.
+    Fresh,
+    /// Seen and still unsettled (redelivered after a nack, or after a seek): dispatch it unless it is
+    /// still running.
+    Unsettled,
+    /// Seen and already settled (e.g. acked while an earlier offset was nacked): do not dispatch again.
+    Settled,
+    /// Below the watermark: settled long ago; do not dispatch again.
+    Stale,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Unsettled,
+    Settled,
+}
+
+/// The settled/unsettled offsets of one partition (see the module invariant).
+///
+/// ```
+/// use ferrostream::offset::PartitionOffsets;
+/// let mut p = PartitionOffsets::default();
+/// for o in 10..13 {
+///     p.deliver(o);
+/// }
+/// p.settle(11);                        // a later offset completes first
+/// assert_eq!(p.watermark(), Some(10)); // ...but 10 is unsettled, so nothing past it is committable
+/// p.settle(10);
+/// assert_eq!(p.watermark(), Some(12));
+/// p.settle(12);
+/// assert_eq!(p.watermark(), Some(13));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct PartitionOffsets {
+    /// Every delivered offset below `floor` is settled. `None` until the first delivery.
+    floor: Option<i64>,
+    /// Delivered offsets `>= floor`; the first entry, if any, is `Unsettled`.
+    pending: BTreeMap<i64, Slot>,
+    /// The highest delivered offset.
+    high: Option<i64>,
+}
+
+impl PartitionOffsets {
+    /// Records that `offset` was delivered and says whether it should be dispatched.
+    pub fn deliver(&mut self, offset: i64) -> Delivery {
+        match self.floor {
+            Some(floor) if offset < floor => return Delivery::Stale,
+            None => self.floor = Some(offset),
+            Some(_) => {}
+        }
+        self.high = Some(self.high.map_or(offset, |h| h.max(offset)));
+        match self.pending.get(&offset) {
+            Some(Slot::Unsettled) => Delivery::Unsettled,
+            Some(Slot::Settled) => Delivery::Settled,
+            None => {
+                self.pending.insert(offset, Slot::Unsettled);
+                Delivery::Fresh
+            }
+        }
+    }
+
+    /// Marks a delivered offset settled by ack or reject. Returns true when the watermark moved.
+    /// Settling an offset that was never delivered, or twice, changes nothing.
+    pub fn settle(&mut self, offset: i64) -> bool {
+        match self.pending.get_mut(&offset) {
+            Some(slot @ Slot::Unsettled) => *slot = Slot::Settled,
+            _ => return false,
+        }
+        let mut moved = false;
+        while let Some(entry) = self.pending.first_entry() {
+            if *entry.get() != Slot::Settled {
+                break;
+            }
+            let o = *entry.key();
+            entry.remove();
+            self.floor = Some(o + 1);
+            moved = true;
+        }
+        moved
+    }
+
+    /// The offset that may be committed: see the module invariant.
+    pub fn watermark(&self) -> Option<i64> {
+        match self.pending.first_key_value() {
+            Some((&o, _)) => Some(o),
+            None => self.high.map(|h| h + 1),
+        }
+    }
+
+    /// True when `offset` was delivered and is not settled.
+    pub fn is_unsettled(&self, offset: i64) -> bool {
+        self.pending.get(&offset) == Some(&Slot::Unsettled)
+    }
+
+    /// How many delivered offsets are unsettled.
+    pub fn unsettled_count(&self) -> usize {
+        self.pending.values().filter(|s| **s == Slot::Unsettled).count()
+    }
+}
+
+/// The offsets of every partition a consumer owns, and what has been committed of them.
+#[derive(Debug, Default)]
+pub(crate) struct OffsetTracker {
+    parts: HashMap<TopicPartition, Tracked>,
+}
+
+#[derive(Debug, Default)]
+struct Tracked {
+    offsets: PartitionOffsets,
+    /// The last offset handed to the broker for commit.
+    requested: Option<i64>,
+    /// The last offset the broker confirmed.
+    confirmed: Option<i64>,
+}
+
+impl OffsetTracker {
+    pub(crate) fn assign(&mut self, tp: TopicPartition) {
+        self.parts.insert(tp, Tracked::default());
+    }
+
+    pub(crate) fn revoke(&mut self, tp: &TopicPartition) {
+        self.parts.remove(tp);
+    }
+
+    pub(crate) fn partition(&mut self, tp: &TopicPartition) -> Option<&mut PartitionOffsets> {
+        self.parts.get_mut(tp).map(|t| &mut t.offsets)
+    }
+
+    /// Watermarks that moved past what was last requested, marked as requested.
+    pub(crate) fn take_commits(&mut self) -> Vec<(TopicPartition, i64)> {
+        let mut out = Vec::new();
+        for (tp, t) in &mut self.parts {
+            if let Some(w) = t.offsets.watermark()
+                && t.requested.is_none_or(|r| w > r)
+            {
+                t.requested = Some(w);
+                out.push((tp.clone(), w));
+            }
+        }
+        out
+    }
+
+    /// The current watermarks of the given partitions (for the final commit on revoke or shutdown),
+    /// whether or not they were requested already.
+    pub(crate) fn watermarks<'a>(
+        &self,
+        tps: impl IntoIterator<Item = &'a TopicPartition>,
+    ) -> Vec<(TopicPartition, i64)> {
+        tps.into_iter()
+            .filter_map(|tp| {
+                let t = self.parts.get(tp)?;
+                let w = t.offsets.watermark()?;
+                (t.confirmed.is_none_or(|c| w > c)).then(|| (tp.clone(), w))
+            })
+            .collect()
+    }
+
+    /// Records the broker's confirmation of a commit.
+    pub(crate) fn confirm(&mut self, commits: &[(TopicPartition, i64)]) {
+        for (tp, o) in commits {
+            if let Some(t) = self.parts.get_mut(tp) {
+                t.confirmed = Some(t.confirmed.map_or(*o, |c| c.max(*o)));
+            }
+        }
+    }
+
+    /// A failed commit: ask again next time.
+    pub(crate) fn commit_failed(&mut self, commits: &[(TopicPartition, i64)]) {
+        for (tp, _) in commits {
+            if let Some(t) = self.parts.get_mut(tp) {
+                t.requested = t.confirmed;
+            }
+        }
+    }
+
+    pub(crate) fn confirmed(&self, tp: &TopicPartition) -> Option<i64> {
+        self.parts.get(tp).and_then(|t| t.confirmed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    /// The SPEC 3.1 formula, computed from scratch.
+    fn reference(delivered: &BTreeSet<i64>, settled: &BTreeSet<i64>) -> Option<i64> {
+        let unsettled = delivered.difference(settled).next().copied();
+        unsettled.or_else(|| delivered.last().map(|h| h + 1))
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Deliver the next offset of the log (or redeliver from the rewind point).
+        Deliver,
+        /// Settle (ack/reject) the n-th unsettled delivered offset.
+        Settle(usize),
+        /// Nack the n-th unsettled delivered offset: rewind delivery to it.
+        Nack(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => Just(Op::Deliver),
+            3 => any::<usize>().prop_map(Op::Settle),
+            1 => any::<usize>().prop_map(Op::Nack),
+        ]
+    }
+
+    proptest! {
+        /// Random settle orders with nacks and redelivery: the watermark always equals the SPEC formula,
+        /// never passes an unsettled offset, never decreases, and reaches the end once all is settled.
+        #[test]
+        fn watermark_never_passes_an_unsettled_offset(
+            gaps in proptest::collection::vec(1i64..3, 1..60),
+            ops in proptest::collection::vec(op(), 1..300),
+        ) {
+            // The log's offsets, with gaps as compaction or transaction markers leave.
+            let log: Vec<i64> = gaps.iter().scan(100i64, |o, g| { *o += g; Some(*o) }).collect();
+            let mut p = PartitionOffsets::default();
+            let mut delivered = BTreeSet::new();
+            let mut settled = BTreeSet::new();
+            let mut cursor = 0usize;
+            let mut last = None;
+            for op in ops {
+                match op {
+                    Op::Deliver => {
+                        if cursor < log.len() {
+                            let o = log[cursor];
+                            cursor += 1;
+                            let d = p.deliver(o);
+                            let expected = if settled.contains(&o) {
+                                if reference(&delivered, &settled).is_some_and(|w| o < w) {
+                                    Delivery::Stale
+                                } else {
+                                    Delivery::Settled
+                                }
+                            } else if delivered.contains(&o) {
+                                Delivery::Unsettled
+                            } else {
+                                Delivery::Fresh
+                            };
+                            prop_assert_eq!(d, expected);
+                            delivered.insert(o);
+                        }
+                    }
+                    Op::Settle(n) | Op::Nack(n) => {
+                        let unsettled: Vec<i64> = delivered.difference(&settled).copied().collect();
+                        if unsettled.is_empty() { continue; }
+                        let o = unsettled[n % unsettled.len()];
+                        if matches!(op, Op::Settle(_)) {
+                            p.settle(o);
+                            settled.insert(o);
+                        } else {
+                            // Seek back: delivery resumes at o.
+                            cursor = log.iter().position(|x| *x == o).unwrap();
+                        }
+                    }
+                }
+                let w = p.watermark();
+                prop_assert_eq!(w, reference(&delivered, &settled));
+                if let Some(w) = w {
+                    for u in delivered.difference(&settled) {
+                        prop_assert!(w <= *u, "watermark {} passed unsettled {}", w, u);
+                    }
+                }
+                prop_assert!(last <= w, "watermark went back from {:?} to {:?}", last, w);
+                last = w;
+            }
+            // Settle everything left: the watermark reaches one past the highest delivered offset.
+            for o in delivered.difference(&settled).copied().collect::<Vec<_>>() {
+                p.settle(o);
+            }
+            prop_assert_eq!(p.watermark(), delivered.last().map(|h| h + 1));
+        }
+    }
+
+    #[test]
+    fn gaps_do_not_hold_the_watermark_back() {
+        let mut p = PartitionOffsets::default();
+        p.deliver(5);
+        p.deliver(7);
+        p.settle(5);
+        assert_eq!(p.watermark(), Some(7));
+        p.settle(7);
+        assert_eq!(p.watermark(), Some(8));
+        assert_eq!(p.deliver(6), Delivery::Stale);
+    }
+
+    #[test]
+    fn tracker_requests_each_watermark_once() {
+        let mut t = OffsetTracker::default();
+        let tp = TopicPartition::new("t", 0);
+        t.assign(tp.clone());
+        let p = t.partition(&tp).unwrap();
+        p.deliver(0);
+        p.settle(0);
+        assert_eq!(t.take_commits(), vec![(tp.clone(), 1)]);
+        assert!(t.take_commits().is_empty());
+        t.commit_failed(&[(tp.clone(), 1)]);
+        assert_eq!(t.take_commits(), vec![(tp.clone(), 1)]);
+        t.confirm(&[(tp.clone(), 1)]);
+        assert!(t.watermarks([&tp]).is_empty());
+    }
+}

@@ -1,0 +1,117 @@
+//! Publishing: `broker.publish(payload, topic)` with optional key, partition, headers, timestamp and
+//! correlation id; it resolves once the broker has acknowledged the record (SPEC 3.11).
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+
+use bytes::Bytes;
+
+use crate::broker::Broker;
+use crate::error::{BrokerError, Error};
+use crate::handler::IntoPayload;
+use crate::message::{CORRELATION_ID, Headers};
+
+/// A record to publish.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    pub(crate) topic: String,
+    pub(crate) partition: Option<i32>,
+    pub(crate) key: Option<Bytes>,
+    pub(crate) payload: Bytes,
+    pub(crate) headers: Headers,
+    pub(crate) timestamp: Option<i64>,
+}
+
+impl Outgoing {
+    pub(crate) fn new(topic: String, payload: Bytes) -> Self {
+        Outgoing {
+            topic,
+            partition: None,
+            key: None,
+            payload,
+            headers: Headers::new(),
+            timestamp: None,
+        }
+    }
+}
+
+/// Where the broker stored a published record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishAck {
+    /// The topic.
+    pub topic: String,
+    /// The partition it landed in.
+    pub partition: i32,
+    /// Its offset there.
+    pub offset: i64,
+}
+
+/// A publish being built; `.await` it to send.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = ferrostream::Broker::new("memory://")?;
+/// let ack = broker.publish("Hello!", "test-topic").key("user-1").header("tenant", "acme").await?;
+/// assert_eq!(ack.offset, 0);
+/// # Ok(()) }
+/// ```
+#[must_use = "nothing is sent until the publish is awaited"]
+pub struct Publish {
+    broker: Broker,
+    record: Result<Outgoing, Error>,
+}
+
+impl Publish {
+    pub(crate) fn new(broker: Broker, payload: impl IntoPayload, topic: &str) -> Self {
+        let record = payload.into_payload().map(|p| Outgoing::new(topic.to_owned(), p));
+        Publish { broker, record }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Outgoing)) -> Self {
+        if let Ok(r) = &mut self.record {
+            f(r);
+        }
+        self
+    }
+
+    /// Sets the key (records with one key land in one partition, in order).
+    pub fn key(self, key: impl Into<Bytes>) -> Self {
+        let key = key.into();
+        self.edit(|r| r.key = Some(key))
+    }
+
+    /// Sends to this partition instead of the key's.
+    pub fn partition(self, partition: i32) -> Self {
+        self.edit(|r| r.partition = Some(partition))
+    }
+
+    /// Adds a header.
+    pub fn header(self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        let (name, value) = (name.into(), value.into());
+        self.edit(|r| r.headers.insert(name, value))
+    }
+
+    /// Sets the timestamp (milliseconds since the Unix epoch; default: now).
+    pub fn timestamp(self, millis: i64) -> Self {
+        self.edit(|r| r.timestamp = Some(millis))
+    }
+
+    /// Sets the correlation id header.
+    pub fn correlation_id(self, id: impl Into<String>) -> Self {
+        let id = id.into();
+        self.edit(|r| r.headers.set(CORRELATION_ID, id.into_bytes()))
+    }
+}
+
+impl IntoFuture for Publish {
+    type Output = Result<PublishAck, BrokerError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let record = self.record.map_err(|e| BrokerError::Encode { source: Box::new(e) })?;
+            self.broker.send(record).await
+        })
+    }
+}

@@ -1,0 +1,62 @@
+//! Shared test setup: the broker under test is chosen by `FERROSTREAM_TEST_BROKER` (default
+//! `memory://`), so the same tests run against the in-memory broker and a real Kafka-protocol broker.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ferrostream::{App, Broker, RunningApp};
+
+/// Generous: a Kafka group join can take seconds.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub fn broker_url() -> String {
+    std::env::var("FERROSTREAM_TEST_BROKER").unwrap_or_else(|_| "memory://".to_owned())
+}
+
+pub fn is_memory() -> bool {
+    broker_url().starts_with("memory://")
+}
+
+/// A broker for one test. A requested real broker that cannot be reached fails the test loudly.
+pub fn broker() -> Broker {
+    let url = broker_url();
+    Broker::new(&url).unwrap_or_else(|e| panic!("cannot use test broker {url}: {e}"))
+}
+
+/// A name no other test (or earlier run against the same broker) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        % 1_000_000_000;
+    format!(
+        "{prefix}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A fresh topic with `partitions` partitions.
+pub async fn topic(broker: &Broker, prefix: &str, partitions: i32) -> String {
+    let t = unique(prefix);
+    broker.create_topic(&t, partitions).await.expect("create topic");
+    t
+}
+
+pub async fn start(broker: &Broker) -> RunningApp {
+    App::new(broker.clone())
+        .shutdown_timeout(Duration::from_secs(10))
+        .start()
+        .await
+        .expect("app starts")
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

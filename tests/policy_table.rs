@@ -1,0 +1,246 @@
+//! SPEC section 1: every row of the ack-policy table, for handler success, error, panic and decode failure.
+//!
+//! Each case publishes m1 (the case under test: it misbehaves on its first attempt only, or never decodes)
+//! and then m2 (always fine) to a one-partition topic, waits until m2 has been handled, and checks how m1
+//! was settled, how often it was handled, and what the group committed after a graceful shutdown.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ferrostream::observe::Outcome;
+use ferrostream::{AckPolicy, Json, OffsetReset, Settle, SettledBy, State};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Item {
+    id: u32,
+    fail: String,
+}
+
+#[derive(Clone, Default)]
+struct Attempts(Arc<Mutex<HashMap<u32, usize>>>);
+
+impl Attempts {
+    fn bump(&self, id: u32) -> usize {
+        let mut m = self.0.lock().unwrap();
+        let n = m.entry(id).or_default();
+        *n += 1;
+        *n
+    }
+}
+
+async fn handler(Json(item): Json<Item>, State(attempts): State<Attempts>) -> Result<(), ferrostream::Error> {
+    if attempts.bump(item.id) == 1 {
+        match item.fail.as_str() {
+            "error" => return Err(ferrostream::Error::handler(std::io::Error::other("boom"))),
+            "panic" => panic!("handler exploded on item {}", item.id),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behaviour {
+    Success,
+    Error,
+    Panic,
+    Decode,
+}
+
+struct CaseResult {
+    /// Settles of m1 (offset 0), in order.
+    settles: Vec<(Settle, SettledBy)>,
+    /// Outcomes of m1's handler calls, in order.
+    calls: Vec<Outcome>,
+    /// Handler calls of m2 (offset 1).
+    m2_calls: usize,
+    /// Committed offset of the partition after shutdown.
+    committed: Option<i64>,
+    metrics: ferrostream::SubscriberMetrics,
+}
+
+async fn run_case(policy: AckPolicy, behaviour: Behaviour) -> CaseResult {
+    common::init_tracing();
+    let broker = common::broker().with_state(Attempts::default());
+    let topic = common::topic(&broker, "policy", 1).await;
+    let group = common::unique("g");
+    let observer = broker.observer();
+    broker
+        .subscriber(&topic)
+        .name("sub")
+        .group_id(&group)
+        .ack_policy(policy)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .handle(handler);
+    let app = common::start(&broker).await;
+    let m1 = match behaviour {
+        Behaviour::Success => r#"{"id":1,"fail":"none"}"#,
+        Behaviour::Error => r#"{"id":1,"fail":"error"}"#,
+        Behaviour::Panic => r#"{"id":1,"fail":"panic"}"#,
+        Behaviour::Decode => "this is not json",
+    };
+    broker.publish(m1, &topic).await.unwrap();
+    broker.publish(r#"{"id":2,"fail":"none"}"#, &topic).await.unwrap();
+
+    if policy == AckPolicy::NackOnError && behaviour == Behaviour::Decode {
+        // It can never decode: it is nacked and redelivered, and blocks the partition (retry budgets are
+        // a later feature). Watch three attempts, then stop.
+        observer
+            .wait_until("three attempts at m1", common::WAIT, |_| {
+                (observer_calls(&observer, 0).len() >= 3).then_some(())
+            })
+            .await
+            .unwrap();
+    } else {
+        observer
+            .wait_until("m2 handled", common::WAIT, |_| {
+                (!observer_calls(&observer, 1).is_empty()).then_some(())
+            })
+            .await
+            .unwrap();
+    }
+    app.shutdown().await.unwrap();
+    let committed = broker.committed_offsets(&group, &topic).await.unwrap().get(&0).copied();
+    let settles = observer
+        .settled("sub")
+        .into_iter()
+        .filter(|s| s.offset == 0)
+        .map(|s| (s.settle, s.by))
+        .collect();
+    CaseResult {
+        settles,
+        calls: observer_calls(&observer, 0),
+        m2_calls: observer_calls(&observer, 1).len(),
+        committed,
+        metrics: broker.metrics().get("sub"),
+    }
+}
+
+fn observer_calls(observer: &ferrostream::Observer, offset: i64) -> Vec<Outcome> {
+    observer
+        .handled("sub")
+        .into_iter()
+        .filter(|(_, o, _, _)| *o == offset)
+        .map(|(_, _, _, out)| out)
+        .collect()
+}
+
+fn check(policy: AckPolicy, behaviour: Behaviour, r: &CaseResult) {
+    use Behaviour::*;
+    use SettledBy::*;
+    let failed = behaviour != Success;
+    // The first call's outcome is typed by what went wrong.
+    let first = &r.calls[0];
+    match behaviour {
+        Success => assert_eq!(first, &Outcome::Ok),
+        Error => assert!(matches!(first, Outcome::Failed { kind: "handler", .. }), "{first:?}"),
+        Panic => assert!(
+            matches!(first, Outcome::Failed { kind: "panic", message } if message.contains("exploded")),
+            "{first:?}"
+        ),
+        Decode => assert!(
+            matches!(first, Outcome::Failed { kind: "decode", message }
+                if message.contains("sub") && message.contains("Item") && message.contains("expected")),
+            "decode errors name subscriber, target type and cause: {first:?}"
+        ),
+    }
+    // Every failure is counted (SPEC 2.5).
+    let counted = match behaviour {
+        Success => r.metrics.handler_errors + r.metrics.panics + r.metrics.decode_errors == 0,
+        Error => r.metrics.handler_errors >= 1,
+        Panic => r.metrics.panics >= 1,
+        Decode => r.metrics.decode_errors >= 1,
+    };
+    assert!(counted, "{behaviour:?} counted in {:?}", r.metrics);
+
+    match policy {
+        AckPolicy::AckFirst => {
+            assert_eq!(r.settles, vec![(Settle::Ack, Receipt)]);
+            assert_eq!(r.calls.len(), 1, "at most once: never handled again");
+            assert_eq!(r.committed, Some(2));
+        }
+        AckPolicy::Ack => {
+            assert_eq!(r.settles, vec![(Settle::Ack, Policy)]);
+            assert_eq!(r.calls.len(), 1);
+            assert_eq!(r.committed, Some(2));
+        }
+        AckPolicy::RejectOnError => {
+            let expected = if failed { Settle::Reject } else { Settle::Ack };
+            assert_eq!(r.settles, vec![(expected, Policy)]);
+            assert_eq!(r.calls.len(), 1, "a rejected message is never delivered again");
+            assert_eq!(r.committed, Some(2), "reject lets the commit move past");
+        }
+        AckPolicy::NackOnError => match behaviour {
+            Success => {
+                assert_eq!(r.settles, vec![(Settle::Ack, Policy)]);
+                assert_eq!(r.committed, Some(2));
+            }
+            Error | Panic => {
+                assert_eq!(r.settles, vec![(Settle::NACK, Policy), (Settle::Ack, Policy)]);
+                assert_eq!(r.calls.len(), 2, "redelivered once, then succeeded");
+                assert_eq!(r.calls[1], Outcome::Ok);
+                assert_eq!(r.committed, Some(2));
+            }
+            Decode => {
+                assert!(
+                    r.settles.len() >= 3 && r.settles.iter().all(|s| *s == (Settle::NACK, Policy)),
+                    "{:?}",
+                    r.settles
+                );
+                assert_eq!(r.m2_calls, 0, "m2 waits behind the nacked m1 (per-partition order)");
+                assert!(
+                    r.committed.is_none_or(|c| c == 0),
+                    "nothing past the nacked m1 is committed: {:?}",
+                    r.committed
+                );
+            }
+        },
+        AckPolicy::Manual => {
+            assert!(
+                r.settles.is_empty(),
+                "Manual: the framework settles nothing: {:?}",
+                r.settles
+            );
+            assert_eq!(r.calls.len(), 1);
+            assert!(
+                r.committed.is_none_or(|c| c == 0),
+                "unsettled m1 holds the commit: {:?}",
+                r.committed
+            );
+        }
+    }
+}
+
+macro_rules! case {
+    ($name:ident, $policy:ident, $behaviour:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let r = run_case(AckPolicy::$policy, Behaviour::$behaviour).await;
+            check(AckPolicy::$policy, Behaviour::$behaviour, &r);
+        }
+    };
+}
+
+case!(ack_first_success, AckFirst, Success);
+case!(ack_first_error, AckFirst, Error);
+case!(ack_first_panic, AckFirst, Panic);
+case!(ack_first_decode_failure, AckFirst, Decode);
+case!(ack_success, Ack, Success);
+case!(ack_error, Ack, Error);
+case!(ack_panic, Ack, Panic);
+case!(ack_decode_failure, Ack, Decode);
+case!(reject_on_error_success, RejectOnError, Success);
+case!(reject_on_error_error, RejectOnError, Error);
+case!(reject_on_error_panic, RejectOnError, Panic);
+case!(reject_on_error_decode_failure, RejectOnError, Decode);
+case!(nack_on_error_success, NackOnError, Success);
+case!(nack_on_error_error, NackOnError, Error);
+case!(nack_on_error_panic, NackOnError, Panic);
+case!(nack_on_error_decode_failure, NackOnError, Decode);
+case!(manual_success, Manual, Success);
+case!(manual_error, Manual, Error);
+case!(manual_panic, Manual, Panic);
+case!(manual_decode_failure, Manual, Decode);

@@ -1,0 +1,278 @@
+//! SPEC section 2: explicit settles, first settle wins, interrupts from any depth under every policy,
+//! delayed nacks.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferrostream::{
+    AckMessage, AckPolicy, Message, NackMessage, OffsetReset, RejectMessage, Settle, SettleOutcome, SettledBy,
+};
+
+/// Subscribes `handler` as "sub" on a fresh one-partition topic and starts the app.
+async fn setup<H, A>(policy: AckPolicy, handler: H) -> (ferrostream::Broker, String, String, ferrostream::RunningApp)
+where
+    H: ferrostream::Handler<A>,
+    A: 'static,
+{
+    common::init_tracing();
+    let broker = common::broker();
+    let topic = common::topic(&broker, "settle", 1).await;
+    let group = common::unique("g");
+    broker
+        .subscriber(&topic)
+        .name("sub")
+        .group_id(&group)
+        .ack_policy(policy)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .handle(handler);
+    let app = common::start(&broker).await;
+    (broker, topic, group, app)
+}
+
+fn settles_of(observer: &ferrostream::Observer, offset: i64) -> Vec<(Settle, SettledBy)> {
+    observer
+        .settled("sub")
+        .into_iter()
+        .filter(|s| s.offset == offset)
+        .map(|s| (s.settle, s.by))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_settle_wins_and_later_settles_report_already_settled() {
+    let outcomes: Arc<Mutex<Vec<SettleOutcome>>> = Arc::default();
+    let seen = outcomes.clone();
+    let (broker, topic, group, app) = setup(AckPolicy::NackOnError, move |msg: Message| {
+        let seen = seen.clone();
+        async move {
+            let a = msg.ack().await;
+            let b = msg.nack().await;
+            let c = msg.reject().await;
+            seen.lock().unwrap().extend([a, b, c]);
+            // Settle then error: the policy's nack after the handler does nothing either.
+            Err::<(), _>(std::io::Error::other("fails after acking"))
+        }
+    })
+    .await;
+    let observer = broker.observer();
+    broker.publish("x", &topic).await.unwrap();
+    broker.publish("y", &topic).await.unwrap();
+    observer.wait_settled("sub", 2, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    let outcomes = outcomes.lock().unwrap().clone();
+    assert_eq!(
+        &outcomes[..3],
+        &[
+            SettleOutcome::Settled(Settle::Ack),
+            SettleOutcome::AlreadySettled(Settle::Ack),
+            SettleOutcome::AlreadySettled(Settle::Ack)
+        ]
+    );
+    assert_eq!(settles_of(&observer, 0), vec![(Settle::Ack, SettledBy::User)]);
+    assert_eq!(
+        observer.handled("sub").len(),
+        2,
+        "an acked message is not redelivered despite the error"
+    );
+    assert_eq!(
+        broker.committed_offsets(&group, &topic).await.unwrap().get(&0),
+        Some(&2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_nack_redelivers_and_manual_ack_commits() {
+    let (broker, topic, group, app) = setup(AckPolicy::Manual, |msg: Message| async move {
+        // First delivery: nack. Redelivery: ack. The observer tells which is which by counting.
+        let _ = if msg.payload().as_ref() == b"retry-me" && FIRST.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            msg.nack().await
+        } else {
+            msg.ack().await
+        };
+    })
+    .await;
+    static FIRST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+    let observer = broker.observer();
+    broker.publish("retry-me", &topic).await.unwrap();
+    broker.publish("after", &topic).await.unwrap();
+    observer.wait_settled("sub", 3, common::WAIT).await.unwrap();
+    observer
+        .wait_committed(
+            "sub",
+            &ferrostream::TopicPartition::new(topic.as_str(), 0),
+            2,
+            common::WAIT,
+        )
+        .await
+        .unwrap();
+    app.shutdown().await.unwrap();
+    assert_eq!(
+        settles_of(&observer, 0),
+        vec![(Settle::NACK, SettledBy::User), (Settle::Ack, SettledBy::User)]
+    );
+    let order: Vec<i64> = observer.handled("sub").iter().map(|h| h.1).collect();
+    assert_eq!(order, vec![0, 0, 1], "the nacked offset comes back before the next one");
+    assert_eq!(
+        broker.committed_offsets(&group, &topic).await.unwrap().get(&0),
+        Some(&2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_reject_settles_without_redelivery() {
+    let (broker, topic, group, app) = setup(AckPolicy::Manual, |msg: Message| async move {
+        if msg.payload().as_ref() == b"bad" {
+            assert!(msg.reject().await.took_effect());
+        } else {
+            let _ = msg.ack().await;
+        }
+    })
+    .await;
+    let observer = broker.observer();
+    broker.publish("bad", &topic).await.unwrap();
+    broker.publish("good", &topic).await.unwrap();
+    observer.wait_settled("sub", 2, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    assert_eq!(settles_of(&observer, 0), vec![(Settle::Reject, SettledBy::User)]);
+    assert_eq!(observer.handled("sub").len(), 2);
+    assert_eq!(
+        broker.committed_offsets(&group, &topic).await.unwrap().get(&0),
+        Some(&2)
+    );
+}
+
+/// Deep in the call stack, as in the seed's `smth_processing`.
+fn smth_processing(body: &str) -> Result<(), ferrostream::Error> {
+    match body {
+        "ack" => Err(AckMessage)?,
+        "nack" => Err(NackMessage::default())?,
+        "reject" => Err(RejectMessage)?,
+        _ => Ok(()),
+    }
+}
+
+fn nested(body: &str) -> Result<(), ferrostream::Error> {
+    smth_processing(body)?;
+    Ok(())
+}
+
+/// Runs the three interrupts under `policy`: each message is interrupted on its first delivery and acked
+/// explicitly otherwise. Returns the settles of each message (offset 0: ack, 1: nack, 2: reject)
+/// and how often each was handled.
+async fn interrupts_under(policy: AckPolicy) -> (Vec<Vec<(Settle, SettledBy)>>, Vec<usize>, Option<i64>) {
+    let attempts: Arc<Mutex<std::collections::HashMap<i64, usize>>> = Arc::default();
+    let seen = attempts.clone();
+    let (broker, topic, group, app) = setup(policy, move |body: String, msg: Message| {
+        let seen = seen.clone();
+        async move {
+            let n = {
+                let mut m = seen.lock().unwrap();
+                let n = m.entry(msg.offset()).or_default();
+                *n += 1;
+                *n
+            };
+            if n == 1 {
+                nested(&body)?; // interrupts every message but the last
+            }
+            let _ = msg.ack().await;
+            Ok::<_, ferrostream::Error>(())
+        }
+    })
+    .await;
+    let observer = broker.observer();
+    for body in ["ack", "nack", "reject", "last"] {
+        broker.publish(body, &topic).await.unwrap();
+    }
+    observer
+        .wait_until("the last message handled", common::WAIT, |_| {
+            observer.handled("sub").iter().any(|h| h.1 == 3).then_some(())
+        })
+        .await
+        .unwrap();
+    app.shutdown().await.unwrap();
+    let settles = (0..3).map(|o| settles_of(&observer, o)).collect();
+    let counts = attempts.lock().unwrap();
+    let calls = (0..3).map(|o| counts.get(&o).copied().unwrap_or(0)).collect();
+    let committed = broker.committed_offsets(&group, &topic).await.unwrap().get(&0).copied();
+    (settles, calls, committed)
+}
+
+async fn check_interrupts(policy: AckPolicy) {
+    use SettledBy::*;
+    let (settles, calls, committed) = interrupts_under(policy).await;
+    if policy == AckPolicy::AckFirst {
+        // Already acked on receipt: interrupts change nothing and nothing is redelivered.
+        for s in &settles {
+            assert_eq!(s, &vec![(Settle::Ack, Receipt)]);
+        }
+        assert_eq!(calls, vec![1, 1, 1]);
+    } else {
+        assert_eq!(settles[0], vec![(Settle::Ack, Interrupt)], "AckMessage acks at once");
+        assert_eq!(
+            settles[1],
+            vec![(Settle::NACK, Interrupt), (Settle::Ack, User)],
+            "NackMessage redelivers"
+        );
+        assert_eq!(
+            settles[2],
+            vec![(Settle::Reject, Interrupt)],
+            "RejectMessage rejects at once"
+        );
+        assert_eq!(calls, vec![1, 2, 1]);
+    }
+    assert_eq!(committed, Some(4), "{policy:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupts_from_nested_functions_under_ack_first() {
+    check_interrupts(AckPolicy::AckFirst).await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupts_from_nested_functions_under_ack() {
+    check_interrupts(AckPolicy::Ack).await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupts_from_nested_functions_under_reject_on_error() {
+    check_interrupts(AckPolicy::RejectOnError).await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupts_from_nested_functions_under_nack_on_error() {
+    check_interrupts(AckPolicy::NackOnError).await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupts_from_nested_functions_under_manual() {
+    check_interrupts(AckPolicy::Manual).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_after_redelivers_no_earlier_than_the_delay() {
+    const DELAY: Duration = Duration::from_millis(400);
+    let times: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let seen = times.clone();
+    let (broker, topic, _group, app) = setup(AckPolicy::Manual, move |msg: Message| {
+        let seen = seen.clone();
+        async move {
+            let first = {
+                let mut t = seen.lock().unwrap();
+                t.push(Instant::now());
+                t.len() == 1
+            };
+            if first {
+                let _ = msg.nack_after(DELAY).await;
+            } else {
+                let _ = msg.ack().await;
+            }
+        }
+    })
+    .await;
+    let observer = broker.observer();
+    broker.publish("later", &topic).await.unwrap();
+    observer.wait_settled("sub", 2, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    let t = times.lock().unwrap();
+    assert_eq!(t.len(), 2);
+    let gap = t[1] - t[0];
+    assert!(gap >= DELAY, "redelivered after {gap:?}, before the {DELAY:?} delay");
+}
