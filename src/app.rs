@@ -48,10 +48,10 @@ impl App {
         self
     }
 
-    /// Checks every subscriber's settings, starts them, and waits until each has joined its group and
-    /// received its first assignment.
+    /// Checks the settings of every subscriber declared on the broker since the last app started, starts
+    /// them, and waits until each has joined its group and received its first assignment.
     pub async fn start(self) -> Result<RunningApp, StartError> {
-        let subscribers = self.broker.resolved_subscribers()?;
+        let subscribers = self.broker.take_subscribers()?;
         let (tx, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut ready = Vec::new();

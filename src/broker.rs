@@ -214,9 +214,11 @@ impl Broker {
         lock(&self.inner.subscribers).push(spec);
     }
 
-    /// Validates every declared subscriber (all errors surface before anything starts).
-    pub(crate) fn resolved_subscribers(&self) -> Result<Vec<(ResolvedSubscriber, SubscriberSpec)>, ConfigError> {
-        let specs = lock(&self.inner.subscribers).clone();
+    /// Takes the subscribers declared since the last app started and validates them all (every error
+    /// surfaces before anything starts). A later `App` on the same broker starts only newer ones, which
+    /// is how a test adds a second group member to a running in-memory broker.
+    pub(crate) fn take_subscribers(&self) -> Result<Vec<(ResolvedSubscriber, SubscriberSpec)>, ConfigError> {
+        let specs = std::mem::take(&mut *lock(&self.inner.subscribers));
         specs.into_iter().map(|s| Ok((s.config.resolve()?, s))).collect()
     }
 

@@ -190,9 +190,13 @@ impl<T: ConsumerTransport> Engine<T> {
         self.shutdown().await;
     }
 
+    /// The next instant something becomes due: a delayed nack's hold expiring, or the commit cadence
+    /// (only while no commit is in flight; its completion wakes the loop anyway). Expired holds are
+    /// cleared on the tick, so an expired instant is never returned twice (no busy loop).
     fn next_timer(&self) -> Option<Instant> {
         let holds = self.parts.values().filter_map(|p| p.hold_until);
-        holds.chain(self.commit_due).min()
+        let commit = if self.commit.is_none() { self.commit_due } else { None };
+        holds.chain(commit).min()
     }
 
     async fn next_step(&mut self) -> Step {
@@ -263,6 +267,7 @@ impl<T: ConsumerTransport> Engine<T> {
                 continue; // not ours (revoked meanwhile)
             };
             if let Some(r) = part.rewind_to {
+                tracing::trace!(tp = %rec.tp, offset = rec.offset, rewind_to = r, "record while rewinding");
                 if rec.offset != r {
                     continue; // fetched before the seek back
                 }
@@ -412,6 +417,7 @@ impl<T: ConsumerTransport> Engine<T> {
     /// SPEC 3.2: nothing at or after `offset` is committed until it is settled; deliver it again.
     fn rewind(&mut self, tp: &TopicPartition, offset: i64, delay: Option<Duration>) {
         let Some(part) = self.parts.get_mut(tp) else { return };
+        tracing::debug!(subscriber = %self.rt.cfg.name, %tp, offset, ?delay, "nack: rewinding");
         part.queue.retain(|r| r.offset < offset);
         if part.rewind_to.is_none_or(|r| offset < r) {
             part.rewind_to = Some(offset);
@@ -426,10 +432,13 @@ impl<T: ConsumerTransport> Engine<T> {
     }
 
     fn on_tick(&mut self) {
-        // Holds that expired are cleared in dispatch; only the commit cadence needs work here.
-        if self.commit_due.is_some_and(|d| d <= Instant::now()) {
-            self.settles_since_commit = usize::MAX;
+        let now = Instant::now();
+        for part in self.parts.values_mut() {
+            if part.hold_until.is_some_and(|h| h <= now) {
+                part.hold_until = None;
+            }
         }
+        // A due commit is started by `maybe_commit` right after this.
     }
 
     // ---- commits -------------------------------------------------------------------------------------

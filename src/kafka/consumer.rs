@@ -1,0 +1,266 @@
+//! One Kafka group member: a `BaseConsumer` polled on its own OS thread.
+//!
+//! Why a thread: librdkafka runs rebalance callbacks inside `poll`, and SPEC 3.7 needs the revoke
+//! callback to wait until the engine has drained the revoked partitions and their final offsets are
+//! committed, before librdkafka releases them. Blocking the poll thread for that is exactly right; blocking
+//! an async worker would not be. The thread also owns the consumer's teardown, which can hang inside
+//! rdkafka's `Drop` (rust-rdkafka #597 / #611): the engine waits for it with a deadline.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{KafkaConfig, blocking, client_error};
+use crate::error::BrokerError;
+use crate::message::{Headers, Record};
+use crate::offset::TopicPartition;
+use crate::subscriber::ResolvedSubscriber;
+use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
+
+/// How long the poll thread waits for records before checking whether it should stop.
+const POLL_WAIT: Duration = Duration::from_millis(100);
+/// Records handed to the engine per batch, at most.
+const BATCH_MAX: usize = 1024;
+/// How long teardown (final commit, leaving the group) may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+struct Ctx {
+    name: Arc<str>,
+    events: mpsc::UnboundedSender<ConsumerEvent>,
+    /// Set once the engine has made its final commit: later revocations need no drain.
+    closing: Arc<AtomicBool>,
+    revoke_wait: Duration,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else { return };
+        let partitions = partitions_of(tpl);
+        if partitions.is_empty() || self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let reply = Box::new(move |commits: Commits| {
+            let _ = tx.send(commits);
+        });
+        if self.events.send(ConsumerEvent::Revoked { partitions, reply }).is_err() {
+            return; // the engine is gone: nothing to drain
+        }
+        match rx.recv_timeout(self.revoke_wait) {
+            Ok(commits) if !commits.is_empty() => {
+                if let Err(e) = consumer.commit(&tpl_of(&commits), CommitMode::Sync) {
+                    tracing::warn!(subscriber = %self.name, error = %e, "final commit on revoke failed; the new owner may redeliver");
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(subscriber = %self.name, "engine did not drain revoked partitions in time; releasing them uncommitted");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let _ = self.events.send(ConsumerEvent::Assigned(partitions_of(tpl)));
+        }
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements().iter().map(|e| TopicPartition::new(e.topic(), e.partition())).collect()
+}
+
+fn tpl_of(commits: &Commits) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::with_capacity(commits.len());
+    for (tp, o) in commits {
+        // Adding to a fresh list only fails for invalid offsets, which commits never hold.
+        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*o));
+    }
+    tpl
+}
+
+fn single(tp: &TopicPartition) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::with_capacity(1);
+    tpl.add_partition(&tp.topic, tp.partition);
+    tpl
+}
+
+/// A [`ConsumerTransport`] over a Kafka consumer group member.
+pub(crate) struct KafkaConsumer {
+    name: Arc<str>,
+    consumer: Arc<BaseConsumer<Ctx>>,
+    events: mpsc::UnboundedReceiver<ConsumerEvent>,
+    closing: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread_done: oneshot::Receiver<()>,
+}
+
+impl KafkaConsumer {
+    pub(crate) fn start(config: &KafkaConfig, cfg: &ResolvedSubscriber) -> Result<Self, BrokerError> {
+        let group = match &cfg.group_id {
+            Some(g) => g.clone(),
+            // No group: a private one, never committed to (the engine commits nothing without a group).
+            None => {
+                let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+                format!("ferrostream-private-{}-{}-{nanos}", cfg.name, std::process::id())
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let closing = Arc::new(AtomicBool::new(false));
+        let ctx = Ctx {
+            name: cfg.name.clone(),
+            events: tx.clone(),
+            closing: closing.clone(),
+            revoke_wait: cfg.drain_timeout + Duration::from_secs(5),
+        };
+        let consumer: BaseConsumer<Ctx> = config
+            .consumer_config(&group, cfg.auto_offset_reset)
+            .create_with_context(ctx)
+            .map_err(|e| client_error("create consumer", e))?;
+        consumer.subscribe(&[&cfg.topic]).map_err(|e| client_error("subscribe", e))?;
+        let consumer = Arc::new(consumer);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = oneshot::channel();
+        let thread = PollThread { name: cfg.name.clone(), consumer: consumer.clone(), events: tx, stop: stop.clone() };
+        std::thread::Builder::new()
+            .name(format!("ferrostream-poll-{}", cfg.name))
+            .spawn(move || {
+                thread.run();
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| client_error("spawn poll thread", e))?;
+        Ok(KafkaConsumer { name: cfg.name.clone(), consumer, events: rx, closing, stop, thread_done: done_rx })
+    }
+}
+
+struct PollThread {
+    name: Arc<str>,
+    consumer: Arc<BaseConsumer<Ctx>>,
+    events: mpsc::UnboundedSender<ConsumerEvent>,
+    stop: Arc<AtomicBool>,
+}
+
+impl PollThread {
+    fn run(self) {
+        let mut last_tp: Option<TopicPartition> = None;
+        while !self.stop.load(Ordering::Acquire) {
+            let first = match self.consumer.poll(POLL_WAIT) {
+                None => continue,
+                Some(Err(e)) => {
+                    tracing::warn!(subscriber = %self.name, error = %e, "consumer error");
+                    continue;
+                }
+                Some(Ok(m)) => to_record(&m, &mut last_tp),
+            };
+            let mut batch = Vec::with_capacity(64);
+            batch.push(first);
+            while batch.len() < BATCH_MAX {
+                match self.consumer.poll(Duration::ZERO) {
+                    Some(Ok(m)) => batch.push(to_record(&m, &mut last_tp)),
+                    Some(Err(e)) => {
+                        tracing::warn!(subscriber = %self.name, error = %e, "consumer error");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            if self.events.send(ConsumerEvent::Records(batch)).is_err() {
+                break;
+            }
+        }
+        // Leave the group from this thread: rdkafka's Drop polls until the consumer is closed.
+        self.consumer.unsubscribe();
+        drop(self.consumer);
+    }
+}
+
+fn to_record(m: &BorrowedMessage<'_>, last_tp: &mut Option<TopicPartition>) -> Record {
+    let tp = match last_tp {
+        Some(tp) if &*tp.topic == m.topic() && tp.partition == m.partition() => tp.clone(),
+        _ => {
+            let tp = TopicPartition::new(m.topic(), m.partition());
+            *last_tp = Some(tp.clone());
+            tp
+        }
+    };
+    let mut headers = Headers::new();
+    if let Some(h) = m.headers() {
+        for header in h.iter() {
+            headers.insert(header.key, Bytes::copy_from_slice(header.value.unwrap_or_default()));
+        }
+    }
+    Record {
+        tp,
+        offset: m.offset(),
+        key: m.key().map(Bytes::copy_from_slice),
+        payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+        headers,
+        timestamp: m.timestamp().to_millis(),
+    }
+}
+
+impl ConsumerTransport for KafkaConsumer {
+    async fn next(&mut self) -> Option<ConsumerEvent> {
+        self.events.recv().await
+    }
+
+    fn seek(&mut self, tp: &TopicPartition, offset: i64) -> Result<(), BrokerError> {
+        // Asynchronous seek: records fetched before it may still arrive; the engine drops them until the
+        // sought offset comes back.
+        self.consumer
+            .seek(&tp.topic, tp.partition, Offset::Offset(offset), Duration::ZERO)
+            .map_err(|e| client_error("seek", e))
+    }
+
+    fn pause(&mut self, tp: &TopicPartition) {
+        if let Err(e) = self.consumer.pause(&single(tp)) {
+            tracing::warn!(subscriber = %self.name, %tp, error = %e, "pause failed");
+        }
+    }
+
+    fn resume(&mut self, tp: &TopicPartition) {
+        if let Err(e) = self.consumer.resume(&single(tp)) {
+            tracing::warn!(subscriber = %self.name, %tp, error = %e, "resume failed");
+        }
+    }
+
+    fn commit(&mut self, commits: Commits) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let consumer = self.consumer.clone();
+        Box::pin(blocking("commit", move || {
+            consumer.commit(&tpl_of(&commits), CommitMode::Sync).map_err(|e| client_error("commit", e))
+        }))
+    }
+
+    async fn close(self, final_commits: Commits) -> Result<(), BrokerError> {
+        let KafkaConsumer { name, consumer, events, closing, stop, thread_done } = self;
+        let mut result = Ok(());
+        if !final_commits.is_empty() {
+            let c = consumer.clone();
+            let commit = blocking("final commit", move || {
+                c.commit(&tpl_of(&final_commits), CommitMode::Sync).map_err(|e| client_error("final commit", e))
+            });
+            result = match tokio::time::timeout(CLOSE_TIMEOUT, commit).await {
+                Ok(r) => r,
+                Err(_) => Err(BrokerError::Timeout { op: "final commit", timeout: CLOSE_TIMEOUT }),
+            };
+        }
+        closing.store(true, Ordering::Release);
+        stop.store(true, Ordering::Release);
+        drop(consumer);
+        drop(events);
+        if tokio::time::timeout(CLOSE_TIMEOUT, thread_done).await.is_err() {
+            tracing::warn!(subscriber = %name, "consumer did not close within {CLOSE_TIMEOUT:?}; abandoning its thread");
+        }
+        result
+    }
+}

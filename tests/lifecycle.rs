@@ -1,0 +1,335 @@
+//! The app lifecycle: configuration errors at startup (SPEC section 1), graceful shutdown with handlers
+//! in flight (SPEC 3.8, 3.7), and a consumer that survives panics and undecodable payloads (SPEC 2.3, 2.4).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferrostream::observe::Outcome;
+use ferrostream::{
+    AckPolicy, App, Broker, ConfigError, Json, Message, OffsetReset, Settle, SettledBy, StartError, State,
+};
+use serde::Deserialize;
+use tokio::sync::{Semaphore, mpsc};
+
+/// Starts an app that must fail, and returns why.
+async fn start_error(broker: &Broker) -> StartError {
+    App::new(broker.clone())
+        .start()
+        .await
+        .err()
+        .expect("the app refuses to start")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_at_least_once_policy_without_a_group_is_refused_at_startup() {
+    let broker = common::broker();
+    let observer = broker.observer();
+    let topic = common::topic(&broker, "life-nogroup", 1).await;
+    broker
+        .subscriber(&topic)
+        .name("fine")
+        .group_id(common::unique("g"))
+        .auto_offset_reset(OffsetReset::Earliest)
+        .handle(|_: String| async {});
+    broker
+        .subscriber(&topic)
+        .name("groupless")
+        .ack_policy(AckPolicy::NackOnError)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .handle(|_: String| async {});
+
+    let err = start_error(&broker).await;
+    match &err {
+        StartError::Config(ConfigError::MissingGroup { subscriber, policy }) => {
+            assert_eq!(subscriber, "groupless");
+            assert_eq!(*policy, AckPolicy::NackOnError);
+        }
+        other => panic!("expected MissingGroup, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains("groupless"), "names the subscriber: {text}");
+    assert!(text.contains(".group_id("), "says what to add: {text}");
+    assert!(observer.events().is_empty(), "nothing started: {:?}", observer.events());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_commit_contradicting_the_ack_policy_is_refused_at_startup() {
+    let broker = common::broker();
+    let topic = common::topic(&broker, "life-conflict", 1).await;
+    broker
+        .subscriber(&topic)
+        .name("confused")
+        .group_id(common::unique("g"))
+        .auto_commit(true)
+        .ack_policy(AckPolicy::Manual)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .handle(|_: String| async {});
+
+    let err = start_error(&broker).await;
+    match &err {
+        StartError::Config(ConfigError::ConflictingAckSettings {
+            subscriber,
+            auto_commit,
+            policy,
+        }) => {
+            assert_eq!(subscriber, "confused");
+            assert!(*auto_commit);
+            assert_eq!(*policy, AckPolicy::Manual);
+        }
+        other => panic!("expected ConflictingAckSettings, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains("confused"), "names the subscriber: {text}");
+    assert!(
+        text.contains("auto_commit(true)") && text.contains("set only one"),
+        "says what to change: {text}"
+    );
+}
+
+/// Tells the test which offsets' handlers started.
+#[derive(Clone)]
+struct Started(mpsc::UnboundedSender<i64>);
+
+/// Receives started offsets until every one of `offsets` has started.
+async fn await_started(rx: &mut mpsc::UnboundedReceiver<i64>, offsets: &[i64]) -> Vec<i64> {
+    let mut seen = Vec::new();
+    tokio::time::timeout(common::WAIT, async {
+        while !offsets.iter().all(|o| seen.contains(o)) {
+            seen.push(rx.recv().await.expect("handlers keep the sender"));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("offsets {offsets:?} did not start; started: {seen:?}"));
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_lets_in_flight_handlers_finish_and_commits_them() {
+    common::init_tracing();
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let broker = common::broker().with_state(Started(tx));
+    let observer = broker.observer();
+    let topic = common::topic(&broker, "life-drain", 1).await;
+    let group = common::unique("g");
+    for i in 0..10 {
+        broker
+            .publish(format!("m{i}"), &topic)
+            .key(format!("k{}", i % 2))
+            .await
+            .unwrap();
+    }
+    broker
+        .subscriber(&topic)
+        .name("slow")
+        .group_id(&group)
+        .auto_commit(false)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .max_in_flight(2)
+        // Only the final commit of the shutdown can make the offsets durable.
+        .commit_interval(Duration::from_secs(3600))
+        .handle(|msg: Message, State(Started(tx)): State<Started>| async move {
+            let _ = tx.send(msg.offset());
+            tokio::time::sleep(Duration::from_millis(300)).await; // the work
+        });
+    let app = common::start(&broker).await;
+
+    // Offsets 0 and 1 are done and 2 and 3 are running.
+    await_started(&mut started, &[2, 3]).await;
+    let begun = Instant::now();
+    app.shutdown().await.expect("shutdown within its deadline");
+    let took = begun.elapsed();
+
+    assert!(
+        took < Duration::from_secs(5),
+        "shutdown took {took:?} for 300 ms handlers"
+    );
+    let settled = observer.settled("slow");
+    let mut offsets: Vec<i64> = settled.iter().map(|s| s.offset).collect();
+    offsets.sort_unstable();
+    let n = offsets.len() as i64;
+    assert_eq!(
+        offsets,
+        (0..n).collect::<Vec<_>>(),
+        "settled in a gap-free prefix: {settled:?}"
+    );
+    assert!(
+        n >= 4,
+        "the in-flight offsets 2 and 3 finished and were settled: {settled:?}"
+    );
+    assert!(
+        n < 10,
+        "nothing new is dispatched after the shutdown began: {settled:?}"
+    );
+    assert!(
+        settled
+            .iter()
+            .all(|s| (s.settle, s.by) == (Settle::Ack, SettledBy::Policy))
+    );
+    assert_eq!(
+        observer.handled("slow").len() as i64,
+        n,
+        "every started handler finished"
+    );
+    assert_eq!(
+        broker.committed_offsets(&group, &topic).await.unwrap().get(&0),
+        Some(&n),
+        "the final commit covers exactly the settled messages"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_up_on_a_stuck_handler_at_its_deadline_and_leaves_it_uncommitted() {
+    common::init_tracing();
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let gate = Arc::new(Semaphore::new(0));
+    let broker = common::broker().with_state(Started(tx)).with_state(gate.clone());
+    let observer = broker.observer();
+    let topic = common::topic(&broker, "life-stuck", 1).await;
+    let group = common::unique("g");
+    for i in 0..3 {
+        broker.publish(format!("m{i}"), &topic).await.unwrap();
+    }
+    broker
+        .subscriber(&topic)
+        .name("stuck")
+        .group_id(&group)
+        .auto_commit(false)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .handle(
+            |msg: Message, State(Started(tx)): State<Started>, State(gate): State<Arc<Semaphore>>| async move {
+                let _ = tx.send(msg.offset());
+                if msg.offset() == 1 {
+                    let _permit = gate.acquire().await; // never opened before the shutdown
+                }
+            },
+        );
+    const DEADLINE: Duration = Duration::from_millis(500);
+    let app = App::new(broker.clone())
+        .shutdown_timeout(DEADLINE)
+        .start()
+        .await
+        .expect("app starts");
+    await_started(&mut started, &[1]).await;
+    observer.wait_settled("stuck", 1, common::WAIT).await.unwrap();
+
+    let begun = Instant::now();
+    app.shutdown()
+        .await
+        .expect("shutdown returns despite the stuck handler");
+    let took = begun.elapsed();
+    gate.add_permits(1);
+
+    assert!(took >= DEADLINE, "the stuck handler was given its deadline: {took:?}");
+    assert!(took < DEADLINE + Duration::from_secs(3), "shutdown took {took:?}");
+    let settled: Vec<i64> = observer.settled("stuck").iter().map(|s| s.offset).collect();
+    assert_eq!(settled, vec![0], "only the finished message was settled");
+    assert_eq!(
+        broker.committed_offsets(&group, &topic).await.unwrap().get(&0),
+        Some(&1),
+        "the stuck offset stays uncommitted, for the next owner to redeliver"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_down_two_members_of_one_group_commits_both_members_offsets() {
+    common::init_tracing();
+    let broker = common::broker();
+    let observer = broker.observer();
+    let topic = common::topic(&broker, "life-group-close", 2).await;
+    let group = common::unique("g");
+    for name in ["one", "two"] {
+        broker
+            .subscriber(&topic)
+            .name(name)
+            .group_id(&group)
+            .auto_commit(false)
+            .auto_offset_reset(OffsetReset::Earliest)
+            // Only the final commits of the shutdown can make the offsets durable.
+            .commit_interval(Duration::from_secs(3600))
+            .handle(|_: String| async {});
+    }
+    let app = common::start(&broker).await;
+    observer
+        .wait_until("one partition each", common::WAIT, |_| {
+            (observer.assignment("one").len() == 1 && observer.assignment("two").len() == 1).then_some(())
+        })
+        .await
+        .unwrap();
+    for p in 0..2 {
+        for i in 0..5 {
+            broker.publish(format!("p{p}-{i}"), &topic).partition(p).await.unwrap();
+        }
+    }
+    observer
+        .wait_until("all ten handled", common::WAIT, |_| {
+            (observer.handled("one").len() + observer.handled("two").len() >= 10).then_some(())
+        })
+        .await
+        .unwrap();
+    app.shutdown().await.unwrap();
+
+    assert_eq!(
+        broker.committed_offsets(&group, &topic).await.unwrap(),
+        BTreeMap::from([(0, 5), (1, 5)]),
+        "each member's final commit is kept, whichever leaves first"
+    );
+}
+
+#[derive(Deserialize)]
+struct Order {
+    id: u32,
+    explode: bool,
+}
+
+async fn fragile(Json(order): Json<Order>) {
+    if order.explode {
+        panic!("order {} exploded", order.id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_keeps_running_after_a_panic_and_a_decode_error() {
+    common::init_tracing();
+    let broker = common::broker();
+    let observer = broker.observer();
+    let topic = common::topic(&broker, "life-survive", 1).await;
+    let group = common::unique("g");
+    broker
+        .subscriber(&topic)
+        .name("fragile")
+        .group_id(&group)
+        .ack_policy(AckPolicy::RejectOnError)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .handle(fragile);
+    let app = common::start(&broker).await;
+    broker.publish("not an order", &topic).await.unwrap();
+    broker.publish(r#"{"id":1,"explode":true}"#, &topic).await.unwrap();
+    broker.publish(r#"{"id":2,"explode":false}"#, &topic).await.unwrap();
+    observer.wait_settled("fragile", 3, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+
+    let outcomes: Vec<(i64, Outcome)> = observer.handled("fragile").into_iter().map(|h| (h.1, h.3)).collect();
+    assert_eq!(outcomes.len(), 3, "{outcomes:?}");
+    assert!(
+        matches!(&outcomes[0], (0, Outcome::Failed { kind: "decode", message }) if message.contains("fragile") && message.contains("Order")),
+        "{:?}",
+        outcomes[0]
+    );
+    assert!(
+        matches!(&outcomes[1], (1, Outcome::Failed { kind: "panic", message }) if message.contains("order 1 exploded")),
+        "{:?}",
+        outcomes[1]
+    );
+    assert_eq!(outcomes[2], (2, Outcome::Ok), "the good message after them is handled");
+    let settles: Vec<Settle> = observer.settled("fragile").into_iter().map(|s| s.settle).collect();
+    assert_eq!(settles, vec![Settle::Reject, Settle::Reject, Settle::Ack]);
+    let metrics = broker.metrics().get("fragile");
+    assert_eq!((metrics.decode_errors, metrics.panics), (1, 1), "{metrics:?}");
+    assert_eq!(
+        broker.committed_offsets(&group, &topic).await.unwrap().get(&0),
+        Some(&3)
+    );
+}
