@@ -397,7 +397,7 @@ impl<T: ConsumerTransport> Engine<T> {
                     settle,
                     by,
                 });
-                if !self.parts.get(&tp).is_some_and(|p| p.generation == generation) {
+                if self.parts.get(&tp).is_none_or(|p| p.generation != generation) {
                     tracing::debug!(subscriber = %self.rt.cfg.name, %tp, offset, "settle of a revoked assignment ignored");
                     return;
                 }

@@ -342,14 +342,12 @@ pub enum BrokerError {
         topic: String,
     },
     /// The partition does not exist.
-    #[error("topic `{topic}` has {partitions} partitions; partition {partition} does not exist")]
+    #[error("topic `{topic}` has no partition {partition}")]
     UnknownPartition {
         /// The topic.
         topic: String,
         /// The partition asked for.
         partition: i32,
-        /// How many partitions the topic has.
-        partitions: i32,
     },
     /// The payload could not be encoded.
     #[error("cannot encode the payload: {source}")]

@@ -193,8 +193,10 @@ async fn interrupts_under(policy: AckPolicy) -> (Vec<Vec<(Settle, SettledBy)>>, 
         .unwrap();
     app.shutdown().await.unwrap();
     let settles = (0..3).map(|o| settles_of(&observer, o)).collect();
-    let counts = attempts.lock().unwrap();
-    let calls = (0..3).map(|o| counts.get(&o).copied().unwrap_or(0)).collect();
+    let calls = {
+        let counts = attempts.lock().unwrap();
+        (0..3).map(|o| counts.get(&o).copied().unwrap_or(0)).collect()
+    };
     let committed = broker.committed_offsets(&group, &topic).await.unwrap().get(&0).copied();
     (settles, calls, committed)
 }

@@ -77,7 +77,10 @@ impl ConsumerContext for Ctx {
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
-    tpl.elements().iter().map(|e| TopicPartition::new(e.topic(), e.partition())).collect()
+    tpl.elements()
+        .iter()
+        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+        .collect()
 }
 
 fn tpl_of(commits: &Commits) -> TopicPartitionList {
@@ -127,11 +130,18 @@ impl KafkaConsumer {
             .consumer_config(&group, cfg.auto_offset_reset)
             .create_with_context(ctx)
             .map_err(|e| client_error("create consumer", e))?;
-        consumer.subscribe(&[&cfg.topic]).map_err(|e| client_error("subscribe", e))?;
+        consumer
+            .subscribe(&[&cfg.topic])
+            .map_err(|e| client_error("subscribe", e))?;
         let consumer = Arc::new(consumer);
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = oneshot::channel();
-        let thread = PollThread { name: cfg.name.clone(), consumer: consumer.clone(), events: tx, stop: stop.clone() };
+        let thread = PollThread {
+            name: cfg.name.clone(),
+            consumer: consumer.clone(),
+            events: tx,
+            stop: stop.clone(),
+        };
         std::thread::Builder::new()
             .name(format!("ferrostream-poll-{}", cfg.name))
             .spawn(move || {
@@ -139,7 +149,14 @@ impl KafkaConsumer {
                 let _ = done_tx.send(());
             })
             .map_err(|e| client_error("spawn poll thread", e))?;
-        Ok(KafkaConsumer { name: cfg.name.clone(), consumer, events: rx, closing, stop, thread_done: done_rx })
+        Ok(KafkaConsumer {
+            name: cfg.name.clone(),
+            consumer,
+            events: rx,
+            closing,
+            stop,
+            thread_done: done_rx,
+        })
     }
 }
 
@@ -237,21 +254,34 @@ impl ConsumerTransport for KafkaConsumer {
     fn commit(&mut self, commits: Commits) -> BoxFuture<'static, Result<(), BrokerError>> {
         let consumer = self.consumer.clone();
         Box::pin(blocking("commit", move || {
-            consumer.commit(&tpl_of(&commits), CommitMode::Sync).map_err(|e| client_error("commit", e))
+            consumer
+                .commit(&tpl_of(&commits), CommitMode::Sync)
+                .map_err(|e| client_error("commit", e))
         }))
     }
 
     async fn close(self, final_commits: Commits) -> Result<(), BrokerError> {
-        let KafkaConsumer { name, consumer, events, closing, stop, thread_done } = self;
+        let KafkaConsumer {
+            name,
+            consumer,
+            events,
+            closing,
+            stop,
+            thread_done,
+        } = self;
         let mut result = Ok(());
         if !final_commits.is_empty() {
             let c = consumer.clone();
             let commit = blocking("final commit", move || {
-                c.commit(&tpl_of(&final_commits), CommitMode::Sync).map_err(|e| client_error("final commit", e))
+                c.commit(&tpl_of(&final_commits), CommitMode::Sync)
+                    .map_err(|e| client_error("final commit", e))
             });
             result = match tokio::time::timeout(CLOSE_TIMEOUT, commit).await {
                 Ok(r) => r,
-                Err(_) => Err(BrokerError::Timeout { op: "final commit", timeout: CLOSE_TIMEOUT }),
+                Err(_) => Err(BrokerError::Timeout {
+                    op: "final commit",
+                    timeout: CLOSE_TIMEOUT,
+                }),
             };
         }
         closing.store(true, Ordering::Release);

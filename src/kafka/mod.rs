@@ -171,12 +171,14 @@ pub(crate) struct KafkaBackend {
 
 impl KafkaBackend {
     pub(crate) fn new(config: KafkaConfig) -> Result<Self, ConfigError> {
-        let producer: FutureProducer =
-            config.producer_config().create().map_err(|e| ConfigError::InvalidUrl {
-                url: format!("kafka://{}", config.bootstrap),
-                reason: format!("cannot create the Kafka producer: {e}"),
-            })?;
-        Ok(KafkaBackend { config: Arc::new(config), producer })
+        let producer: FutureProducer = config.producer_config().create().map_err(|e| ConfigError::InvalidUrl {
+            url: format!("kafka://{}", config.bootstrap),
+            reason: format!("cannot create the Kafka producer: {e}"),
+        })?;
+        Ok(KafkaBackend {
+            config: Arc::new(config),
+            producer,
+        })
     }
 
     pub(crate) fn consumer(&self, cfg: &ResolvedSubscriber) -> Result<KafkaConsumer, BrokerError> {
@@ -186,10 +188,14 @@ impl KafkaBackend {
     pub(crate) async fn send(&self, out: Outgoing) -> Result<PublishAck, BrokerError> {
         let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
         for (name, value) in out.headers.iter() {
-            headers = headers.insert(Header { key: name, value: Some(value.as_ref()) });
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_ref()),
+            });
         }
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&out.topic).payload(out.payload.as_ref()).headers(headers);
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic)
+            .payload(out.payload.as_ref())
+            .headers(headers);
         if let Some(k) = &out.key {
             record = record.key(k.as_ref());
         }
@@ -200,8 +206,18 @@ impl KafkaBackend {
             record = record.timestamp(ts);
         }
         match self.producer.send(record, PUBLISH_TIMEOUT).await {
-            Ok(d) => Ok(PublishAck { topic: out.topic, partition: d.partition, offset: d.offset }),
-            Err((e, _)) => Err(client_error("publish", e)),
+            Ok(d) => Ok(PublishAck {
+                topic: out.topic,
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Err((e, _)) => match (e.rdkafka_error_code(), out.partition) {
+                (Some(RDKafkaErrorCode::UnknownPartition), Some(partition)) => Err(BrokerError::UnknownPartition {
+                    topic: out.topic,
+                    partition,
+                }),
+                _ => Err(client_error("publish", e)),
+            },
         }
     }
 
@@ -222,7 +238,10 @@ impl KafkaBackend {
         let admin = self.admin()?;
         let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
         let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
-        let results = admin.create_topics([&new], &opts).await.map_err(|e| client_error("create topic", e))?;
+        let results = admin
+            .create_topics([&new], &opts)
+            .await
+            .map_err(|e| client_error("create topic", e))?;
         for r in results {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -238,13 +257,21 @@ impl KafkaBackend {
                 let md = consumer.fetch_metadata(Some(&topic), ADMIN_TIMEOUT);
                 let n = md
                     .ok()
-                    .and_then(|m| m.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len()))
+                    .and_then(|m| {
+                        m.topics()
+                            .iter()
+                            .find(|t| t.name() == topic)
+                            .map(|t| t.partitions().len())
+                    })
                     .unwrap_or(0);
                 if n as i32 >= partitions {
                     return Ok(());
                 }
                 if std::time::Instant::now() > deadline {
-                    return Err(BrokerError::Timeout { op: "create topic", timeout: ADMIN_TIMEOUT });
+                    return Err(BrokerError::Timeout {
+                        op: "create topic",
+                        timeout: ADMIN_TIMEOUT,
+                    });
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -253,12 +280,16 @@ impl KafkaBackend {
     }
 
     fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, BrokerError> {
-        let md = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT).map_err(|e| client_error("metadata", e))?;
+        let md = consumer
+            .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
+            .map_err(|e| client_error("metadata", e))?;
         let t = md
             .topics()
             .iter()
             .find(|t| t.name() == topic)
-            .ok_or_else(|| BrokerError::UnknownTopic { topic: topic.to_owned() })?;
+            .ok_or_else(|| BrokerError::UnknownTopic {
+                topic: topic.to_owned(),
+            })?;
         Ok(t.partitions().iter().map(|p| p.id()).collect())
     }
 
@@ -270,7 +301,9 @@ impl KafkaBackend {
             for p in Self::partitions_of(&consumer, &topic)? {
                 tpl.add_partition(&topic, p);
             }
-            let got = consumer.committed_offsets(tpl, ADMIN_TIMEOUT).map_err(|e| client_error("committed offsets", e))?;
+            let got = consumer
+                .committed_offsets(tpl, ADMIN_TIMEOUT)
+                .map_err(|e| client_error("committed offsets", e))?;
             Ok(got
                 .elements()
                 .iter()
@@ -289,8 +322,9 @@ impl KafkaBackend {
         blocking("end offsets", move || {
             let mut out = BTreeMap::new();
             for p in Self::partitions_of(&consumer, &topic)? {
-                let (_, high) =
-                    consumer.fetch_watermarks(&topic, p, ADMIN_TIMEOUT).map_err(|e| client_error("watermarks", e))?;
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p, ADMIN_TIMEOUT)
+                    .map_err(|e| client_error("watermarks", e))?;
                 out.insert(p, high);
             }
             Ok(out)

@@ -116,7 +116,6 @@ impl MemoryBroker {
                     return Err(BrokerError::UnknownPartition {
                         topic: out.topic,
                         partition: p,
-                        partitions: n,
                     });
                 }
                 (Some(p), _) => p,
@@ -236,27 +235,35 @@ async fn rebalance(shared: Arc<Shared>, group: String) {
     };
     let _turn = serial.lock().await;
 
-    let pending: Vec<oneshot::Receiver<Commits>> = {
+    // A member keeps owning its partitions until it answers the revocation (or goes away), so a member
+    // that is closing meanwhile can still make its final commit.
+    let pending: Vec<(u64, oneshot::Receiver<Commits>)> = {
         let mut st = lock(&shared);
         let Some(g) = st.groups.get_mut(&group) else { return };
         g.members
-            .values_mut()
-            .filter(|m| !m.owned.is_empty())
-            .filter_map(|m| {
+            .iter()
+            .filter(|(_, m)| !m.owned.is_empty())
+            .filter_map(|(id, m)| {
                 let (tx, rx) = oneshot::channel();
-                let owned = std::mem::take(&mut m.owned);
-                m.control.send(Control::Revoke(owned, tx)).ok().map(|_| rx)
+                m.control
+                    .send(Control::Revoke(m.owned.clone(), tx))
+                    .ok()
+                    .map(|_| (*id, rx))
             })
             .collect()
     };
-    for rx in pending {
+    for (id, rx) in pending {
         // A member that went away answers nothing: its partitions keep their last committed offsets.
-        if let Ok(Ok(commits)) = tokio::time::timeout(REVOKE_TIMEOUT, rx).await {
-            let mut st = lock(&shared);
-            if let Some(g) = st.groups.get_mut(&group) {
+        let answer = tokio::time::timeout(REVOKE_TIMEOUT, rx).await;
+        let mut st = lock(&shared);
+        if let Some(g) = st.groups.get_mut(&group) {
+            if let Ok(Ok(commits)) = answer {
                 for (tp, o) in commits {
                     g.committed.insert(tp, o);
                 }
+            }
+            if let Some(m) = g.members.get_mut(&id) {
+                m.owned.clear();
             }
         }
     }
@@ -277,12 +284,12 @@ async fn rebalance(shared: Arc<Shared>, group: String) {
             let count = per + usize::from(i < extra);
             let Some(m) = g.members.get_mut(id) else { continue };
             let mut assignment = Vec::with_capacity(count);
-            for p in next..next + count {
+            for (p, log) in logs.iter().enumerate().skip(next).take(count) {
                 let tp = TopicPartition::new(topic.clone(), p as i32);
                 let start = match (g.committed.get(&tp), m.reset) {
                     (Some(c), _) => *c,
                     (None, OffsetReset::Earliest) => 0,
-                    (None, OffsetReset::Latest) => logs[p].len() as i64,
+                    (None, OffsetReset::Latest) => log.len() as i64,
                 };
                 assignment.push((tp, start));
             }
