@@ -37,6 +37,11 @@
 //! # Ok(()) }
 //! ```
 
+/// The README's examples, compiled and run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 mod app;
 mod broker;
 mod engine;
