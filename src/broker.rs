@@ -154,6 +154,24 @@ impl Broker {
         Publish::new(self.clone(), payload, topic)
     }
 
+    /// Publishes many records at once: they are sent concurrently (pipelined and batched on the wire)
+    /// and this resolves when the broker has answered for every one, with each result in input order.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let broker = ferrostream::Broker::new("memory://")?;
+    /// let acks = broker.publish_batch((0..3).map(|i| broker.publish(format!("event {i}"), "events"))).await;
+    /// assert_eq!(acks.iter().filter(|a| a.is_ok()).count(), 3);
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish_batch(
+        &self,
+        batch: impl IntoIterator<Item = Publish>,
+    ) -> Vec<Result<PublishAck, BrokerError>> {
+        futures::future::join_all(batch.into_iter().map(std::future::IntoFuture::into_future)).await
+    }
+
     /// Registers shared state that handlers receive with [`State<T>`](crate::State).
     pub fn with_state<T: Clone + Send + Sync + 'static>(self, value: T) -> Self {
         lock(&self.inner.state).insert(value);

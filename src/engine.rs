@@ -35,7 +35,7 @@ use crate::observe::{Event, Outcome};
 use crate::offset::{Delivery, OffsetTracker, TopicPartition};
 use crate::publish::Outgoing;
 use crate::settle::{AckPolicy, Settle};
-use crate::subscriber::ResolvedSubscriber;
+use crate::subscriber::{BatchConfig, ResolvedSubscriber};
 use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
 
 /// A partition's queue is paused at the transport above this many buffered records.
@@ -130,6 +130,8 @@ pub(crate) struct Engine<T: ConsumerTransport> {
     shutdown: watch::Receiver<bool>,
     /// Tells the app the first assignment (or failure) happened.
     ready: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Batch mode: since when records have been ready without a batch starting.
+    batch_since: Option<Instant>,
 }
 
 enum Step {
@@ -163,6 +165,7 @@ impl<T: ConsumerTransport> Engine<T> {
             commits_enabled,
             shutdown,
             ready: Some(ready),
+            batch_since: None,
         }
     }
 
@@ -196,7 +199,11 @@ impl<T: ConsumerTransport> Engine<T> {
     fn next_timer(&self) -> Option<Instant> {
         let holds = self.parts.values().filter_map(|p| p.hold_until);
         let commit = if self.commit.is_none() { self.commit_due } else { None };
-        holds.chain(commit).min()
+        let batch = match (self.rt.cfg.batch, self.batch_since) {
+            (Some(b), Some(since)) => Some(since + b.timeout),
+            _ => None,
+        };
+        holds.chain(commit).chain(batch).min()
     }
 
     async fn next_step(&mut self) -> Step {
@@ -318,6 +325,10 @@ impl<T: ConsumerTransport> Engine<T> {
         if self.rt.cfg.commit_sync_each && (self.commit.is_some() || self.commit_due.is_some()) {
             return; // the previous settle is not committed yet
         }
+        if let Some(batch) = self.rt.cfg.batch {
+            self.dispatch_batch(batch);
+            return;
+        }
         let now = Instant::now();
         let tps: Vec<TopicPartition> = self
             .parts
@@ -369,6 +380,70 @@ impl<T: ConsumerTransport> Engine<T> {
             part.paused = false;
             self.transport.resume(tp);
         }
+    }
+
+    /// Batch mode (SPEC 3.10): one batch in flight at a time, so per-partition order holds; a batch
+    /// starts when `max_records` are ready or the oldest ready record has waited `timeout`.
+    fn dispatch_batch(&mut self, batch: BatchConfig) {
+        if self.parts.values().any(|p| !p.in_flight.is_empty()) {
+            return;
+        }
+        let now = Instant::now();
+        let ack_first = self.policy() == AckPolicy::AckFirst && self.commits_enabled;
+        // How many records of each partition may go now: held partitions none; under AckFirst only
+        // those whose commit is confirmed.
+        let mut ready: Vec<(TopicPartition, usize)> = Vec::new();
+        for (tp, part) in &self.parts {
+            if part.hold_until.is_some_and(|h| h > now) {
+                continue;
+            }
+            let confirmed = self.tracker.confirmed(tp);
+            let n = if ack_first {
+                part.queue
+                    .iter()
+                    .take_while(|r| confirmed.is_some_and(|c| r.offset < c))
+                    .count()
+            } else {
+                part.queue.len()
+            };
+            if n > 0 {
+                ready.push((tp.clone(), n));
+            }
+        }
+        let available: usize = ready.iter().map(|(_, n)| n).sum();
+        if available == 0 {
+            self.batch_since = None;
+            return;
+        }
+        let since = *self.batch_since.get_or_insert(now);
+        if available < batch.max_records && now < since + batch.timeout {
+            return; // the timer wakes us at since + timeout
+        }
+        self.batch_since = None;
+        ready.sort();
+        let mut messages = Vec::with_capacity(available.min(batch.max_records));
+        for (tp, n) in ready {
+            let Some(part) = self.parts.get_mut(&tp) else { continue };
+            part.hold_until = None;
+            let take = n.min(batch.max_records - messages.len());
+            for rec in part.queue.drain(..take) {
+                part.in_flight.insert(rec.offset, rec.key.clone());
+                let sink = SettleSink {
+                    events: self.events_tx.clone(),
+                    generation: part.generation,
+                };
+                let pre = (self.rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
+                messages.push(Message::new(rec, self.rt.cfg.name.clone(), sink, pre));
+            }
+            if part.paused && part.queue.len() < RESUME_BELOW {
+                part.paused = false;
+                self.transport.resume(&tp);
+            }
+            if messages.len() == batch.max_records {
+                break;
+            }
+        }
+        tokio::spawn(run_batch(self.rt.clone(), messages));
     }
 
     // ---- settles -------------------------------------------------------------------------------------
@@ -564,14 +639,25 @@ impl<T: ConsumerTransport> Engine<T> {
 
 /// Runs one handler call to its end and settles by the policy (SPEC section 2).
 async fn run_handler(rt: Arc<SubscriberRuntime>, msg: Message) {
-    let cfg = &rt.cfg;
-    let started = {
-        let cx = Context {
-            message: &msg,
-            state: &rt.state,
-        };
-        std::panic::catch_unwind(AssertUnwindSafe(|| rt.handler.call(&cx)))
+    let result = call_handler(&rt, &Context::single(&msg, &rt.state)).await;
+    finish(&rt, std::slice::from_ref(&msg), result);
+}
+
+/// Runs one batch handler call (SPEC 3.10): the outcome settles every message not settled by the handler.
+async fn run_batch(rt: Arc<SubscriberRuntime>, batch: Vec<Message>) {
+    let Some(first) = batch.first() else { return };
+    let cx = Context {
+        message: first,
+        batch: &batch,
+        state: &rt.state,
     };
+    let result = call_handler(&rt, &cx).await;
+    finish(&rt, &batch, result);
+}
+
+/// Extracts, calls (catching panics, SPEC 2.3) and publishes the result (SPEC 3.11).
+async fn call_handler(rt: &SubscriberRuntime, cx: &Context<'_>) -> Result<(), Error> {
+    let started = std::panic::catch_unwind(AssertUnwindSafe(|| rt.handler.call(cx)));
     let result = match started {
         Ok(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
             Ok(r) => r,
@@ -579,11 +665,16 @@ async fn run_handler(rt: Arc<SubscriberRuntime>, msg: Message) {
         },
         Err(panic) => Err(Error::panic(panic_message(panic))),
     };
-    let result = match result {
-        Ok(Some(payload)) if !cfg.publish_to.is_empty() => publish_result(&rt, &msg, payload).await,
+    match result {
+        Ok(Some(payload)) if !rt.cfg.publish_to.is_empty() => publish_result(rt, cx.message(), payload).await,
         Ok(_) => Ok(()),
         Err(e) => Err(e),
-    };
+    }
+}
+
+/// Logs, counts and records the outcome, settles by it, and frees the in-flight slots.
+fn finish(rt: &SubscriberRuntime, messages: &[Message], result: Result<(), Error>) {
+    let cfg = &rt.cfg;
     let outcome = match &result {
         Ok(()) => Outcome::Ok,
         Err(e) => match e.interrupt() {
@@ -598,36 +689,31 @@ async fn run_handler(rt: Arc<SubscriberRuntime>, msg: Message) {
         Outcome::Failed { kind, .. } => Some(*kind),
         _ => None,
     };
-    rt.counters.handled(label);
-    if let (Err(e), Some(_)) = (&result, label) {
+    if let (Err(e), Some(_), Some(first)) = (&result, label, messages.first()) {
         tracing::error!(
-            subscriber = %cfg.name, topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
-            kind = e.label(), error = %e, "handler failed"
+            subscriber = %cfg.name, topic = first.topic(), partition = first.partition(), offset = first.offset(),
+            batch = messages.len(), kind = e.label(), error = %e, "handler failed"
         );
     }
-    rt.observe(|| Event::Handled {
-        subscriber: cfg.name.clone(),
-        tp: msg.topic_partition().clone(),
-        offset: msg.offset(),
-        payload: String::from_utf8_lossy(msg.payload()).into_owned(),
-        outcome: outcome.clone(),
-    });
-    match outcome {
-        Outcome::Interrupted(s) => {
-            let _ = msg.settle(s, SettledBy::Interrupt);
+    let settle = match outcome {
+        Outcome::Interrupted(s) => Some((s, SettledBy::Interrupt)),
+        Outcome::Ok => cfg.policy.after_handler(true).map(|s| (s, SettledBy::Policy)),
+        Outcome::Failed { .. } => cfg.policy.after_handler(false).map(|s| (s, SettledBy::Policy)),
+    };
+    for msg in messages {
+        rt.counters.handled(label);
+        rt.observe(|| Event::Handled {
+            subscriber: cfg.name.clone(),
+            tp: msg.topic_partition().clone(),
+            offset: msg.offset(),
+            payload: String::from_utf8_lossy(msg.payload()).into_owned(),
+            outcome: outcome.clone(),
+        });
+        if let Some((s, by)) = settle {
+            let _ = msg.settle(s, by);
         }
-        Outcome::Ok => {
-            if let Some(s) = cfg.policy.after_handler(true) {
-                let _ = msg.settle(s, SettledBy::Policy);
-            }
-        }
-        Outcome::Failed { .. } => {
-            if let Some(s) = cfg.policy.after_handler(false) {
-                let _ = msg.settle(s, SettledBy::Policy);
-            }
-        }
+        msg.finished();
     }
-    msg.finished();
 }
 
 /// SPEC 3.11: the result is published (and acknowledged) before the incoming message is settled.

@@ -29,16 +29,32 @@ impl StateMap {
     }
 }
 
-/// What an extractor sees: the message and its subscriber's shared state.
+/// What an extractor sees: the message (or batch) and its subscriber's shared state.
 pub struct Context<'a> {
+    /// The message; in a batch, the first one.
     pub(crate) message: &'a Message,
+    /// Every message of the call: the batch, or just `message`.
+    pub(crate) batch: &'a [Message],
     pub(crate) state: &'a StateMap,
 }
 
-impl Context<'_> {
-    /// The message being handled.
+impl<'a> Context<'a> {
+    pub(crate) fn single(message: &'a Message, state: &'a StateMap) -> Self {
+        Context {
+            message,
+            batch: std::slice::from_ref(message),
+            state,
+        }
+    }
+
+    /// The message being handled (in a batch, the first one; use [`Batch`] for all of them).
     pub fn message(&self) -> &Message {
         self.message
+    }
+
+    /// Every message of this handler call: one, or the whole batch of a batch subscriber.
+    pub fn batch(&self) -> &[Message] {
+        self.batch
     }
 
     /// A decode error for this message's subscriber.
@@ -164,5 +180,58 @@ impl<T: Clone + Send + Sync + 'static> FromMessage for State<T> {
             .get::<T>()
             .map(State)
             .ok_or_else(|| Error::handler(MissingState(std::any::type_name::<T>())))
+    }
+}
+
+/// Every message of a batch subscriber's call, each extracted as `T` (SPEC 3.10).
+///
+/// `Batch<String>` or `Batch<Json<T>>` decodes every payload (one failure makes the call a decode error);
+/// `Batch<Message>` gives the handles, to settle messages one by one or all at once.
+///
+/// ```
+/// use ferrostream::{Batch, Message};
+/// async fn handler(Batch(bodies): Batch<String>, messages: Batch<Message>) {
+///     for (body, msg) in bodies.iter().zip(&messages.0) {
+///         if body.is_empty() {
+///             let _ = msg.reject().await; // just this one
+///         }
+///     }
+///     messages.ack_all().await; // the rest
+/// }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Batch<T>(pub Vec<T>);
+
+impl<T: FromMessage> FromMessage for Batch<T> {
+    fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
+        cx.batch
+            .iter()
+            .map(|m| T::from_message(&Context::single(m, cx.state)))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Batch)
+    }
+}
+
+impl Batch<Message> {
+    /// Acks every message of the batch not settled yet; returns how many this call settled.
+    pub async fn ack_all(&self) -> usize {
+        self.settle_all(crate::Settle::Ack)
+    }
+
+    /// Nacks every message of the batch not settled yet (they are delivered again).
+    pub async fn nack_all(&self) -> usize {
+        self.settle_all(crate::Settle::NACK)
+    }
+
+    /// Rejects every message of the batch not settled yet.
+    pub async fn reject_all(&self) -> usize {
+        self.settle_all(crate::Settle::Reject)
+    }
+
+    fn settle_all(&self, settle: crate::Settle) -> usize {
+        self.0
+            .iter()
+            .filter(|m| m.settle(settle, crate::SettledBy::User).took_effect())
+            .count()
     }
 }

@@ -66,7 +66,7 @@ pub use error::{
     AckMessage, BoxError, BrokerError, ConfigError, DecodeError, Error, ErrorKind, NackMessage, RejectMessage,
     StartError,
 };
-pub use extract::{Json, Key, State};
+pub use extract::{Batch, Json, Key, State};
 pub use handler::{Handler, HandlerReturn, IntoPayload};
 pub use message::{CORRELATION_ID, Headers, Message, SettledBy};
 pub use metrics::{Metrics, SubscriberMetrics};

@@ -18,6 +18,13 @@ pub enum OffsetReset {
     Latest,
 }
 
+/// Batch mode settings (SPEC 3.10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BatchConfig {
+    pub(crate) max_records: usize,
+    pub(crate) timeout: Duration,
+}
+
 /// A subscriber's settings, as declared.
 #[derive(Debug, Clone)]
 pub(crate) struct SubscriberConfig {
@@ -33,6 +40,7 @@ pub(crate) struct SubscriberConfig {
     pub(crate) commit_sync_each: bool,
     pub(crate) drain_timeout: Duration,
     pub(crate) publish_to: Vec<String>,
+    pub(crate) batch: Option<BatchConfig>,
 }
 
 /// A subscriber's settings after validation.
@@ -50,6 +58,7 @@ pub(crate) struct ResolvedSubscriber {
     pub(crate) drain_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) publish_to: Vec<String>,
+    pub(crate) batch: Option<BatchConfig>,
 }
 
 impl SubscriberConfig {
@@ -67,6 +76,7 @@ impl SubscriberConfig {
             commit_sync_each: false,
             drain_timeout: Duration::from_secs(10),
             publish_to: Vec::new(),
+            batch: None,
         }
     }
 
@@ -111,6 +121,9 @@ impl SubscriberConfig {
         if self.commit_every == 0 {
             return Err(invalid("commit_every must be at least 1"));
         }
+        if self.batch.is_some_and(|b| b.max_records == 0) {
+            return Err(invalid("batch max_records must be at least 1"));
+        }
         if self.commit_interval.is_zero() {
             return Err(invalid(
                 "commit_interval must be positive; use commit_sync_each() to commit every settle",
@@ -129,6 +142,7 @@ impl SubscriberConfig {
             drain_timeout: self.drain_timeout,
             shutdown_timeout: Duration::from_secs(30),
             publish_to: self.publish_to.clone(),
+            batch: self.batch,
         })
     }
 }
@@ -228,6 +242,25 @@ impl SubscriberBuilder {
     /// How long a revoked partition's in-flight messages may run before it is released (default 10 s).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// Batch subscriber (SPEC 3.10): the handler receives up to `max_records` messages at once (take them
+    /// with [`Batch<T>`](crate::Batch)), waiting up to `timeout` for a batch to fill. One batch runs at a
+    /// time; the handler's outcome settles every message it did not settle itself.
+    ///
+    /// ```
+    /// # let broker = ferrostream::Broker::new("memory://").unwrap();
+    /// use std::time::Duration;
+    /// use ferrostream::Batch;
+    /// broker.subscriber("events").group_id("g").auto_commit(false)
+    ///     .batch(500, Duration::from_millis(20))
+    ///     .handle(|Batch(bodies): Batch<String>| async move {
+    ///         println!("{} events", bodies.len());
+    ///     });
+    /// ```
+    pub fn batch(mut self, max_records: usize, timeout: Duration) -> Self {
+        self.config.batch = Some(BatchConfig { max_records, timeout });
         self
     }
 
