@@ -38,10 +38,6 @@ use crate::settle::{AckPolicy, Settle};
 use crate::subscriber::{BatchConfig, ResolvedSubscriber};
 use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
 
-/// A partition's queue is paused at the transport above this many buffered records.
-const PAUSE_ABOVE: usize = 4096;
-/// ...and resumed below this many.
-const RESUME_BELOW: usize = 1024;
 /// Wait before retrying a failed commit.
 const COMMIT_RETRY: Duration = Duration::from_millis(200);
 
@@ -269,6 +265,7 @@ impl<T: ConsumerTransport> Engine<T> {
     fn on_records(&mut self, records: Vec<Record>) {
         let ack_first = self.policy() == AckPolicy::AckFirst;
         let mut settled_now = 0;
+        let mut touched: Vec<TopicPartition> = Vec::new();
         for rec in records {
             let Some(part) = self.parts.get_mut(&rec.tp) else {
                 continue; // not ours (revoked meanwhile)
@@ -305,14 +302,14 @@ impl<T: ConsumerTransport> Engine<T> {
                 }
                 Delivery::Settled | Delivery::Stale => continue,
             }
-            part.queue.push_back(rec);
-            if part.queue.len() > PAUSE_ABOVE && !part.paused {
-                part.paused = true;
-                let tp = part.queue.back().map(|r| r.tp.clone());
-                if let Some(tp) = tp {
-                    self.transport.pause(&tp);
-                }
+            if part.queue.len() >= self.rt.cfg.max_buffered && !part.paused {
+                touched.push(rec.tp.clone());
             }
+            part.queue.push_back(rec);
+            self.rt.counters.buffered(part.queue.len());
+        }
+        for tp in touched {
+            self.flow_control(&tp);
         }
         if settled_now > 0 {
             self.note_settles(settled_now, true);
@@ -376,10 +373,35 @@ impl<T: ConsumerTransport> Engine<T> {
             let msg = Message::new(rec, self.rt.cfg.name.clone(), sink, pre);
             tokio::spawn(run_handler(self.rt.clone(), msg));
         }
-        if part.paused && part.queue.len() < RESUME_BELOW {
-            part.paused = false;
-            self.transport.resume(tp);
+        if part.paused {
+            self.flow_control(tp);
         }
+    }
+
+    /// Bounded memory (SPEC 3.6): a partition whose queue reaches `max_buffered` records waiting behind its
+    /// in-flight limit stops fetching; it fetches again once the queue is down to a quarter of that.
+    fn flow_control(&mut self, tp: &TopicPartition) {
+        let max = self.rt.cfg.max_buffered;
+        let Some(part) = self.parts.get_mut(tp) else { return };
+        let buffered = part.queue.len();
+        self.rt.counters.buffered(buffered);
+        let paused = if !part.paused && buffered >= max {
+            self.transport.pause(tp);
+            true
+        } else if part.paused && buffered <= max / 4 {
+            self.transport.resume(tp);
+            false
+        } else {
+            return;
+        };
+        part.paused = paused;
+        tracing::debug!(subscriber = %self.rt.cfg.name, %tp, buffered, paused, "flow control");
+        self.rt.observe(|| Event::FlowControl {
+            subscriber: self.rt.cfg.name.clone(),
+            tp: tp.clone(),
+            paused,
+            buffered,
+        });
     }
 
     /// Batch mode (SPEC 3.10): one batch in flight at a time, so per-partition order holds; a batch
@@ -435,9 +457,9 @@ impl<T: ConsumerTransport> Engine<T> {
                 let pre = (self.rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
                 messages.push(Message::new(rec, self.rt.cfg.name.clone(), sink, pre));
             }
-            if part.paused && part.queue.len() < RESUME_BELOW {
-                part.paused = false;
-                self.transport.resume(&tp);
+            let paused = part.paused;
+            if paused {
+                self.flow_control(&tp);
             }
             if messages.len() == batch.max_records {
                 break;

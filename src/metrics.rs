@@ -18,9 +18,14 @@ pub(crate) struct Counters {
     rejects: AtomicU64,
     commits: AtomicU64,
     commit_errors: AtomicU64,
+    buffered_high_water: AtomicU64,
 }
 
 impl Counters {
+    pub(crate) fn buffered(&self, n: usize) {
+        self.buffered_high_water.fetch_max(n as u64, Relaxed);
+    }
+
     pub(crate) fn handled(&self, error_label: Option<&str>) {
         self.handled.fetch_add(1, Relaxed);
         match error_label {
@@ -57,6 +62,7 @@ impl Counters {
             rejects: self.rejects.load(Relaxed),
             commits: self.commits.load(Relaxed),
             commit_errors: self.commit_errors.load(Relaxed),
+            buffered_high_water: self.buffered_high_water.load(Relaxed),
         }
     }
 }
@@ -85,6 +91,8 @@ pub struct SubscriberMetrics {
     pub commits: u64,
     /// Commits that failed (and were retried).
     pub commit_errors: u64,
+    /// The most records ever seen waiting in one partition's queue when fetching was checked.
+    pub buffered_high_water: u64,
 }
 
 /// Counters of every subscriber of a broker, by subscriber name.

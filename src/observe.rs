@@ -74,6 +74,18 @@ pub enum Event {
         /// Who made it.
         by: SettledBy,
     },
+    /// Fetching of a partition stopped (`paused`) because `buffered` records wait behind its in-flight
+    /// limit, or started again.
+    FlowControl {
+        /// Subscriber name.
+        subscriber: Arc<str>,
+        /// Partition.
+        tp: TopicPartition,
+        /// True when fetching stopped, false when it resumed.
+        paused: bool,
+        /// Records waiting in the partition's queue.
+        buffered: usize,
+    },
     /// The broker acknowledged a commit: `offset` is the next offset the group will read.
     Committed {
         /// Subscriber name.
@@ -93,6 +105,7 @@ impl Event {
             | Event::Revoked { subscriber, .. }
             | Event::Handled { subscriber, .. }
             | Event::Settled { subscriber, .. }
+            | Event::FlowControl { subscriber, .. }
             | Event::Committed { subscriber, .. } => subscriber,
         }
     }

@@ -35,6 +35,7 @@ pub(crate) struct SubscriberConfig {
     pub(crate) ack_policy: Option<AckPolicy>,
     pub(crate) auto_offset_reset: OffsetReset,
     pub(crate) max_in_flight: usize,
+    pub(crate) max_buffered: usize,
     pub(crate) commit_interval: Duration,
     pub(crate) commit_every: usize,
     pub(crate) commit_sync_each: bool,
@@ -52,6 +53,7 @@ pub(crate) struct ResolvedSubscriber {
     pub(crate) policy: AckPolicy,
     pub(crate) auto_offset_reset: OffsetReset,
     pub(crate) max_in_flight: usize,
+    pub(crate) max_buffered: usize,
     pub(crate) commit_interval: Duration,
     pub(crate) commit_every: usize,
     pub(crate) commit_sync_each: bool,
@@ -71,6 +73,7 @@ impl SubscriberConfig {
             ack_policy: None,
             auto_offset_reset: OffsetReset::default(),
             max_in_flight: 1,
+            max_buffered: 4096,
             commit_interval: Duration::from_millis(100),
             commit_every: 2000,
             commit_sync_each: false,
@@ -118,6 +121,9 @@ impl SubscriberConfig {
         if self.max_in_flight == 0 {
             return Err(invalid("max_in_flight must be at least 1"));
         }
+        if self.max_buffered < 4 {
+            return Err(invalid("max_buffered must be at least 4"));
+        }
         if self.commit_every == 0 {
             return Err(invalid("commit_every must be at least 1"));
         }
@@ -136,6 +142,7 @@ impl SubscriberConfig {
             policy,
             auto_offset_reset: self.auto_offset_reset,
             max_in_flight: self.max_in_flight,
+            max_buffered: self.max_buffered,
             commit_interval: self.commit_interval,
             commit_every: self.commit_every,
             commit_sync_each: self.commit_sync_each,
@@ -217,6 +224,13 @@ impl SubscriberBuilder {
     /// key never run concurrently and start in offset order; messages without a key are sequential.
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.config.max_in_flight = n;
+        self
+    }
+
+    /// How many fetched records may wait per partition behind its in-flight limit before fetching of that
+    /// partition pauses (default 4096); it resumes at a quarter of that. Bounds memory on a backlog.
+    pub fn max_buffered(mut self, records: usize) -> Self {
+        self.config.max_buffered = records;
         self
     }
 

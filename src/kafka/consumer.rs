@@ -29,12 +29,15 @@ use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
 const POLL_WAIT: Duration = Duration::from_millis(100);
 /// Records handed to the engine per batch, at most.
 const BATCH_MAX: usize = 1024;
+/// Batches the poll thread may run ahead of the engine. Small, so records the engine has not taken stay
+/// in librdkafka, where pausing a partition stops them: this bounds memory on a backlog (SPEC 3.6).
+const CHANNEL_BATCHES: usize = 2;
 /// How long teardown (final commit, leaving the group) may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
 
 struct Ctx {
     name: Arc<str>,
-    events: mpsc::UnboundedSender<ConsumerEvent>,
+    events: mpsc::Sender<ConsumerEvent>,
     /// Set once the engine has made its final commit: later revocations need no drain.
     closing: Arc<AtomicBool>,
     revoke_wait: Duration,
@@ -53,7 +56,11 @@ impl ConsumerContext for Ctx {
         let reply = Box::new(move |commits: Commits| {
             let _ = tx.send(commits);
         });
-        if self.events.send(ConsumerEvent::Revoked { partitions, reply }).is_err() {
+        if self
+            .events
+            .blocking_send(ConsumerEvent::Revoked { partitions, reply })
+            .is_err()
+        {
             return; // the engine is gone: nothing to drain
         }
         match rx.recv_timeout(self.revoke_wait) {
@@ -71,7 +78,7 @@ impl ConsumerContext for Ctx {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let _ = self.events.send(ConsumerEvent::Assigned(partitions_of(tpl)));
+            let _ = self.events.blocking_send(ConsumerEvent::Assigned(partitions_of(tpl)));
         }
     }
 }
@@ -102,7 +109,7 @@ fn single(tp: &TopicPartition) -> TopicPartitionList {
 pub(crate) struct KafkaConsumer {
     name: Arc<str>,
     consumer: Arc<BaseConsumer<Ctx>>,
-    events: mpsc::UnboundedReceiver<ConsumerEvent>,
+    events: mpsc::Receiver<ConsumerEvent>,
     closing: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread_done: oneshot::Receiver<()>,
@@ -118,7 +125,7 @@ impl KafkaConsumer {
                 format!("ferrostream-private-{}-{}-{nanos}", cfg.name, std::process::id())
             }
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
         let closing = Arc::new(AtomicBool::new(false));
         let ctx = Ctx {
             name: cfg.name.clone(),
@@ -163,7 +170,7 @@ impl KafkaConsumer {
 struct PollThread {
     name: Arc<str>,
     consumer: Arc<BaseConsumer<Ctx>>,
-    events: mpsc::UnboundedSender<ConsumerEvent>,
+    events: mpsc::Sender<ConsumerEvent>,
     stop: Arc<AtomicBool>,
 }
 
@@ -191,7 +198,7 @@ impl PollThread {
                     None => break,
                 }
             }
-            if self.events.send(ConsumerEvent::Records(batch)).is_err() {
+            if self.events.blocking_send(ConsumerEvent::Records(batch)).is_err() {
                 break;
             }
         }

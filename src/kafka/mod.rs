@@ -12,6 +12,11 @@
 //! | `enable.idempotence` | `true` | no duplicates from producer retries |
 //! | `acks` | `all` | `publish` resolves once every in-sync replica has the record |
 //! | `linger.ms` | `1` | a lone publish is not held back; concurrent ones still batch |
+//!
+//! Memory on a backlog: ferrostream pauses a partition once `max_buffered` records wait in its queue, but
+//! librdkafka prefetches on its own too (`queued.min.messages`, default 100000 per partition, and up to
+//! `max.partition.fetch.bytes` per fetch). Lower those to bound memory harder:
+//! `kafka://host:9092?consumer.queued.min.messages=1000`.
 
 mod consumer;
 
@@ -68,7 +73,8 @@ impl KafkaConfig {
         }
     }
 
-    /// Parses `kafka://host:port[,host:port][?setting=value&...]`; settings apply to every client.
+    /// Parses `kafka://host:port[,host:port][?setting=value&...]`. A setting applies to every client, or
+    /// to consumers only with a `consumer.` prefix, or to the producer only with a `producer.` prefix.
     pub(crate) fn from_url(url: &str, rest: &str) -> Result<Self, ConfigError> {
         let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
         if hosts.is_empty() || hosts.split(',').any(|h| !h.contains(':')) {
@@ -85,7 +91,11 @@ impl KafkaConfig {
                     reason: format!("`{kv}` is not a setting=value pair"),
                 });
             };
-            config = config.set(k, v);
+            config = match (k.strip_prefix("consumer."), k.strip_prefix("producer.")) {
+                (Some(k), _) => config.set_consumer(k, v),
+                (_, Some(k)) => config.set_producer(k, v),
+                _ => config.set(k, v),
+            };
         }
         Ok(config)
     }
