@@ -1,0 +1,90 @@
+//! Fault injection on Kafka with librdkafka's in-process mock cluster: broker errors that a real broker
+//! rarely produces on demand. These add to the real-broker suite; they never replace it.
+#![cfg(feature = "kafka")]
+
+mod common;
+
+use std::time::Duration;
+
+use ferrostream::{AckPolicy, Broker, OffsetReset, Settle, SettledBy, TopicPartition};
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_commits_are_counted_and_retried_until_the_offset_lands() {
+    common::init_tracing();
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("orders", 1, 1).expect("topic");
+    let broker = Broker::new(&format!("kafka://{}", cluster.bootstrap_servers())).unwrap();
+    for i in 0..20 {
+        broker.publish(format!("m{i}"), "orders").partition(0).await.unwrap();
+    }
+    // The first three commit requests fail; later ones succeed.
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3],
+    );
+    broker
+        .subscriber("orders")
+        .name("orders")
+        .group_id("g")
+        .auto_commit(false)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .commit_interval(Duration::from_millis(20))
+        .handle(|_: String| async {});
+    let observer = broker.observer();
+    let app = common::start(&broker).await;
+    let tp = TopicPartition::new("orders", 0);
+    observer.wait_committed("orders", &tp, 20, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    let metrics = broker.metrics().get("orders");
+    assert!(metrics.commit_errors >= 1, "failed commits are counted: {metrics:?}");
+    assert_eq!(
+        observer.handled("orders").len(),
+        20,
+        "a failed commit redelivers nothing by itself"
+    );
+    assert_eq!(
+        broker.committed_offsets("g", "orders").await.unwrap().get(&0),
+        Some(&20)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_result_publish_leaves_the_message_unsettled_until_it_succeeds() {
+    common::init_tracing();
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("in", 1, 1).expect("topic");
+    cluster.create_topic("out", 1, 1).expect("topic");
+    let broker = Broker::new(&format!("kafka://{}", cluster.bootstrap_servers())).unwrap();
+    broker.publish("order-1", "in").await.unwrap();
+    broker
+        .subscriber("in")
+        .name("in")
+        .group_id("g")
+        .ack_policy(AckPolicy::NackOnError)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .publish_to("out")
+        .handle(|body: String| async move { format!("processed {body}") });
+    // The result's first produce request is refused for good (not retriable by the producer).
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    let observer = broker.observer();
+    let app = common::start(&broker).await;
+    let settled = observer.wait_settled("in", 2, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    // SPEC 3.11: publishing happens before the settle, so a failed publish is a handler error (nack under
+    // NackOnError), and the message comes back until its result is published.
+    assert_eq!(
+        settled.iter().map(|s| (s.settle, s.by)).collect::<Vec<_>>(),
+        vec![(Settle::NACK, SettledBy::Policy), (Settle::Ack, SettledBy::Policy)]
+    );
+    assert_eq!(
+        broker.end_offsets("out").await.unwrap().get(&0),
+        Some(&1),
+        "exactly one result published"
+    );
+    assert_eq!(broker.committed_offsets("g", "in").await.unwrap().get(&0), Some(&1));
+}
