@@ -38,6 +38,8 @@ use crate::settle::{AckPolicy, Settle};
 use crate::subscriber::{BatchConfig, ResolvedSubscriber};
 use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
 
+/// `AckFirst` settles and commits the queue in runs of this many records, at most two runs ahead.
+const ACK_FIRST_RUN: usize = 512;
 /// Wait before retrying a failed commit.
 const COMMIT_RETRY: Duration = Duration::from_millis(200);
 
@@ -88,6 +90,8 @@ struct Partition {
     /// After a delayed nack: dispatch nothing before this instant.
     hold_until: Option<Instant>,
     paused: bool,
+    /// `AckFirst`: how many records at the front of `queue` are already settled (committed ahead).
+    ack_first_ahead: usize,
 }
 
 impl Partition {
@@ -100,6 +104,7 @@ impl Partition {
             rewind_to: None,
             hold_until: None,
             paused: false,
+            ack_first_ahead: 0,
         }
     }
 }
@@ -263,8 +268,6 @@ impl<T: ConsumerTransport> Engine<T> {
     }
 
     fn on_records(&mut self, records: Vec<Record>) {
-        let ack_first = self.policy() == AckPolicy::AckFirst;
-        let mut settled_now = 0;
         let mut touched: Vec<TopicPartition> = Vec::new();
         for rec in records {
             let Some(part) = self.parts.get_mut(&rec.tp) else {
@@ -281,20 +284,7 @@ impl<T: ConsumerTransport> Engine<T> {
                 continue;
             };
             match offsets.deliver(rec.offset) {
-                Delivery::Fresh => {
-                    if ack_first {
-                        offsets.settle(rec.offset);
-                        settled_now += 1;
-                        self.rt.counters.settled(Settle::Ack);
-                        self.rt.observe(|| Event::Settled {
-                            subscriber: self.rt.cfg.name.clone(),
-                            tp: rec.tp.clone(),
-                            offset: rec.offset,
-                            settle: Settle::Ack,
-                            by: SettledBy::Receipt,
-                        });
-                    }
-                }
+                Delivery::Fresh => {}
                 Delivery::Unsettled => {
                     if part.in_flight.contains_key(&rec.offset) {
                         continue; // still running; its own settle decides
@@ -311,8 +301,40 @@ impl<T: ConsumerTransport> Engine<T> {
         for tp in touched {
             self.flow_control(&tp);
         }
-        if settled_now > 0 {
-            self.note_settles(settled_now, true);
+    }
+
+    /// `AckFirst` (SPEC 3.4): settles (and asks to commit) the queue in runs of `ACK_FIRST_RUN` records,
+    /// at most two runs ahead of dispatch: the run being handled and the next one, whose commit is in
+    /// flight meanwhile. A crash loses at most those two runs (plus what is in flight), never more, and
+    /// nothing is dispatched before its commit is confirmed.
+    fn ack_first_advance(&mut self, tp: &TopicPartition) {
+        if self.policy() != AckPolicy::AckFirst {
+            return;
+        }
+        let Some(part) = self.parts.get_mut(tp) else { return };
+        let Some(offsets) = self.tracker.partition(tp) else {
+            return;
+        };
+        let mut settled = 0;
+        while part.ack_first_ahead <= ACK_FIRST_RUN && part.ack_first_ahead < part.queue.len() {
+            let start = part.ack_first_ahead;
+            let end = part.queue.len().min(start + ACK_FIRST_RUN);
+            for rec in part.queue.range(start..end) {
+                offsets.settle(rec.offset);
+                self.rt.counters.settled(Settle::Ack);
+                self.rt.observe(|| Event::Settled {
+                    subscriber: self.rt.cfg.name.clone(),
+                    tp: rec.tp.clone(),
+                    offset: rec.offset,
+                    settle: Settle::Ack,
+                    by: SettledBy::Receipt,
+                });
+            }
+            settled += end - start;
+            part.ack_first_ahead = end;
+        }
+        if settled > 0 {
+            self.note_settles(settled, true);
         }
     }
 
@@ -339,6 +361,7 @@ impl<T: ConsumerTransport> Engine<T> {
     }
 
     fn dispatch_partition(&mut self, tp: &TopicPartition, now: Instant) {
+        self.ack_first_advance(tp);
         let max = self.rt.cfg.max_in_flight;
         let ack_first = self.policy() == AckPolicy::AckFirst && self.commits_enabled;
         let confirmed = self.tracker.confirmed(tp);
@@ -363,6 +386,7 @@ impl<T: ConsumerTransport> Engine<T> {
                 continue;
             }
             let Some(rec) = part.queue.remove(i) else { break };
+            part.ack_first_ahead = part.ack_first_ahead.saturating_sub(1);
             part.in_flight.insert(rec.offset, rec.key.clone());
             part.busy_keys.insert(rec.key.clone());
             let sink = SettleSink {
@@ -410,6 +434,15 @@ impl<T: ConsumerTransport> Engine<T> {
         if self.parts.values().any(|p| !p.in_flight.is_empty()) {
             return;
         }
+        let waiting: Vec<TopicPartition> = self
+            .parts
+            .iter()
+            .filter(|(_, p)| !p.queue.is_empty())
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in &waiting {
+            self.ack_first_advance(tp);
+        }
         let now = Instant::now();
         let ack_first = self.policy() == AckPolicy::AckFirst && self.commits_enabled;
         // How many records of each partition may go now: held partitions none; under AckFirst only
@@ -448,6 +481,7 @@ impl<T: ConsumerTransport> Engine<T> {
             let Some(part) = self.parts.get_mut(&tp) else { continue };
             part.hold_until = None;
             let take = n.min(batch.max_records - messages.len());
+            part.ack_first_ahead = part.ack_first_ahead.saturating_sub(take);
             for rec in part.queue.drain(..take) {
                 part.in_flight.insert(rec.offset, rec.key.clone());
                 let sink = SettleSink {
@@ -608,6 +642,7 @@ impl<T: ConsumerTransport> Engine<T> {
         for tp in tps {
             if let Some(p) = self.parts.get_mut(tp) {
                 p.queue.clear();
+                p.ack_first_ahead = 0;
             }
         }
         let deadline = Instant::now() + timeout;

@@ -1,0 +1,838 @@
+//! SPEC 3.9, crash safety, against a real Kafka-protocol broker: a consumer process is killed with
+//! SIGKILL (`kill -9`) in the middle of a stream, twice, and restarted each time.
+//!
+//! What the tests prove, for a topic of 20 000 messages on 2 partitions consumed by one group:
+//! - `NackOnError` (at least once): every message acknowledged by the broker on produce is handled
+//!   successfully at least once across the three consumer lives, and the messages handled twice per kill
+//!   stay within what the commit cadence allows (SPEC 3.5: what was handled since the last commit that
+//!   reached the broker, plus the handlers in flight). The bound is derived from the measured handling
+//!   rate, not a magic number.
+//! - `AckFirst` / `auto_commit(true)` (at most once, SPEC 3.4): no message is ever handed to a handler of
+//!   the group twice, even though the consumer dies at an arbitrary moment; the messages lost to the kills
+//!   are counted and reported.
+//!
+//! How: the consumer is the ignored test [`crash_child_consumer`], which the parent test re-executes from
+//! its own binary (`std::env::current_exe()`). The child appends `partition offset payload` to a file
+//! inside the handler, in one `O_APPEND` write, before returning `Ok`: a line means "handled successfully",
+//! and a line written before the kill survives it (it is in the kernel, not in a process buffer). The
+//! parent watches the file (it is another process, so polling the file is the synchronisation), kills the
+//! child when the group has handled about 1/3 and then 2/3 of the stream (measured as the highest handled
+//! offset of each partition, so at most once's lost stretches count as passed), and reads the verdict from
+//! the file and the broker's committed offsets. A third life runs until every message is handled
+//! (`NackOnError`), or until the group committed the end and the child, owning its partitions, is idle
+//! (`AckFirst`: a life may find everything committed already and handle nothing; then it is killed idle).
+//!
+//! Run: `export FERROSTREAM_TEST_BROKER=$(scripts/kafka-broker.sh start)` then
+//! `cargo test --features kafka --test kafka_crash -- --nocapture`. Without a `kafka://` broker these tests
+//! fail (they never skip silently).
+#![cfg(feature = "kafka")]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::future::IntoFuture;
+use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferrostream::{AckPolicy, App, Broker, Message, OffsetReset, State};
+
+/// Messages per test: enough that each consumer life handles thousands of them.
+const MESSAGES: usize = 20_000;
+const PARTITIONS: i32 = 2;
+/// Publishes awaited together: producing 20 000 takes a second or two, not minutes.
+const PUBLISH_CHUNK: usize = 1_000;
+/// The child's handler hashes its payload this many times: a tiny bit of steady CPU work, so the handling
+/// rate is even and each consumer life lasts long enough for the kill to land mid-stream.
+const WORK_ROUNDS: usize = 2_000;
+/// How often the parent looks at the child's output file.
+const POLL: Duration = Duration::from_millis(20);
+/// Upper limit of one consumer life (it includes joining the group, which waits for the killed member's
+/// session to expire).
+const STAGE_DEADLINE: Duration = Duration::from_secs(40);
+/// AckFirst: a child that owns its partitions is idle once no line came for this long (the verdict then
+/// waits for the committed offsets to reach the end).
+const IDLE: Duration = Duration::from_millis(500);
+/// The framework's default commit cadence (SPEC 3.5; `SubscriberBuilder::commit_interval` /
+/// `commit_every`), which the child keeps, and its default `max_in_flight`.
+const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+const DEFAULT_COMMIT_EVERY: usize = 2_000;
+const DEFAULT_MAX_IN_FLIGHT: usize = 1;
+/// One commit round trip (and scheduling slack) on top of the cadence: a commit still in flight when the
+/// process dies never reaches the broker, so the replay window is the interval plus that commit's latency.
+const COMMIT_LATENCY_ALLOWANCE: Duration = Duration::from_millis(50);
+/// The duplicate bound never goes below this, however slow the measured rate.
+const DUPLICATE_FLOOR: usize = 100;
+
+/// The child test, and how the parent tells it what to consume.
+const CHILD_TEST: &str = "crash_child_consumer";
+const ENV_BROKER: &str = "FERROSTREAM_CRASH_BROKER";
+const ENV_TOPIC: &str = "FERROSTREAM_CRASH_TOPIC";
+const ENV_GROUP: &str = "FERROSTREAM_CRASH_GROUP";
+const ENV_POLICY: &str = "FERROSTREAM_CRASH_POLICY";
+const ENV_OUT: &str = "FERROSTREAM_CRASH_OUT";
+const ENV_PARENT: &str = "FERROSTREAM_CRASH_PARENT";
+/// What the child logs once it owns partitions (`App::start` returned).
+const ASSIGNED: &str = "crash child: partitions assigned";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    NackOnError,
+    AckFirst,
+}
+
+impl Policy {
+    fn name(self) -> &'static str {
+        match self {
+            Policy::NackOnError => "nack_on_error",
+            Policy::AckFirst => "ack_first",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Policy::NackOnError, Policy::AckFirst]
+            .into_iter()
+            .find(|p| p.name() == s)
+    }
+}
+
+/// The real broker under test; anything else fails the test with instructions.
+fn kafka_url() -> String {
+    let url = std::env::var("FERROSTREAM_TEST_BROKER").unwrap_or_default();
+    assert!(
+        url.starts_with("kafka://"),
+        "the crash tests need a real Kafka-protocol broker, but FERROSTREAM_TEST_BROKER is {url:?}. Start one \
+         and run: export FERROSTREAM_TEST_BROKER=$(scripts/kafka-broker.sh start) && cargo test --features kafka \
+         --test kafka_crash -- --nocapture"
+    );
+    url
+}
+
+fn payload(i: usize) -> String {
+    format!("m{i:05}")
+}
+
+fn index_of(payload: &str) -> Option<usize> {
+    payload.strip_prefix('m')?.parse().ok().filter(|i| *i < MESSAGES)
+}
+
+// ---- the child ------------------------------------------------------------------------------------------
+
+/// The file the child appends handled messages to.
+#[derive(Clone)]
+struct HandledFile(Arc<File>);
+
+/// FNV-1a over the payload, `WORK_ROUNDS` times.
+fn busy_work(payload: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325_u64;
+    for _ in 0..WORK_ROUNDS {
+        for b in std::hint::black_box(payload) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+async fn handle(msg: Message, State(out): State<HandledFile>) -> std::io::Result<()> {
+    std::hint::black_box(busy_work(msg.payload()));
+    let line = format!(
+        "{} {} {}\n",
+        msg.partition(),
+        msg.offset(),
+        String::from_utf8_lossy(msg.payload())
+    );
+    // One write(2) on an O_APPEND file: atomic with respect to the other partition's handler, and in the
+    // kernel (so it survives SIGKILL) before the handler returns and the message can be settled.
+    (&*out.0).write_all(line.as_bytes())
+}
+
+/// The consumer process of the crash tests: the parent test starts it with `--ignored --exact` and kills it.
+/// Run by hand (`--ignored` without the parent's environment) it does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the child process of the kafka_crash tests, which start it themselves"]
+async fn crash_child_consumer() {
+    let Ok(url) = std::env::var(ENV_BROKER) else {
+        eprintln!("{CHILD_TEST}: not started by a crash test (no {ENV_BROKER}); nothing to do");
+        return;
+    };
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("the parent sets {name}"));
+    let (topic, group, out) = (var(ENV_TOPIC), var(ENV_GROUP), var(ENV_OUT));
+    let policy = Policy::parse(&var(ENV_POLICY)).expect("a known policy");
+    let parent: u32 = var(ENV_PARENT).parse().expect("the parent's pid");
+    common::init_tracing();
+
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&out)
+        .expect("open the output file");
+    let broker = Broker::new(&url)
+        .expect("child broker")
+        .with_state(HandledFile(Arc::new(file)));
+    let subscriber = broker
+        .subscriber(&topic)
+        .group_id(&group)
+        .auto_offset_reset(OffsetReset::Earliest);
+    match policy {
+        Policy::NackOnError => subscriber.ack_policy(AckPolicy::NackOnError).handle(handle),
+        Policy::AckFirst => subscriber.auto_commit(true).handle(handle),
+    }
+    let started = Instant::now();
+    let _app = App::new(broker).start().await.expect("the child consumer starts");
+    eprintln!("{ASSIGNED} after {:?}", started.elapsed());
+    // Runs until killed. Should the parent die without killing us, we are reparented: leave then.
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if std::os::unix::process::parent_id() != parent {
+            eprintln!("{CHILD_TEST}: the parent test is gone; exiting");
+            std::process::exit(3);
+        }
+    }
+}
+
+// ---- the parent ---------------------------------------------------------------------------------------
+
+/// A scratch directory, removed when the test passes and kept (and named) when it fails.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(policy: Policy) -> Self {
+        let dir = std::env::temp_dir().join(common::unique(&format!("ferrostream-crash-{}", policy.name())));
+        std::fs::create_dir_all(&dir).expect("create the scratch directory");
+        ScratchDir(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "kept {} (handled.txt and the child logs) for inspection",
+                self.0.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Where the children consume from and write to.
+struct Target {
+    url: String,
+    topic: String,
+    group: String,
+    policy: Policy,
+    out: PathBuf,
+    dir: PathBuf,
+}
+
+/// A child consumer process. Dropping it kills it, also when the test panics.
+struct ChildConsumer {
+    label: String,
+    process: Option<std::process::Child>,
+    log: PathBuf,
+    /// When the parent first saw the child's "assigned" log line.
+    assigned_at: Option<Instant>,
+}
+
+impl ChildConsumer {
+    fn spawn(label: &str, target: &Target) -> Self {
+        let log = target.dir.join(format!("{label}.log"));
+        let stdout = File::create(&log).expect("create the child log");
+        let stderr = stdout.try_clone().expect("clone the child log handle");
+        let process = Command::new(std::env::current_exe().expect("the test binary's path"))
+            .args(["--ignored", "--exact", CHILD_TEST, "--nocapture", "--test-threads", "1"])
+            .env(ENV_BROKER, &target.url)
+            .env(ENV_TOPIC, &target.topic)
+            .env(ENV_GROUP, &target.group)
+            .env(ENV_POLICY, target.policy.name())
+            .env(ENV_OUT, &target.out)
+            .env(ENV_PARENT, std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn the child consumer");
+        ChildConsumer {
+            label: label.to_owned(),
+            process: Some(process),
+            log,
+            assigned_at: None,
+        }
+    }
+
+    /// The child runs until it is killed: exiting on its own is a failure.
+    fn assert_running(&mut self) {
+        let process = self.process.as_mut().expect("not killed yet");
+        if let Some(status) = process.try_wait().expect("query the child") {
+            panic!(
+                "{} exited on its own ({status}); the end of its log:\n{}",
+                self.label,
+                log_tail(&self.log, 40)
+            );
+        }
+    }
+
+    /// When the child got its partitions, as far as the parent noticed.
+    fn assigned_at(&mut self) -> Option<Instant> {
+        if self.assigned_at.is_none() && std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains(ASSIGNED)) {
+            self.assigned_at = Some(Instant::now());
+        }
+        self.assigned_at
+    }
+
+    /// SIGKILL (what `Child::kill` sends on Unix), then reap.
+    fn kill_9(&mut self) -> ExitStatus {
+        let mut process = self.process.take().expect("killed once");
+        process.kill().expect("SIGKILL the child");
+        process.wait().expect("reap the child")
+    }
+}
+
+impl Drop for ChildConsumer {
+    fn drop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+            if std::thread::panicking() {
+                eprintln!("--- end of the log of {} ---\n{}", self.label, log_tail(&self.log, 40));
+            }
+        }
+    }
+}
+
+/// One line of the child's output: a message handled successfully.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Handled {
+    partition: i32,
+    offset: i64,
+    index: usize,
+}
+
+/// The child's output file, read incrementally.
+struct HandledLog {
+    file: File,
+    partial: Vec<u8>,
+    lines: Vec<Handled>,
+    /// How many times each message index was handled.
+    times: Vec<u32>,
+    distinct: usize,
+    /// Highest handled offset + 1, per partition: how far the group got in the stream.
+    reached: BTreeMap<i32, i64>,
+}
+
+impl HandledLog {
+    fn open(path: &Path) -> Self {
+        HandledLog {
+            file: File::open(path).expect("open the output file"),
+            partial: Vec::new(),
+            lines: Vec::new(),
+            times: vec![0; MESSAGES],
+            distinct: 0,
+            reached: BTreeMap::new(),
+        }
+    }
+
+    /// Reads what was appended since the last call; returns whether anything was.
+    fn refresh(&mut self) -> bool {
+        let before = self.lines.len();
+        self.file.read_to_end(&mut self.partial).expect("read the output file");
+        let complete = match self.partial.iter().rposition(|b| *b == b'\n') {
+            Some(i) => i + 1,
+            None => return false,
+        };
+        let chunk: Vec<u8> = self.partial.drain(..complete).collect();
+        for line in std::str::from_utf8(&chunk).expect("UTF-8 output").lines() {
+            let h = parse_line(line).unwrap_or_else(|| panic!("malformed output line {line:?}"));
+            if self.times[h.index] == 0 {
+                self.distinct += 1;
+            }
+            self.times[h.index] += 1;
+            let reached = self.reached.entry(h.partition).or_insert(0);
+            *reached = (*reached).max(h.offset + 1);
+            self.lines.push(h);
+        }
+        self.lines.len() > before
+    }
+
+    /// How far into the stream the group has handled, in messages (both partitions start at offset 0).
+    fn position(&self) -> usize {
+        self.reached.values().map(|r| *r as usize).sum()
+    }
+}
+
+fn parse_line(line: &str) -> Option<Handled> {
+    let mut fields = line.split(' ');
+    let partition = fields.next()?.parse().ok()?;
+    let offset = fields.next()?.parse().ok()?;
+    let index = index_of(fields.next()?)?;
+    fields.next().is_none().then_some(Handled {
+        partition,
+        offset,
+        index,
+    })
+}
+
+/// One consumer life, as the parent saw it.
+#[derive(Debug, Clone)]
+struct Life {
+    label: String,
+    /// Its lines are `lines[first..end]` of the output file.
+    first: usize,
+    end: usize,
+    /// From its start to its first handled message (joining the group, fetching).
+    until_first: Option<Duration>,
+    /// From its first to its last handled message, as observed by polling.
+    handling: Duration,
+    /// Killed mid-stream (false: idle when killed, or the last life).
+    killed_mid_stream: bool,
+    /// Right after its kill: how far the group had handled, and what it had committed, by partition.
+    at_kill: Option<(BTreeMap<i32, i64>, BTreeMap<i32, i64>)>,
+}
+
+impl Life {
+    fn lines(&self) -> usize {
+        self.end - self.first
+    }
+
+    /// At its kill: messages handled but not committed (what at least once replays), summed over the
+    /// partitions.
+    fn handled_not_committed(&self) -> i64 {
+        let Some((reached, committed)) = &self.at_kill else {
+            return 0;
+        };
+        (0..PARTITIONS)
+            .map(|p| (reached.get(&p).unwrap_or(&0) - committed.get(&p).unwrap_or(&0)).max(0))
+            .sum()
+    }
+
+    /// At its kill: messages this life committed but nobody handled (what at most once loses), given the
+    /// previous life's kill.
+    fn committed_not_handled(&self, previous: Option<&Life>) -> i64 {
+        let Some((reached, committed)) = &self.at_kill else {
+            return 0;
+        };
+        let before = previous.and_then(|l| l.at_kill.as_ref()).map(|(_, c)| c);
+        (0..PARTITIONS)
+            .map(|p| {
+                let from = (*reached.get(&p).unwrap_or(&0)).max(before.and_then(|c| c.get(&p).copied()).unwrap_or(0));
+                (committed.get(&p).unwrap_or(&0) - from).max(0)
+            })
+            .sum()
+    }
+
+    /// Messages handled per second while it was handling (None: too little to measure).
+    fn rate(&self) -> Option<f64> {
+        (self.lines() >= 500 && self.handling >= Duration::from_millis(50))
+            .then(|| self.lines() as f64 / self.handling.as_secs_f64())
+    }
+}
+
+/// The parent's view of one consumer life while it polls the output file.
+struct Watch {
+    started: Instant,
+    first: usize,
+    first_line_at: Option<Instant>,
+    last_line_at: Option<Instant>,
+}
+
+impl Watch {
+    fn new(log: &HandledLog) -> Self {
+        Watch {
+            started: Instant::now(),
+            first: log.lines.len(),
+            first_line_at: None,
+            last_line_at: None,
+        }
+    }
+
+    fn poll(&mut self, log: &mut HandledLog, child: &mut ChildConsumer) {
+        child.assert_running();
+        if log.refresh() {
+            let now = Instant::now();
+            self.first_line_at.get_or_insert(now);
+            self.last_line_at = Some(now);
+        }
+        assert!(
+            self.started.elapsed() < STAGE_DEADLINE,
+            "{} did not finish its stage within {STAGE_DEADLINE:?}: {} lines, {} distinct messages, stream \
+             position {}; the end of its log:\n{}",
+            child.label,
+            log.lines.len(),
+            log.distinct,
+            log.position(),
+            log_tail(&child.log, 40)
+        );
+    }
+
+    /// Whether the child owns partitions and has handled nothing for `IDLE`.
+    fn idle(&self, child: &mut ChildConsumer) -> bool {
+        child
+            .assigned_at()
+            .is_some_and(|a| self.last_line_at.map_or(a, |l| l.max(a)).elapsed() >= IDLE)
+    }
+
+    fn finish(self, log: &HandledLog, label: &str, killed_mid_stream: bool) -> Life {
+        Life {
+            label: label.to_owned(),
+            first: self.first,
+            end: log.lines.len(),
+            until_first: self.first_line_at.map(|t| t - self.started),
+            handling: match (self.first_line_at, self.last_line_at) {
+                (Some(a), Some(b)) => b - a,
+                _ => Duration::ZERO,
+            },
+            killed_mid_stream,
+            at_kill: None,
+        }
+    }
+}
+
+/// What a crash scenario leaves behind.
+struct Verdict {
+    log: HandledLog,
+    lives: Vec<Life>,
+    /// (partition, offset) of each message, as acknowledged on produce.
+    produced: Vec<(i32, i64)>,
+    end_offsets: BTreeMap<i32, i64>,
+    committed: BTreeMap<i32, i64>,
+    /// Kept until the test's assertions ran: a failing test leaves the files for inspection.
+    _dir: ScratchDir,
+}
+
+async fn produce(broker: &Broker, topic: &str) -> Vec<(i32, i64)> {
+    let mut produced = Vec::with_capacity(MESSAGES);
+    for start in (0..MESSAGES).step_by(PUBLISH_CHUNK) {
+        let end = (start + PUBLISH_CHUNK).min(MESSAGES);
+        let sends = (start..end).map(|i| {
+            broker
+                .publish(payload(i), topic)
+                .partition(i as i32 % PARTITIONS)
+                .into_future()
+        });
+        for (i, ack) in (start..).zip(futures::future::join_all(sends).await) {
+            let ack = ack.unwrap_or_else(|e| panic!("publish {} failed: {e}", payload(i)));
+            produced.push((ack.partition, ack.offset));
+        }
+    }
+    produced
+}
+
+/// Produces the stream, then runs three consumer lives of the group: killed at about 1/3 and 2/3 of the
+/// stream, the third until every message is accounted for.
+async fn crash_scenario(policy: Policy) -> Verdict {
+    let url = kafka_url();
+    common::init_tracing();
+    let broker = Broker::new(&url).unwrap_or_else(|e| panic!("cannot use test broker {url}: {e}"));
+    let topic = common::topic(&broker, &format!("crash-{}", policy.name()), PARTITIONS).await;
+    let group = common::unique("crash-group");
+    let t = Instant::now();
+    let produced = produce(&broker, &topic).await;
+    let end_offsets = broker.end_offsets(&topic).await.expect("end offsets");
+    println!(
+        "[{}] produced {MESSAGES} messages to {topic} in {:?}; end offsets {end_offsets:?}",
+        policy.name(),
+        t.elapsed()
+    );
+    assert_eq!(
+        end_offsets.values().sum::<i64>(),
+        MESSAGES as i64,
+        "a fresh topic holds just our messages"
+    );
+
+    let dir = ScratchDir::new(policy);
+    let out = dir.0.join("handled.txt");
+    File::create(&out).expect("create the output file");
+    let target = Target {
+        url,
+        topic: topic.clone(),
+        group: group.clone(),
+        policy,
+        out: out.clone(),
+        dir: dir.0.clone(),
+    };
+    let mut log = HandledLog::open(&out);
+    let mut lives = Vec::new();
+    let everything_committed = async |broker: &Broker| {
+        let committed = broker
+            .committed_offsets(&group, &topic)
+            .await
+            .expect("committed offsets");
+        (committed == end_offsets).then_some(committed)
+    };
+
+    for (n, kill_at) in [(1, MESSAGES / 3), (2, 2 * MESSAGES / 3)] {
+        let label = format!("child-{n}");
+        let mut child = ChildConsumer::spawn(&label, &target);
+        let mut watch = Watch::new(&log);
+        // AckFirst may commit (and so lose, on a kill) well ahead of what it has handled; a life that
+        // finds the whole stream already committed has nothing left to handle, and is not killed mid-stream.
+        let mut last_commit_check = Instant::now();
+        let mut mid_stream = true;
+        while log.position() < kill_at {
+            tokio::time::sleep(POLL).await;
+            watch.poll(&mut log, &mut child);
+            if policy == Policy::AckFirst
+                && last_commit_check.elapsed() >= Duration::from_millis(200)
+                && watch.idle(&mut child)
+            {
+                last_commit_check = Instant::now();
+                if everything_committed(&broker).await.is_some() {
+                    mid_stream = false;
+                    break;
+                }
+            }
+        }
+        let status = child.kill_9();
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "{label} died of the SIGKILL, not before it: {status}"
+        );
+        log.refresh();
+        let mut life = watch.finish(&log, &label, mid_stream);
+        let committed = broker
+            .committed_offsets(&group, &topic)
+            .await
+            .expect("committed offsets");
+        println!(
+            "[{}] {label}: killed (SIGKILL) {} at stream position {}/{MESSAGES}; it handled {} messages, the first \
+             {:?} after its start; handled up to {:?}, committed {committed:?}",
+            policy.name(),
+            if mid_stream {
+                "mid-stream"
+            } else {
+                "idle (all committed)"
+            },
+            log.position(),
+            life.lines(),
+            life.until_first,
+            log.reached,
+        );
+        life.at_kill = Some((log.reached.clone(), committed));
+        lives.push(life);
+    }
+
+    let label = "child-3";
+    let mut child = ChildConsumer::spawn(label, &target);
+    let mut watch = Watch::new(&log);
+    let mut last_commit_check = Instant::now();
+    let committed = loop {
+        tokio::time::sleep(POLL).await;
+        watch.poll(&mut log, &mut child);
+        let check = match policy {
+            // At least once: done when every message was handled and the group committed the end.
+            Policy::NackOnError => log.distinct == MESSAGES,
+            // At most once: done when the group committed the end and the handlers went quiet.
+            Policy::AckFirst => watch.idle(&mut child),
+        };
+        if check && last_commit_check.elapsed() >= Duration::from_millis(100) {
+            last_commit_check = Instant::now();
+            if let Some(committed) = everything_committed(&broker).await {
+                break committed;
+            }
+        }
+    };
+    drop(child);
+    log.refresh();
+    lives.push(watch.finish(&log, label, false));
+    Verdict {
+        log,
+        lives,
+        produced,
+        end_offsets,
+        committed,
+        _dir: dir,
+    }
+}
+
+/// Checks that every line names a produced message at its produced coordinates, and prints the lives.
+fn check_lines_and_report(policy: Policy, v: &Verdict) {
+    for h in &v.log.lines {
+        assert_eq!(
+            (h.partition, h.offset),
+            v.produced[h.index],
+            "the handler saw {} at the coordinates it was produced at",
+            payload(h.index)
+        );
+    }
+    for life in &v.lives {
+        println!(
+            "[{}] {}: {} messages handled in {:?} ({})",
+            policy.name(),
+            life.label,
+            life.lines(),
+            life.handling,
+            life.rate()
+                .map_or("too few to measure a rate".to_owned(), |r| format!("{r:.0} msg/s"))
+        );
+    }
+    println!(
+        "[{}] committed {:?} = end offsets {:?}",
+        policy.name(),
+        v.committed,
+        v.end_offsets
+    );
+}
+
+/// Lines of `life` whose message an earlier life had handled already.
+fn replayed_by(v: &Verdict, life: &Life) -> usize {
+    let mut earlier = vec![false; MESSAGES];
+    for h in &v.log.lines[..life.first] {
+        earlier[h.index] = true;
+    }
+    v.log.lines[life.first..life.end]
+        .iter()
+        .filter(|h| earlier[h.index])
+        .count()
+}
+
+/// Messages handled more than once within one life (no rebalance, no error: there should be none).
+fn repeated_within(v: &Verdict, life: &Life) -> Vec<usize> {
+    let mut seen = vec![false; MESSAGES];
+    let mut repeated = Vec::new();
+    for h in &v.log.lines[life.first..life.end] {
+        if std::mem::replace(&mut seen[h.index], true) {
+            repeated.push(h.index);
+        }
+    }
+    repeated
+}
+
+/// Contiguous runs of offsets, for reading which messages were lost where.
+fn runs(mut offsets: Vec<i64>) -> Vec<(i64, i64)> {
+    offsets.sort_unstable();
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    for o in offsets {
+        match out.last_mut() {
+            Some((_, end)) if *end + 1 == o => *end = o,
+            _ => out.push((o, o)),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_on_error_loses_nothing_across_kill_9() {
+    let policy = Policy::NackOnError;
+    let v = crash_scenario(policy).await;
+    check_lines_and_report(policy, &v);
+
+    let lost: Vec<String> = (0..MESSAGES).filter(|i| v.log.times[*i] == 0).map(payload).collect();
+    assert!(
+        lost.is_empty(),
+        "{} messages were never handled: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(20)]
+    );
+
+    for life in &v.lives {
+        let repeated = repeated_within(&v, life);
+        assert!(
+            repeated.is_empty(),
+            "{} handled {} messages twice within one life (no error, no rebalance), e.g. {:?}",
+            life.label,
+            repeated.len(),
+            &repeated[..repeated.len().min(20)]
+        );
+    }
+
+    // The replay window of a kill: what was handled since the last commit the broker acknowledged, i.e.
+    // one commit interval (capped by commit_every) plus the commit then in flight, plus the handlers in
+    // flight (written their line, not yet settled).
+    let rate = v.lives.iter().filter_map(Life::rate).fold(0.0_f64, f64::max);
+    let window = DEFAULT_COMMIT_INTERVAL + COMMIT_LATENCY_ALLOWANCE;
+    let per_window = ((rate * window.as_secs_f64()).ceil() as usize)
+        .min(DEFAULT_COMMIT_EVERY + (rate * COMMIT_LATENCY_ALLOWANCE.as_secs_f64()).ceil() as usize);
+    let bound = per_window.max(DUPLICATE_FLOOR) + PARTITIONS as usize * DEFAULT_MAX_IN_FLIGHT;
+    let duplicates = v.log.lines.len() - v.log.distinct;
+    println!(
+        "[{}] 0 lost; {duplicates} duplicates in {} handled lines; peak rate {rate:.0} msg/s, so at most {bound} \
+         replayed per kill ({window:?} of handling, floor {DUPLICATE_FLOOR}, + {} in flight)",
+        policy.name(),
+        v.log.lines.len(),
+        PARTITIONS as usize * DEFAULT_MAX_IN_FLIGHT
+    );
+    for (killed, next) in v.lives.iter().zip(&v.lives[1..]) {
+        let replayed = replayed_by(&v, next);
+        println!(
+            "[{}] kill of {}: {} handled but not committed; {replayed} handled again by {} (bound {bound})",
+            policy.name(),
+            killed.label,
+            killed.handled_not_committed(),
+            next.label
+        );
+        assert!(
+            replayed <= bound,
+            "the kill of {} replayed {replayed} messages, more than the commit cadence allows ({bound} at \
+             {rate:.0} msg/s)",
+            killed.label
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_first_never_hands_a_message_twice_across_kill_9() {
+    let policy = Policy::AckFirst;
+    let v = crash_scenario(policy).await;
+    check_lines_and_report(policy, &v);
+
+    let twice: Vec<String> = (0..MESSAGES)
+        .filter(|i| v.log.times[*i] > 1)
+        .map(|i| format!("{} x{}", payload(i), v.log.times[i]))
+        .collect();
+    let lost: Vec<usize> = (0..MESSAGES).filter(|i| v.log.times[*i] == 0).collect();
+    let mut lost_runs = BTreeMap::new();
+    for p in 0..PARTITIONS {
+        let offsets = lost
+            .iter()
+            .map(|i| v.produced[*i])
+            .filter(|(q, _)| *q == p)
+            .map(|(_, o)| o)
+            .collect();
+        lost_runs.insert(p, runs(offsets));
+    }
+    println!(
+        "[{}] {} duplicates; {} of {MESSAGES} lost to the kills (allowed: at most once); lost offsets by partition \
+         (first..=last): {lost_runs:?}",
+        policy.name(),
+        twice.len(),
+        lost.len()
+    );
+    for (i, life) in v.lives.iter().enumerate().filter(|(_, l)| l.at_kill.is_some()) {
+        println!(
+            "[{}] kill of {} ({}): {} messages it had committed but not handled, lost",
+            policy.name(),
+            life.label,
+            if life.killed_mid_stream { "mid-stream" } else { "idle" },
+            life.committed_not_handled(i.checked_sub(1).map(|j| &v.lives[j]))
+        );
+    }
+    assert!(
+        twice.is_empty(),
+        "{} messages were handed to the group's handlers more than once: {:?}",
+        twice.len(),
+        &twice[..twice.len().min(20)]
+    );
+    // SPEC 3.4: commits run at most two fetched runs (2 x 512 records) ahead of the handler, so a kill
+    // loses at most that much per partition, plus the message being handled.
+    const LOSS_PER_KILL: i64 = 2 * 512 + 1;
+    for (p, lost) in &lost_runs {
+        for (first, last) in lost {
+            assert!(
+                last - first < LOSS_PER_KILL,
+                "partition {p} lost offsets {first}..={last} to one kill: more than the two runs committed ahead"
+            );
+        }
+    }
+}
