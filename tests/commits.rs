@@ -1,0 +1,297 @@
+//! SPEC 3.4 and 3.5: when commits happen. `AckFirst` commits before the handler runs; `commit_sync_each`
+//! commits each settle before the next dispatch; the default cadence batches commits; `commit_every`
+//! triggers a commit before the interval ends.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferrostream::observe::Outcome;
+use ferrostream::{AckPolicy, Broker, Event, Message, Observer, OffsetReset, State, TopicPartition};
+use futures::StreamExt;
+
+/// Publishes `n` messages concurrently, spread over the topic's partitions by key.
+async fn publish_many(broker: &Broker, topic: &str, n: usize) {
+    futures::stream::iter(0..n)
+        .map(|i| {
+            broker
+                .publish(format!("m{i}"), topic)
+                .key(format!("key-{i}"))
+                .into_future()
+        })
+        .buffer_unordered(32)
+        .for_each(|r| async move {
+            r.expect("publish");
+        })
+        .await;
+}
+
+/// What each handler call saw when it started: (partition, offset, the subscriber's highest committed
+/// offset of that partition according to the observer at that moment).
+#[derive(Clone, Default)]
+struct StartLog(Arc<Mutex<Vec<Start>>>);
+
+type Start = (i32, i64, Option<i64>);
+
+/// A handler that notes, when it starts, how far the observer says its subscriber has committed.
+async fn note_committed_at_start(msg: Message, State(observer): State<Observer>, State(log): State<StartLog>) {
+    let committed = observer.committed(msg.subscriber()).get(msg.topic_partition()).copied();
+    log.0.lock().unwrap().push((msg.partition(), msg.offset(), committed));
+}
+
+fn committed_events(events: &[Event], subscriber: &str) -> Vec<(TopicPartition, i64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Committed {
+                subscriber: s,
+                tp,
+                offset,
+            } if &**s == subscriber => Some((tp.clone(), *offset)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_first_commits_before_the_handler_runs() {
+    common::init_tracing();
+    let broker = common::broker();
+    let observer = broker.observer();
+    let log = StartLog::default();
+    let broker = broker.with_state(observer.clone()).with_state(log.clone());
+    let topic = common::topic(&broker, "commits-ack-first", 2).await;
+    let group = common::unique("g");
+    broker
+        .subscriber(&topic)
+        .name("at-most-once")
+        .group_id(&group)
+        .ack_policy(AckPolicy::AckFirst)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .handle(note_committed_at_start);
+    let app = common::start(&broker).await;
+    publish_many(&broker, &topic, 200).await;
+    let end = broker.end_offsets(&topic).await.unwrap();
+    assert_eq!(end.len(), 2);
+    assert!(end.values().all(|o| *o > 0), "both partitions got messages: {end:?}");
+    observer.wait_handled("at-most-once", 200, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+
+    // From the ordered log: each handler call comes after a commit past its message.
+    let events = observer.events();
+    let mut committed: HashMap<&TopicPartition, i64> = HashMap::new();
+    let mut violations = Vec::new();
+    let mut handled = Vec::new();
+    for e in &events {
+        match e {
+            Event::Committed { subscriber, tp, offset } if &**subscriber == "at-most-once" => {
+                let c = committed.entry(tp).or_insert(*offset);
+                *c = (*c).max(*offset);
+            }
+            Event::Handled {
+                subscriber,
+                tp,
+                offset,
+                outcome,
+                ..
+            } if &**subscriber == "at-most-once" => {
+                assert_eq!(*outcome, Outcome::Ok);
+                handled.push((tp.partition, *offset));
+                let c = committed.get(tp).copied();
+                if c.is_none_or(|c| c <= *offset) {
+                    violations.push(format!("{tp}@{offset} handled when the commit was only at {c:?}"));
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(violations, Vec::<String>::new());
+    // ...and already when it started, not only by the time it ended.
+    let early: Vec<_> = log
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, offset, c)| c.is_none_or(|c| c <= *offset))
+        .copied()
+        .collect();
+    assert_eq!(
+        early,
+        Vec::new(),
+        "handlers that started before their commit was confirmed"
+    );
+
+    let unique: BTreeSet<_> = handled.iter().copied().collect();
+    let expected: BTreeSet<_> = end.iter().flat_map(|(p, o)| (0..*o).map(move |o| (*p, o))).collect();
+    assert_eq!(handled.len(), 200, "each message handled once");
+    assert_eq!(unique, expected);
+    assert_eq!(broker.committed_offsets(&group, &topic).await.unwrap(), end);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_sync_each_commits_every_settle_before_the_next_dispatch() {
+    common::init_tracing();
+    let broker = common::broker();
+    let observer = broker.observer();
+    let log = StartLog::default();
+    let broker = broker.with_state(observer.clone()).with_state(log.clone());
+    let topic = common::topic(&broker, "commits-sync-each", 1).await;
+    let group = common::unique("g");
+    // Everything is there before the consumer starts: only the commits can hold the dispatch back.
+    for i in 0..20 {
+        broker.publish(format!("m{i}"), &topic).await.unwrap();
+    }
+    broker
+        .subscriber(&topic)
+        .name("sync-each")
+        .group_id(&group)
+        .auto_commit(false)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .commit_sync_each()
+        .handle(note_committed_at_start);
+    let app = common::start(&broker).await;
+    let tp = TopicPartition::new(topic.as_str(), 0);
+    observer
+        .wait_committed("sync-each", &tp, 20, common::WAIT)
+        .await
+        .unwrap();
+
+    let events = observer.events();
+    let mut committed: Option<i64> = None;
+    let mut handled = Vec::new();
+    let mut violations = Vec::new();
+    for e in &events {
+        match e {
+            Event::Committed { subscriber, offset, .. } if &**subscriber == "sync-each" => {
+                committed = committed.max(Some(*offset));
+            }
+            Event::Handled {
+                subscriber,
+                offset,
+                outcome,
+                ..
+            } if &**subscriber == "sync-each" => {
+                assert_eq!(*outcome, Outcome::Ok);
+                handled.push(*offset);
+                if *offset > 0 && committed.is_none_or(|c| c < *offset) {
+                    violations.push(format!(
+                        "offset {offset} handled when the commit was only at {committed:?}"
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(violations, Vec::<String>::new());
+    assert_eq!(handled, (0..20).collect::<Vec<_>>(), "each message once, in order");
+    // Each settle got its own commit, in order, before the shutdown.
+    let commits: Vec<i64> = committed_events(&events, "sync-each").iter().map(|(_, o)| *o).collect();
+    assert_eq!(commits, (1..=20).collect::<Vec<_>>(), "one commit per settle");
+    // The stronger form: when message i started, the settle of i - 1 was already committed.
+    let starts = log.0.lock().unwrap().clone();
+    let expected: Vec<_> = (0..20).map(|i| (0, i, (i > 0).then_some(i))).collect();
+    assert_eq!(
+        starts, expected,
+        "(partition, offset, committed when the handler started)"
+    );
+    app.shutdown().await.unwrap();
+    assert_eq!(
+        broker.committed_offsets(&group, &topic).await.unwrap(),
+        broker.end_offsets(&topic).await.unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_cadence_batches_commits() {
+    const MESSAGES: usize = 2000;
+    common::init_tracing();
+    let broker = common::broker();
+    let observer = broker.observer();
+    let topic = common::topic(&broker, "commits-cadence", 1).await;
+    let group = common::unique("g");
+    publish_many(&broker, &topic, MESSAGES).await;
+    broker
+        .subscriber(&topic)
+        .name("cadence")
+        .group_id(&group)
+        .auto_commit(false)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .handle(|_: String| async {});
+    let app = common::start(&broker).await;
+    let tp = TopicPartition::new(topic.as_str(), 0);
+    observer
+        .wait_committed("cadence", &tp, MESSAGES as i64, common::WAIT)
+        .await
+        .unwrap();
+    let commits = committed_events(&observer.events(), "cadence");
+    app.shutdown().await.unwrap();
+
+    println!(
+        "{} commits for {MESSAGES} settles: {:?}",
+        commits.len(),
+        commits.iter().map(|(_, o)| *o).collect::<Vec<_>>()
+    );
+    assert!(
+        commits.len() < 200,
+        "{} commits for {MESSAGES} messages: commits are batched",
+        commits.len()
+    );
+    let offsets: Vec<i64> = commits.iter().map(|(_, o)| *o).collect();
+    assert!(offsets.is_sorted(), "commits land in order: {offsets:?}");
+    assert_eq!(observer.handled("cadence").len(), MESSAGES, "each message handled once");
+    assert_eq!(
+        broker.committed_offsets(&group, &topic).await.unwrap().get(&0),
+        Some(&(MESSAGES as i64))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_every_triggers_before_the_interval() {
+    common::init_tracing();
+    let broker = common::broker();
+    let observer = broker.observer();
+    let topic = common::topic(&broker, "commits-every", 1).await;
+    let group = common::unique("g");
+    broker
+        .subscriber(&topic)
+        .name("every-10")
+        .group_id(&group)
+        .auto_commit(false)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .commit_interval(Duration::from_secs(3600))
+        .commit_every(10)
+        .handle(|_: String| async {});
+    let app = common::start(&broker).await;
+    let tp = TopicPartition::new(topic.as_str(), 0);
+    // The interval is an hour, so only the count can trigger these commits. Ten rounds of ten messages:
+    // each round's tenth settle must trigger a commit of the round, with nothing else to commit. (Publishing
+    // all 100 at once would let settles that arrive while a commit is in flight join the next batch, and a
+    // final batch of fewer than ten settles would then rightly wait for the interval.)
+    for round in 1..=10i64 {
+        for i in 0..10 {
+            broker.publish(format!("r{round}-m{i}"), &topic).await.expect("publish");
+        }
+        if let Err(e) = observer.wait_committed("every-10", &tp, 10 * round, common::WAIT).await {
+            let commits = committed_events(&observer.events(), "every-10");
+            let settled = observer.settled("every-10").len();
+            app.shutdown().await.unwrap();
+            panic!("{e}; {settled} settles; commits so far: {commits:?}");
+        }
+    }
+    let commits: Vec<i64> = committed_events(&observer.events(), "every-10")
+        .into_iter()
+        .map(|(_, o)| o)
+        .collect();
+    app.shutdown().await.unwrap();
+    assert_eq!(
+        commits,
+        (1..=10).map(|r| 10 * r).collect::<Vec<_>>(),
+        "one commit per ten settles, before the shutdown"
+    );
+    assert_eq!(
+        broker.committed_offsets(&group, &topic).await.unwrap().get(&0),
+        Some(&100)
+    );
+}
