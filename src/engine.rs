@@ -9,8 +9,12 @@
 //!   a key) never run at once and start in offset order;
 //! - `AckFirst` records are settled on receipt and dispatched only once the broker confirmed a commit
 //!   past them (at most once, for real);
-//! - a nack drops the queued records at and after the nacked offset and seeks the partition back to it;
-//!   records still arriving from before the seek are dropped until the nacked offset comes back;
+//! - a nack puts the nacked record back in its partition's queue, in offset order (SPEC 3.2): it is
+//!   delivered again before every later record of its lane, and nothing at or after it is committed until
+//!   it is settled. The engine holds every received, unsettled record (queued, in flight, or in the
+//!   handle that nacks it), so redelivery needs no seek and no re-fetch: on Kafka a seek would wait for the
+//!   long-polling fetch already at the broker (`fetch.wait.max.ms`) before the record could come back.
+//!   After a rebalance or a restart the next owner resumes from the committed offset, at or before it;
 //! - settles of a previous assignment of a partition (older generation) are ignored;
 //! - at most one commit is in flight, so commits land in order.
 
@@ -40,6 +44,8 @@ use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
 
 /// `AckFirst` settles and commits the queue in runs of this many records, at most two runs ahead.
 const ACK_FIRST_RUN: usize = 512;
+/// The least time between a nack and the redelivery of its message.
+const REDELIVERY_FLOOR: Duration = Duration::from_millis(10);
 /// Wait before retrying a failed commit.
 const COMMIT_RETRY: Duration = Duration::from_millis(200);
 
@@ -52,6 +58,8 @@ pub(crate) enum EngineEvent {
         offset: i64,
         settle: Settle,
         by: SettledBy,
+        /// For a nack: the record, to deliver again.
+        redeliver: Option<Box<Record>>,
     },
     Finished {
         tp: TopicPartition,
@@ -85,8 +93,6 @@ struct Partition {
     in_flight: HashMap<i64, Option<Bytes>>,
     /// Keys (None = no key) with a record in flight.
     busy_keys: HashSet<Option<Bytes>>,
-    /// After a seek back: drop arriving records until this offset arrives.
-    rewind_to: Option<i64>,
     /// After a delayed nack: dispatch nothing before this instant.
     hold_until: Option<Instant>,
     paused: bool,
@@ -101,7 +107,6 @@ impl Partition {
             queue: VecDeque::new(),
             in_flight: HashMap::new(),
             busy_keys: HashSet::new(),
-            rewind_to: None,
             hold_until: None,
             paused: false,
             ack_first_ahead: 0,
@@ -273,13 +278,6 @@ impl<T: ConsumerTransport> Engine<T> {
             let Some(part) = self.parts.get_mut(&rec.tp) else {
                 continue; // not ours (revoked meanwhile)
             };
-            if let Some(r) = part.rewind_to {
-                tracing::trace!(tp = %rec.tp, offset = rec.offset, rewind_to = r, "record while rewinding");
-                if rec.offset != r {
-                    continue; // fetched before the seek back
-                }
-                part.rewind_to = None;
-            }
             let Some(offsets) = self.tracker.partition(&rec.tp) else {
                 continue;
             };
@@ -519,6 +517,7 @@ impl<T: ConsumerTransport> Engine<T> {
                 offset,
                 settle,
                 by,
+                redeliver,
             } => {
                 self.rt.counters.settled(settle);
                 self.rt.observe(|| Event::Settled {
@@ -539,27 +538,29 @@ impl<T: ConsumerTransport> Engine<T> {
                         }
                         self.note_settles(1, false);
                     }
-                    Settle::Nack { delay } => self.rewind(&tp, offset, delay),
+                    Settle::Nack { delay } => {
+                        if let Some(record) = redeliver {
+                            self.redeliver(*record, delay);
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// SPEC 3.2: nothing at or after `offset` is committed until it is settled; deliver it again.
-    fn rewind(&mut self, tp: &TopicPartition, offset: i64, delay: Option<Duration>) {
-        let Some(part) = self.parts.get_mut(tp) else { return };
-        tracing::debug!(subscriber = %self.rt.cfg.name, %tp, offset, ?delay, "nack: rewinding");
-        part.queue.retain(|r| r.offset < offset);
-        if part.rewind_to.is_none_or(|r| offset < r) {
-            part.rewind_to = Some(offset);
-            if let Err(e) = self.transport.seek(tp, offset) {
-                tracing::error!(subscriber = %self.rt.cfg.name, %tp, offset, error = %e, "seek after nack failed");
-            }
+    /// SPEC 3.2: nothing at or after the nacked offset is committed until it is settled (the tracker keeps
+    /// it unsettled); it is delivered again from the queue, before the later records of its lane.
+    fn redeliver(&mut self, record: Record, delay: Option<Duration>) {
+        let Some(part) = self.parts.get_mut(&record.tp) else {
+            return;
+        };
+        let at = part.queue.partition_point(|r| r.offset < record.offset);
+        if part.queue.get(at).is_none_or(|r| r.offset != record.offset) {
+            part.queue.insert(at, record);
         }
-        if let Some(d) = delay {
-            let until = Instant::now() + d;
-            part.hold_until = Some(part.hold_until.map_or(until, |h| h.max(until)));
-        }
+        // A floor on every redelivery: no configuration can make a failing message loop hot (SPEC 3.12).
+        let until = Instant::now() + delay.unwrap_or_default().max(REDELIVERY_FLOOR);
+        part.hold_until = Some(part.hold_until.map_or(until, |h| h.max(until)));
     }
 
     fn on_tick(&mut self) {
@@ -639,39 +640,53 @@ impl<T: ConsumerTransport> Engine<T> {
     /// Stops dispatching `tps`, waits for their in-flight handlers up to the drain timeout, and returns
     /// the final offsets to commit for them (SPEC 3.7).
     async fn drain(&mut self, tps: &[TopicPartition], timeout: Duration) -> Commits {
+        // Unsettled queued records are simply not dispatched: they stay uncommitted and the next owner
+        // (or the next run) gets them. Under AckFirst the records committed ahead are already settled:
+        // dropping them would lose them without a crash, so they are still handled, up to the deadline.
+        let ack_first = self.policy() == AckPolicy::AckFirst;
         for tp in tps {
             if let Some(p) = self.parts.get_mut(tp) {
-                p.queue.clear();
-                p.ack_first_ahead = 0;
+                let keep = if ack_first { p.ack_first_ahead } else { 0 };
+                p.queue.truncate(keep);
             }
         }
         let deadline = Instant::now() + timeout;
         loop {
-            let busy = tps
-                .iter()
-                .any(|tp| self.parts.get(tp).is_some_and(|p| !p.in_flight.is_empty()));
+            if ack_first {
+                let now = Instant::now();
+                for tp in tps {
+                    self.dispatch_partition(tp, now);
+                }
+                self.maybe_commit();
+            }
+            let busy = tps.iter().any(|tp| {
+                self.parts
+                    .get(tp)
+                    .is_some_and(|p| !p.in_flight.is_empty() || (ack_first && !p.queue.is_empty()))
+            });
             if !busy && self.commit.is_none() {
                 break;
             }
+            let timer = self.next_timer().map_or(deadline, |t| t.min(deadline));
             let commit = &mut self.commit;
             let rx = &mut self.events_rx;
             let step = tokio::select! {
                 biased;
                 ev = rx.recv() => match ev { Some(ev) => Step::Engine(ev), None => Step::Shutdown },
                 r = async { commit.as_mut().map(|c| c.future.as_mut()).expect("guarded").await }, if commit.is_some() => Step::Committed(r),
-                _ = tokio::time::sleep_until(deadline) => Step::Tick,
+                _ = tokio::time::sleep_until(timer) => Step::Tick,
             };
             match step {
                 Step::Engine(ev) => self.on_engine_event(ev),
                 Step::Committed(r) => self.on_commit_done(r),
+                _ if Instant::now() < deadline => self.on_tick(),
                 _ => {
-                    let left: usize = tps
+                    let (running, queued) = tps
                         .iter()
                         .filter_map(|tp| self.parts.get(tp))
-                        .map(|p| p.in_flight.len())
-                        .sum();
-                    tracing::warn!(subscriber = %self.rt.cfg.name, in_flight = left,
-                        "drain deadline passed; in-flight messages stay uncommitted and will be redelivered");
+                        .fold((0, 0), |(r, q), p| (r + p.in_flight.len(), q + p.queue.len()));
+                    tracing::warn!(subscriber = %self.rt.cfg.name, in_flight = running, queued,
+                        "drain deadline passed; unsettled messages stay uncommitted and will be redelivered");
                     break;
                 }
             }

@@ -3,7 +3,7 @@
 //! Event-driven services on message brokers: write async handlers, subscribe them to topics, and let the
 //! framework consume, decode, dispatch, publish results and settle each message (ack / nack / reject)
 //! exactly as the chosen [`AckPolicy`] says. Kafka semantics first: offsets are committed only past
-//! settled messages (see [`offset`]), nacks seek back, at-most-once really commits before handling.
+//! settled messages (see [`offset`]), a nack redelivers from the nacked offset, at-most-once really commits before handling.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]

@@ -191,6 +191,7 @@ impl Message {
             offset: r.offset,
             settle,
             by,
+            redeliver: matches!(settle, Settle::Nack { .. }).then(|| Box::new(r.clone())),
         });
         SettleOutcome::Settled(settle)
     }

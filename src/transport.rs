@@ -38,10 +38,6 @@ pub(crate) trait ConsumerTransport: Send + 'static {
     /// `None` means the transport has failed for good or was closed.
     fn next(&mut self) -> impl Future<Output = Option<ConsumerEvent>> + Send;
 
-    /// Makes `offset` the next record delivered for the partition. Records fetched before the seek may
-    /// still arrive; the engine filters them.
-    fn seek(&mut self, tp: &TopicPartition, offset: i64) -> Result<(), BrokerError>;
-
     /// Stops fetching a partition (records already fetched may still arrive).
     fn pause(&mut self, tp: &TopicPartition);
 

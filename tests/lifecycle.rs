@@ -333,3 +333,46 @@ async fn the_consumer_keeps_running_after_a_panic_and_a_decode_error() {
         Some(&3)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_first_shutdown_still_handles_every_message_it_committed() {
+    // AckFirst commits up to two runs ahead of the handler. A graceful shutdown (unlike a crash) must not
+    // lose them: everything committed has been handled once the app has stopped.
+    common::init_tracing();
+    let broker = common::broker();
+    let topic = common::topic(&broker, "ackfirst-shutdown", 1).await;
+    let group = common::unique("g");
+    let acks = broker
+        .publish_batch((0..2000).map(|i| broker.publish(format!("m{i}"), &topic).partition(0)))
+        .await;
+    assert!(acks.iter().all(Result::is_ok));
+    broker
+        .subscriber(&topic)
+        .name("amo")
+        .group_id(&group)
+        .ack_policy(ferrostream::AckPolicy::AckFirst)
+        .auto_offset_reset(ferrostream::OffsetReset::Earliest)
+        .handle(|_: String| async { tokio::time::sleep(Duration::from_millis(1)).await });
+    let observer = broker.observer();
+    let app = common::start(&broker).await;
+    observer.wait_handled("amo", 100, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    let committed = broker
+        .committed_offsets(&group, &topic)
+        .await
+        .unwrap()
+        .get(&0)
+        .copied()
+        .unwrap_or(0);
+    let handled: Vec<i64> = observer.handled("amo").iter().map(|h| h.1).collect();
+    println!("committed {committed}, handled {}", handled.len());
+    assert!(
+        committed > 100,
+        "stopped mid-stream with commits ahead of the handler: {committed}"
+    );
+    assert_eq!(
+        handled,
+        (0..committed).collect::<Vec<_>>(),
+        "every committed message handled exactly once"
+    );
+}

@@ -278,3 +278,28 @@ async fn nack_after_redelivers_no_earlier_than_the_delay() {
     let gap = t[1] - t[0];
     assert!(gap >= DELAY, "redelivered after {gap:?}, before the {DELAY:?} delay");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_always_failing_message_is_not_redelivered_in_a_hot_loop() {
+    // Every redelivery waits at least 10 ms (the engine's floor), whatever the configuration.
+    const FLOOR: Duration = Duration::from_millis(10);
+    const ATTEMPTS: usize = 20;
+    let (broker, topic, _group, app) = setup(AckPolicy::NackOnError, |_: String| async {
+        Err::<(), _>(std::io::Error::other("always fails"))
+    })
+    .await;
+    let observer = broker.observer();
+    broker.publish("poison", &topic).await.unwrap();
+    let first = observer.wait_handled("sub", 1, common::WAIT).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let started = Instant::now();
+    observer.wait_handled("sub", ATTEMPTS, common::WAIT).await.unwrap();
+    let elapsed = started.elapsed();
+    app.shutdown().await.unwrap();
+    let rate = (ATTEMPTS - 1) as f64 / elapsed.as_secs_f64();
+    println!("{} redeliveries in {elapsed:?}: {rate:.0}/s", ATTEMPTS - 1);
+    assert!(
+        elapsed >= FLOOR * (ATTEMPTS as u32 - 1),
+        "redelivered {rate:.0} times a second"
+    );
+}

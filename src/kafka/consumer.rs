@@ -238,14 +238,6 @@ impl ConsumerTransport for KafkaConsumer {
         self.events.recv().await
     }
 
-    fn seek(&mut self, tp: &TopicPartition, offset: i64) -> Result<(), BrokerError> {
-        // Asynchronous seek: records fetched before it may still arrive; the engine drops them until the
-        // sought offset comes back.
-        self.consumer
-            .seek(&tp.topic, tp.partition, Offset::Offset(offset), Duration::ZERO)
-            .map_err(|e| client_error("seek", e))
-    }
-
     fn pause(&mut self, tp: &TopicPartition) {
         if let Err(e) = self.consumer.pause(&single(tp)) {
             tracing::warn!(subscriber = %self.name, %tp, error = %e, "pause failed");

@@ -4,7 +4,7 @@
 //! put it); consumer groups keep committed offsets; members get partitions by the range assignor, with an
 //! eager rebalance whenever a member joins or leaves: every member's partitions are revoked (each member
 //! drains and commits first), then the new assignment starts from the committed offsets or the reset
-//! policy. Seek, pause and resume behave as on Kafka. Commits from a member that no longer owns a
+//! policy. Pause and resume behave as on Kafka. Commits from a member that no longer owns a
 //! partition are refused, as Kafka refuses commits of a stale generation.
 
 mod murmur;
@@ -415,19 +415,6 @@ impl ConsumerTransport for MemoryConsumer {
             if let Some(c) = control {
                 return c.map(|c| self.apply(c));
             }
-        }
-    }
-
-    fn seek(&mut self, tp: &TopicPartition, offset: i64) -> Result<(), BrokerError> {
-        match self.cursors.get_mut(tp) {
-            Some(c) => {
-                c.position = offset;
-                Ok(())
-            }
-            None => Err(BrokerError::Client {
-                op: "seek",
-                source: format!("{tp} is not assigned").into(),
-            }),
         }
     }
 
