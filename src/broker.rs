@@ -257,7 +257,13 @@ impl Broker {
         let (ready_tx, ready_rx) = oneshot::channel();
         let task = match &self.inner.backend {
             Backend::Memory(m) => {
-                let consumer = m.join(rt.cfg.group_id.as_deref(), &rt.cfg.topic, rt.cfg.auto_offset_reset);
+                let cfg = &rt.cfg;
+                let consumer = m.join(
+                    cfg.group_id.as_deref(),
+                    &cfg.topic,
+                    cfg.auto_offset_reset,
+                    cfg.drain_timeout,
+                );
                 tokio::spawn(Engine::new(consumer, rt, shutdown, ready_tx).run())
             }
             #[cfg(feature = "kafka")]

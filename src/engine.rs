@@ -205,8 +205,12 @@ impl<T: ConsumerTransport> Engine<T> {
     fn next_timer(&self) -> Option<Instant> {
         let holds = self.parts.values().filter_map(|p| p.hold_until);
         let commit = if self.commit.is_none() { self.commit_due } else { None };
+        // A batch can only start when none is running and no synchronous commit is pending; while one of
+        // those lasts, its completion (an engine event or the commit) wakes the loop instead.
+        let batch_blocked = self.parts.values().any(|p| !p.in_flight.is_empty())
+            || (self.rt.cfg.commit_sync_each && (self.commit.is_some() || self.commit_due.is_some()));
         let batch = match (self.rt.cfg.batch, self.batch_since) {
-            (Some(b), Some(since)) => Some(since + b.timeout),
+            (Some(b), Some(since)) if !batch_blocked => Some(since + b.timeout),
             _ => None,
         };
         holds.chain(commit).chain(batch).min()
@@ -243,6 +247,9 @@ impl<T: ConsumerTransport> Engine<T> {
                     self.next_generation += 1;
                     self.parts.insert(tp.clone(), Partition::new(self.next_generation));
                     self.tracker.assign(tp.clone());
+                    // librdkafka keeps an application pause across unassign/assign: a partition paused by
+                    // flow control before a rebalance would otherwise never fetch again.
+                    self.transport.resume(tp);
                 }
                 tracing::info!(subscriber = %self.rt.cfg.name, partitions = ?tps, "partitions assigned");
                 self.rt.observe(|| Event::Assigned {
@@ -653,12 +660,17 @@ impl<T: ConsumerTransport> Engine<T> {
         let deadline = Instant::now() + timeout;
         loop {
             if ack_first {
-                let now = Instant::now();
-                for tp in tps {
-                    self.dispatch_partition(tp, now);
+                match self.rt.cfg.batch {
+                    Some(batch) => self.dispatch_batch(batch),
+                    None => {
+                        let now = Instant::now();
+                        for tp in tps {
+                            self.dispatch_partition(tp, now);
+                        }
+                    }
                 }
-                self.maybe_commit();
             }
+            self.maybe_commit();
             let busy = tps.iter().any(|tp| {
                 self.parts
                     .get(tp)
@@ -691,7 +703,25 @@ impl<T: ConsumerTransport> Engine<T> {
                 }
             }
         }
-        self.tracker.watermarks(tps)
+        let mut commits = self.tracker.watermarks(tps);
+        if ack_first {
+            // Records whose commit-ahead was never confirmed and that no handler saw: leave them to the
+            // next owner rather than commit them now.
+            for (tp, offset) in &mut commits {
+                let confirmed = self.tracker.confirmed(tp);
+                let unseen = self.parts.get(tp).and_then(|p| {
+                    p.queue
+                        .iter()
+                        .map(|r| r.offset)
+                        .find(|o| confirmed.is_none_or(|c| *o >= c))
+                });
+                if let Some(first) = unseen {
+                    *offset = (*offset).min(first);
+                }
+            }
+            commits.retain(|(tp, o)| self.tracker.confirmed(tp).is_none_or(|c| *o > c));
+        }
+        commits
     }
 
     async fn shutdown(mut self) {

@@ -87,3 +87,64 @@ async fn a_backlog_behind_a_blocked_handler_pauses_fetching_and_stays_bounded() 
         .any(|e| matches!(e, Event::FlowControl { paused: false, .. }));
     assert!(resumed, "fetching resumed once the queue drained");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_before_a_rebalance_fetches_again_after_it() {
+    // librdkafka keeps an application-level pause across unassign/assign; the engine must not inherit it.
+    common::init_tracing();
+    const PER_PARTITION: usize = 1500;
+    let gate = Gate(Arc::new(Semaphore::new(0)));
+    let broker = common::broker().with_state(gate.clone());
+    let topic = common::topic(&broker, "flow-rebalance", 2).await;
+    for p in 0..2 {
+        let acks = broker
+            .publish_batch((0..PER_PARTITION).map(|i| broker.publish(format!("m{i}"), &topic).partition(p)))
+            .await;
+        assert!(acks.iter().all(Result::is_ok));
+    }
+    let group = common::unique("g");
+    let member = |name: &str| {
+        broker
+            .subscriber(&topic)
+            .name(name)
+            .group_id(&group)
+            .auto_commit(false)
+            .auto_offset_reset(OffsetReset::Earliest)
+            .max_buffered(100)
+            .drain_timeout(std::time::Duration::from_millis(500))
+    };
+    member("first").handle(|State(Gate(gate)): State<Gate>| async move {
+        let _permit = gate.acquire().await.expect("gate open");
+    });
+    let observer = broker.observer();
+    let first = common::start(&broker).await;
+    observer
+        .wait_until("the first member paused", common::WAIT, |events| {
+            events
+                .iter()
+                .any(|e| matches!(e, Event::FlowControl { paused: true, .. }))
+                .then_some(())
+        })
+        .await
+        .unwrap();
+    // A second member joins: every partition of the first is revoked (its blocked handler misses the
+    // drain deadline) and handed out again.
+    member("second").handle(|State(Gate(gate)): State<Gate>| async move {
+        let _permit = gate.acquire().await.expect("gate open");
+    });
+    let second = common::start(&broker).await;
+    gate.0.add_permits(10 * PER_PARTITION);
+    for p in 0..2 {
+        let tp = TopicPartition::new(topic.as_str(), p);
+        observer
+            .wait_until(&format!("{tp} committed to the end"), common::WAIT, |_| {
+                let c = observer.committed("first").get(&tp).copied().unwrap_or(0);
+                let d = observer.committed("second").get(&tp).copied().unwrap_or(0);
+                (c.max(d) >= PER_PARTITION as i64).then_some(())
+            })
+            .await
+            .unwrap();
+    }
+    second.shutdown().await.unwrap();
+    first.shutdown().await.unwrap();
+}

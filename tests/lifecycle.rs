@@ -376,3 +376,60 @@ async fn ack_first_shutdown_still_handles_every_message_it_committed() {
         "every committed message handled exactly once"
     );
 }
+
+/// CPU time (user + system) this process has used so far, from /proc (Linux).
+fn process_cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_on_shutdown_waits_without_spinning() {
+    // A drain waits for in-flight handlers; it must sleep while it waits, not spin on an expired timer.
+    common::init_tracing();
+    let broker = common::broker();
+    let topic = common::topic(&broker, "drain-idle", 1).await;
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel::<()>();
+    broker
+        .subscriber(&topic)
+        .name("slow")
+        .group_id(common::unique("g"))
+        .auto_commit(false)
+        .auto_offset_reset(ferrostream::OffsetReset::Earliest)
+        .handle(move |body: String| {
+            let started = started_tx.clone();
+            async move {
+                if body == "slow" {
+                    let _ = started.send(());
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                }
+            }
+        });
+    let observer = broker.observer();
+    let app = common::start(&broker).await;
+    broker.publish("fast", &topic).await.unwrap();
+    broker.publish("slow", &topic).await.unwrap();
+    // The fast one is acked (a commit becomes due 100 ms later); the slow one is running.
+    observer.wait_settled("slow", 1, common::WAIT).await.unwrap();
+    tokio::time::timeout(common::WAIT, started_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let cpu_before = process_cpu_time();
+    let wall = Instant::now();
+    app.shutdown().await.unwrap();
+    let (cpu, wall) = (process_cpu_time() - cpu_before, wall.elapsed());
+    println!("shutdown took {wall:?} of wall time and {cpu:?} of CPU");
+    assert!(
+        wall >= Duration::from_millis(1000),
+        "the drain waited for the slow handler"
+    );
+    assert!(
+        cpu < wall / 3,
+        "the drain used {cpu:?} of CPU in {wall:?}: it spun instead of waiting"
+    );
+}

@@ -24,8 +24,8 @@ use crate::publish::{Outgoing, PublishAck};
 use crate::subscriber::OffsetReset;
 use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
 
-/// How long a rebalance waits for a member to drain and answer a revocation.
-const REVOKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a rebalance waits for a member beyond the member's own drain timeout.
+const REVOKE_GRACE: Duration = Duration::from_secs(5);
 /// Records handed to the engine per fetch, per partition.
 const FETCH_MAX: usize = 512;
 
@@ -50,6 +50,8 @@ enum Control {
 struct Member {
     topic: Arc<str>,
     reset: OffsetReset,
+    /// How long the member may take to drain a revocation.
+    drain_timeout: Duration,
     control: mpsc::UnboundedSender<Control>,
     owned: Vec<TopicPartition>,
 }
@@ -174,7 +176,13 @@ impl MemoryBroker {
     }
 
     /// Joins `group` (a private one when `None`) as a member consuming `topic`.
-    pub(crate) fn join(&self, group: Option<&str>, topic: &str, reset: OffsetReset) -> MemoryConsumer {
+    pub(crate) fn join(
+        &self,
+        group: Option<&str>,
+        topic: &str,
+        reset: OffsetReset,
+        drain_timeout: Duration,
+    ) -> MemoryConsumer {
         let member = self.shared.next_member.fetch_add(1, Ordering::Relaxed);
         let group = group.map_or_else(|| format!("__private-{member}"), str::to_owned);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -188,6 +196,7 @@ impl MemoryBroker {
                 Member {
                     topic: topic_name(topic),
                     reset,
+                    drain_timeout,
                     control: tx,
                     owned: Vec::new(),
                 },
@@ -237,7 +246,7 @@ async fn rebalance(shared: Arc<Shared>, group: String) {
 
     // A member keeps owning its partitions until it answers the revocation (or goes away), so a member
     // that is closing meanwhile can still make its final commit.
-    let pending: Vec<(u64, oneshot::Receiver<Commits>)> = {
+    let pending: Vec<(u64, Duration, oneshot::Receiver<Commits>)> = {
         let mut st = lock(&shared);
         let Some(g) = st.groups.get_mut(&group) else { return };
         g.members
@@ -245,16 +254,17 @@ async fn rebalance(shared: Arc<Shared>, group: String) {
             .filter(|(_, m)| !m.owned.is_empty())
             .filter_map(|(id, m)| {
                 let (tx, rx) = oneshot::channel();
+                let wait = m.drain_timeout + REVOKE_GRACE;
                 m.control
                     .send(Control::Revoke(m.owned.clone(), tx))
                     .ok()
-                    .map(|_| (*id, rx))
+                    .map(|_| (*id, wait, rx))
             })
             .collect()
     };
-    for (id, rx) in pending {
+    for (id, wait, rx) in pending {
         // A member that went away answers nothing: its partitions keep their last committed offsets.
-        let answer = tokio::time::timeout(REVOKE_TIMEOUT, rx).await;
+        let answer = tokio::time::timeout(wait, rx).await;
         let mut st = lock(&shared);
         if let Some(g) = st.groups.get_mut(&group) {
             if let Ok(Ok(commits)) = answer {
