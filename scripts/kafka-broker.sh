@@ -45,12 +45,17 @@ start() {
   bin="$(nisshi_bin)"
   port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
   # No initial rebalance delay: every test uses a fresh group, and 3 s per join adds up.
-  (cd "$STATE" && nohup "$bin" broker \
+  # A plain background command (no wrapping subshell), so $! is the broker itself and nothing keeps this
+  # script's stdout open: callers capture the URL with $(...).
+  cd "$STATE"
+  nohup "$bin" broker \
       --listener-url "tcp://127.0.0.1:$port" \
       --advertised-listener-url "tcp://127.0.0.1:$port" \
       --storage-engine memory://nisshi/ \
       --group-initial-rebalance-delay 0s \
-      >"$STATE/nisshi.log" 2>&1 & echo $! >"$STATE/pid")
+      </dev/null >"$STATE/nisshi.log" 2>&1 &
+  echo $! >"$STATE/pid"
+  cd "$ROOT"
   echo "$port" >"$STATE/port"
   for _ in $(seq 1 200); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
