@@ -38,6 +38,7 @@ use crate::metrics::Counters;
 use crate::observe::{Event, Outcome};
 use crate::offset::{Delivery, OffsetTracker, TopicPartition};
 use crate::publish::Outgoing;
+use crate::retry::headers;
 use crate::settle::{AckPolicy, Settle};
 use crate::subscriber::{BatchConfig, ResolvedSubscriber};
 use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
@@ -46,6 +47,8 @@ use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
 const ACK_FIRST_RUN: usize = 512;
 /// The least time between a nack and the redelivery of its message.
 const REDELIVERY_FLOOR: Duration = Duration::from_millis(10);
+/// Wait before a message whose dead-letter publish failed comes back.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 /// Wait before retrying a failed commit.
 const COMMIT_RETRY: Duration = Duration::from_millis(200);
 
@@ -58,8 +61,18 @@ pub(crate) enum EngineEvent {
         offset: i64,
         settle: Settle,
         by: SettledBy,
-        /// For a nack: the record, to deliver again.
-        redeliver: Option<Box<Record>>,
+        /// For a nack, the record to deliver again; for a reject, the record to dead-letter.
+        record: Option<Box<Record>>,
+        /// Why (for a reject: what the dead-letter record says).
+        reason: Option<String>,
+    },
+    /// The dead-letter publish of a rejected record ended.
+    DeadLettered {
+        tp: TopicPartition,
+        generation: u64,
+        offset: i64,
+        record: Box<Record>,
+        result: Result<(), String>,
     },
     Finished {
         tp: TopicPartition,
@@ -96,6 +109,10 @@ struct Partition {
     /// After a delayed nack: dispatch nothing before this instant.
     hold_until: Option<Instant>,
     paused: bool,
+    /// Handler calls so far per offset (for retry budgets and the `Attempt` extractor).
+    attempts: HashMap<i64, u32>,
+    /// Rejected offsets whose dead-letter publish is under way: not settled until it is acknowledged.
+    dead_lettering: HashSet<i64>,
     /// `AckFirst`: how many records at the front of `queue` are already settled (committed ahead).
     ack_first_ahead: usize,
 }
@@ -109,6 +126,8 @@ impl Partition {
             busy_keys: HashSet::new(),
             hold_until: None,
             paused: false,
+            attempts: HashMap::new(),
+            dead_lettering: HashSet::new(),
             ack_first_ahead: 0,
         }
     }
@@ -371,8 +390,8 @@ impl<T: ConsumerTransport> Engine<T> {
         let ack_first = self.policy() == AckPolicy::AckFirst && self.commits_enabled;
         let confirmed = self.tracker.confirmed(tp);
         let Some(part) = self.parts.get_mut(tp) else { return };
-        if part.hold_until.is_some_and(|h| h > now) {
-            return;
+        if part.hold_until.is_some_and(|h| h > now) || !part.dead_lettering.is_empty() {
+            return; // retries are blocking: nothing passes a message being retried or dead-lettered
         }
         part.hold_until = None;
         let mut blocked: HashSet<Option<Bytes>> = HashSet::new();
@@ -399,7 +418,8 @@ impl<T: ConsumerTransport> Engine<T> {
                 generation: part.generation,
             };
             let pre = (self.rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
-            let msg = Message::new(rec, self.rt.cfg.name.clone(), sink, pre);
+            let attempt = next_attempt(&mut part.attempts, rec.offset);
+            let msg = Message::new(rec, self.rt.cfg.name.clone(), sink, pre, attempt);
             tokio::spawn(run_handler(self.rt.clone(), msg));
         }
         if part.paused {
@@ -454,7 +474,7 @@ impl<T: ConsumerTransport> Engine<T> {
         // those whose commit is confirmed.
         let mut ready: Vec<(TopicPartition, usize)> = Vec::new();
         for (tp, part) in &self.parts {
-            if part.hold_until.is_some_and(|h| h > now) {
+            if part.hold_until.is_some_and(|h| h > now) || !part.dead_lettering.is_empty() {
                 continue;
             }
             let confirmed = self.tracker.confirmed(tp);
@@ -494,7 +514,8 @@ impl<T: ConsumerTransport> Engine<T> {
                     generation: part.generation,
                 };
                 let pre = (self.rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
-                messages.push(Message::new(rec, self.rt.cfg.name.clone(), sink, pre));
+                let attempt = next_attempt(&mut part.attempts, rec.offset);
+                messages.push(Message::new(rec, self.rt.cfg.name.clone(), sink, pre, attempt));
             }
             let paused = part.paused;
             if paused {
@@ -524,7 +545,8 @@ impl<T: ConsumerTransport> Engine<T> {
                 offset,
                 settle,
                 by,
-                redeliver,
+                record,
+                reason,
             } => {
                 self.rt.counters.settled(settle);
                 self.rt.observe(|| Event::Settled {
@@ -538,21 +560,99 @@ impl<T: ConsumerTransport> Engine<T> {
                     tracing::debug!(subscriber = %self.rt.cfg.name, %tp, offset, "settle of a revoked assignment ignored");
                     return;
                 }
-                match settle {
-                    Settle::Ack | Settle::Reject => {
-                        if let Some(p) = self.tracker.partition(&tp) {
-                            p.settle(offset);
-                        }
-                        self.note_settles(1, false);
+                match (settle, record, &self.rt.cfg.dead_letter) {
+                    (Settle::Reject, Some(record), Some(_)) => self.dead_letter(generation, *record, reason),
+                    (Settle::Ack | Settle::Reject, _, _) => self.complete(&tp, offset),
+                    (Settle::Nack { delay }, Some(record), _) => self.redeliver(*record, delay),
+                    (Settle::Nack { .. }, None, _) => {}
+                }
+            }
+            EngineEvent::DeadLettered {
+                tp,
+                generation,
+                offset,
+                record,
+                result,
+            } => {
+                let Some(part) = self.parts.get_mut(&tp).filter(|p| p.generation == generation) else {
+                    return; // revoked meanwhile: the offset stayed uncommitted, the next owner retries
+                };
+                part.dead_lettering.remove(&offset);
+                match result {
+                    Ok(()) => {
+                        self.rt.observe(|| Event::DeadLettered {
+                            subscriber: self.rt.cfg.name.clone(),
+                            tp: tp.clone(),
+                            offset,
+                        });
+                        self.complete(&tp, offset);
                     }
-                    Settle::Nack { delay } => {
-                        if let Some(record) = redeliver {
-                            self.redeliver(*record, delay);
-                        }
+                    Err(e) => {
+                        tracing::error!(subscriber = %self.rt.cfg.name, %tp, offset, error = %e,
+                            "dead-letter publish failed; the message stays unsettled and comes back");
+                        self.redeliver(*record, Some(DEAD_LETTER_RETRY));
                     }
                 }
             }
         }
+    }
+
+    /// An ack, or a reject that needs no (more) dead-lettering: the offset counts as settled.
+    fn complete(&mut self, tp: &TopicPartition, offset: i64) {
+        if let Some(p) = self.tracker.partition(tp) {
+            p.settle(offset);
+        }
+        if let Some(part) = self.parts.get_mut(tp) {
+            part.attempts.remove(&offset);
+        }
+        self.note_settles(1, false);
+    }
+
+    /// SPEC 3.3: a rejected record goes to the dead-letter topic first; its offset is settled only once
+    /// the broker has acknowledged that publish.
+    fn dead_letter(&mut self, generation: u64, record: Record, reason: Option<String>) {
+        let Some(topic) = self.rt.cfg.dead_letter.clone() else {
+            return;
+        };
+        let Some(part) = self.parts.get_mut(&record.tp) else {
+            return;
+        };
+        part.dead_lettering.insert(record.offset);
+        let attempts = part.attempts.get(&record.offset).copied().unwrap_or(1);
+        let mut out = Outgoing::new(topic, record.payload.clone());
+        out.key = record.key.clone();
+        out.headers = record.headers.clone();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let cfg = &self.rt.cfg;
+        for (name, value) in [
+            (
+                headers::ERROR,
+                reason.unwrap_or_else(|| "rejected by the handler".to_owned()),
+            ),
+            (headers::ATTEMPTS, attempts.to_string()),
+            (headers::SOURCE_TOPIC, record.tp.topic.to_string()),
+            (headers::SOURCE_PARTITION, record.tp.partition.to_string()),
+            (headers::SOURCE_OFFSET, record.offset.to_string()),
+            (headers::SUBSCRIBER, cfg.name.to_string()),
+            (headers::GROUP, cfg.group_id.clone().unwrap_or_default()),
+            (headers::DEAD_LETTERED_AT, now.to_string()),
+        ] {
+            out.headers.set(name, value.into_bytes());
+        }
+        let broker = self.rt.broker.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = broker.send(out).await.map(|_| ()).map_err(|e| e.to_string());
+            let _ = events.send(EngineEvent::DeadLettered {
+                tp: record.tp.clone(),
+                generation,
+                offset: record.offset,
+                record: Box::new(record),
+                result,
+            });
+        });
     }
 
     /// SPEC 3.2: nothing at or after the nacked offset is committed until it is settled (the tracker keeps
@@ -672,9 +772,9 @@ impl<T: ConsumerTransport> Engine<T> {
             }
             self.maybe_commit();
             let busy = tps.iter().any(|tp| {
-                self.parts
-                    .get(tp)
-                    .is_some_and(|p| !p.in_flight.is_empty() || (ack_first && !p.queue.is_empty()))
+                self.parts.get(tp).is_some_and(|p| {
+                    !p.in_flight.is_empty() || !p.dead_lettering.is_empty() || (ack_first && !p.queue.is_empty())
+                })
             });
             if !busy && self.commit.is_none() {
                 break;
@@ -797,10 +897,37 @@ fn finish(rt: &SubscriberRuntime, messages: &[Message], result: Result<(), Error
             batch = messages.len(), kind = e.label(), error = %e, "handler failed"
         );
     }
-    let settle = match outcome {
-        Outcome::Interrupted(s) => Some((s, SettledBy::Interrupt)),
-        Outcome::Ok => cfg.policy.after_handler(true).map(|s| (s, SettledBy::Policy)),
-        Outcome::Failed { .. } => cfg.policy.after_handler(false).map(|s| (s, SettledBy::Policy)),
+    let (settle, reason) = match &outcome {
+        Outcome::Interrupted(s) => (
+            Some((*s, SettledBy::Interrupt)),
+            Some("rejected with RejectMessage".to_owned()),
+        ),
+        Outcome::Ok => (cfg.policy.after_handler(true).map(|s| (s, SettledBy::Policy)), None),
+        Outcome::Failed { kind, message } => {
+            let settle = match &cfg.retry {
+                // SPEC 3.12: with a retry budget, a failure is retried in place after a backoff until the
+                // budget is spent or the failure cannot succeed; then the message is rejected.
+                Some(retry) => {
+                    let attempt = messages.iter().map(Message::attempt).max().unwrap_or(1);
+                    if retry.retries(kind) && attempt < retry.max_attempts {
+                        Settle::Nack {
+                            delay: Some(retry.delay(attempt)),
+                        }
+                    } else {
+                        Settle::Reject
+                    }
+                }
+                None => match cfg.policy.after_handler(false) {
+                    Some(s) => s,
+                    None => Settle::Ack, // never used: Manual and AckFirst settle nothing here
+                },
+            };
+            let applies = cfg.retry.is_some() || cfg.policy.after_handler(false).is_some();
+            (
+                applies.then_some((settle, SettledBy::Policy)),
+                Some(format!("{kind} error: {message}")),
+            )
+        }
     };
     for msg in messages {
         rt.counters.handled(label);
@@ -812,10 +939,17 @@ fn finish(rt: &SubscriberRuntime, messages: &[Message], result: Result<(), Error
             outcome: outcome.clone(),
         });
         if let Some((s, by)) = settle {
-            let _ = msg.settle(s, by);
+            let _ = msg.settle_because(s, by, reason.clone());
         }
         msg.finished();
     }
+}
+
+/// Counts a dispatch of `offset` and returns which attempt it is.
+fn next_attempt(attempts: &mut HashMap<i64, u32>, offset: i64) -> u32 {
+    let n = attempts.entry(offset).or_insert(0);
+    *n += 1;
+    *n
 }
 
 /// SPEC 3.11: the result is published (and acknowledged) before the incoming message is settled.

@@ -136,6 +136,24 @@ impl FromMessage for Key {
     }
 }
 
+/// Which delivery of the message this is (1 the first time); see [`Message::attempt`].
+///
+/// ```
+/// async fn handler(ferrostream::Attempt(n): ferrostream::Attempt, body: String) {
+///     if n > 1 {
+///         println!("retry {n} of {body}");
+///     }
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt(pub u32);
+
+impl FromMessage for Attempt {
+    fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
+        Ok(Attempt(cx.message.attempt()))
+    }
+}
+
 /// A payload decoded from (or encoded to) JSON with serde.
 ///
 /// ```

@@ -56,6 +56,7 @@ mod metrics;
 pub mod observe;
 pub mod offset;
 mod publish;
+pub mod retry;
 mod settle;
 mod subscriber;
 mod transport;
@@ -66,12 +67,13 @@ pub use error::{
     AckMessage, BoxError, BrokerError, ConfigError, DecodeError, Error, ErrorKind, NackMessage, RejectMessage,
     StartError,
 };
-pub use extract::{Batch, Json, Key, State};
+pub use extract::{Attempt, Batch, Json, Key, State};
 pub use handler::{Handler, HandlerReturn, IntoPayload};
 pub use message::{CORRELATION_ID, Headers, Message, SettledBy};
 pub use metrics::{Metrics, SubscriberMetrics};
 pub use observe::{Event, Observer, Outcome};
 pub use offset::TopicPartition;
 pub use publish::{Publish, PublishAck};
+pub use retry::RetryPolicy;
 pub use settle::{AckPolicy, Settle, SettleOutcome};
 pub use subscriber::{OffsetReset, SubscriberBuilder};

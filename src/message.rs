@@ -100,6 +100,7 @@ pub enum SettledBy {
 struct Inner {
     record: Record,
     subscriber: Arc<str>,
+    attempt: u32,
     settled: Mutex<Option<Settle>>,
     sink: SettleSink,
 }
@@ -132,11 +133,18 @@ impl std::fmt::Debug for Message {
 }
 
 impl Message {
-    pub(crate) fn new(record: Record, subscriber: Arc<str>, sink: SettleSink, pre_settled: Option<Settle>) -> Self {
+    pub(crate) fn new(
+        record: Record,
+        subscriber: Arc<str>,
+        sink: SettleSink,
+        pre_settled: Option<Settle>,
+        attempt: u32,
+    ) -> Self {
         Message {
             inner: Arc::new(Inner {
                 record,
                 subscriber,
+                attempt,
                 settled: Mutex::new(pre_settled),
                 sink,
             }),
@@ -175,6 +183,11 @@ impl Message {
 
     /// The single place a settle takes effect: first settle wins.
     pub(crate) fn settle(&self, settle: Settle, by: SettledBy) -> SettleOutcome {
+        self.settle_because(settle, by, None)
+    }
+
+    /// Settles, saying why (for a reject: the text a dead-letter record carries).
+    pub(crate) fn settle_because(&self, settle: Settle, by: SettledBy, reason: Option<String>) -> SettleOutcome {
         {
             let mut slot = self.lock();
             if let Some(prev) = *slot {
@@ -191,7 +204,9 @@ impl Message {
             offset: r.offset,
             settle,
             by,
-            redeliver: matches!(settle, Settle::Nack { .. }).then(|| Box::new(r.clone())),
+            // Nacks need the record to deliver it again; rejects to dead-letter it.
+            record: matches!(settle, Settle::Nack { .. } | Settle::Reject).then(|| Box::new(r.clone())),
+            reason,
         });
         SettleOutcome::Settled(settle)
     }
@@ -204,6 +219,12 @@ impl Message {
             generation: self.inner.sink.generation,
             offset: r.offset,
         });
+    }
+
+    /// Which delivery of this message to this subscriber this is: 1 the first time, 2 after one
+    /// redelivery... (counted while the partition stays assigned to this member).
+    pub fn attempt(&self) -> u32 {
+        self.inner.attempt
     }
 
     /// The subscriber that received it.

@@ -74,6 +74,15 @@ pub enum Event {
         /// Who made it.
         by: SettledBy,
     },
+    /// A rejected message was published to the dead-letter topic (its offset now counts as settled).
+    DeadLettered {
+        /// Subscriber name.
+        subscriber: Arc<str>,
+        /// Partition.
+        tp: TopicPartition,
+        /// Offset.
+        offset: i64,
+    },
     /// Fetching of a partition stopped (`paused`) because `buffered` records wait behind its in-flight
     /// limit, or started again.
     FlowControl {
@@ -106,6 +115,7 @@ impl Event {
             | Event::Handled { subscriber, .. }
             | Event::Settled { subscriber, .. }
             | Event::FlowControl { subscriber, .. }
+            | Event::DeadLettered { subscriber, .. }
             | Event::Committed { subscriber, .. } => subscriber,
         }
     }

@@ -42,6 +42,8 @@ pub(crate) struct SubscriberConfig {
     pub(crate) drain_timeout: Duration,
     pub(crate) publish_to: Vec<String>,
     pub(crate) batch: Option<BatchConfig>,
+    pub(crate) retry: Option<crate::RetryPolicy>,
+    pub(crate) dead_letter: Option<String>,
 }
 
 /// A subscriber's settings after validation.
@@ -61,6 +63,8 @@ pub(crate) struct ResolvedSubscriber {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) publish_to: Vec<String>,
     pub(crate) batch: Option<BatchConfig>,
+    pub(crate) retry: Option<crate::RetryPolicy>,
+    pub(crate) dead_letter: Option<String>,
 }
 
 impl SubscriberConfig {
@@ -80,6 +84,8 @@ impl SubscriberConfig {
             drain_timeout: Duration::from_secs(10),
             publish_to: Vec::new(),
             batch: None,
+            retry: None,
+            dead_letter: None,
         }
     }
 
@@ -127,6 +133,15 @@ impl SubscriberConfig {
         if self.commit_every == 0 {
             return Err(invalid("commit_every must be at least 1"));
         }
+        if policy == AckPolicy::AckFirst && (self.retry.is_some() || self.dead_letter.is_some()) {
+            return Err(invalid(
+                "AckFirst commits before the handler runs, so it cannot retry or dead-letter: \
+                 use an at-least-once policy (e.g. `.ack_policy(AckPolicy::NackOnError)`) with `.retry(..)`",
+            ));
+        }
+        if self.retry.is_some_and(|r| r.max_attempts == 0) {
+            return Err(invalid("RetryPolicy max_attempts must be at least 1"));
+        }
         if self.batch.is_some_and(|b| b.max_records == 0) {
             return Err(invalid("batch max_records must be at least 1"));
         }
@@ -150,6 +165,8 @@ impl SubscriberConfig {
             shutdown_timeout: Duration::from_secs(30),
             publish_to: self.publish_to.clone(),
             batch: self.batch,
+            retry: self.retry,
+            dead_letter: self.dead_letter.clone(),
         })
     }
 }
@@ -275,6 +292,31 @@ impl SubscriberBuilder {
     /// ```
     pub fn batch(mut self, max_records: usize, timeout: Duration) -> Self {
         self.config.batch = Some(BatchConfig { max_records, timeout });
+        self
+    }
+
+    /// Retries failing messages in place with backoff, up to a budget; then rejects them (dead-letters
+    /// them with [`dead_letter`](Self::dead_letter)). Not for `AckFirst`.
+    ///
+    /// ```
+    /// # let broker = ferrostream::Broker::new("memory://").unwrap();
+    /// use std::time::Duration;
+    /// use ferrostream::{AckPolicy, RetryPolicy};
+    /// broker.subscriber("orders").group_id("billing").ack_policy(AckPolicy::NackOnError)
+    ///     .retry(RetryPolicy::new(5).backoff(Duration::from_millis(200), Duration::from_secs(10)))
+    ///     .dead_letter("orders.dlt")
+    ///     .handle(|_: String| async { Err::<(), _>(std::io::Error::other("payment service down")) });
+    /// ```
+    pub fn retry(mut self, policy: crate::RetryPolicy) -> Self {
+        self.config.retry = Some(policy);
+        self
+    }
+
+    /// Publishes rejected messages to this topic (original key, payload and headers, plus the
+    /// [`retry::headers`](crate::retry::headers)) before their offset is committed; if that publish
+    /// fails, the message stays unsettled and comes back (SPEC 3.3).
+    pub fn dead_letter(mut self, topic: impl Into<String>) -> Self {
+        self.config.dead_letter = Some(topic.into());
         self
     }
 

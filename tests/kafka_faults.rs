@@ -100,3 +100,55 @@ async fn a_failed_result_publish_leaves_the_message_unsettled_until_it_succeeds(
     );
     assert_eq!(broker.committed_offsets("g", "in").await.unwrap().get(&0), Some(&1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dead_letter_publish_leaves_the_source_uncommitted_until_it_succeeds() {
+    common::init_tracing();
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("orders", 1, 1).expect("topic");
+    cluster.create_topic("orders.dlt", 1, 1).expect("topic");
+    let broker = Broker::new(&format!("kafka://{}", cluster.bootstrap_servers())).unwrap();
+    broker.publish("unbillable", "orders").await.unwrap();
+    broker
+        .subscriber("orders")
+        .name("orders")
+        .group_id("g")
+        .ack_policy(AckPolicy::NackOnError)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .dead_letter("orders.dlt")
+        .handle(|_: String| async { Err::<(), _>(ferrostream::RejectMessage) });
+    // The first dead-letter produce request is refused for good.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    let observer = broker.observer();
+    let app = common::start(&broker).await;
+    observer
+        .wait_committed("orders", &TopicPartition::new("orders", 0), 1, common::WAIT)
+        .await
+        .unwrap();
+    app.shutdown().await.unwrap();
+    let events = observer.events();
+    let dead_lettered = events
+        .iter()
+        .position(|e| matches!(e, ferrostream::Event::DeadLettered { .. }));
+    let committed = events
+        .iter()
+        .position(|e| matches!(e, ferrostream::Event::Committed { offset: 1, .. }))
+        .expect("committed");
+    assert!(
+        dead_lettered.is_some_and(|d| d < committed),
+        "the source offset was committed before its dead letter landed"
+    );
+    assert!(
+        observer.handled("orders").len() >= 2,
+        "the message came back after the failed dead-letter publish"
+    );
+    assert_eq!(
+        broker.end_offsets("orders.dlt").await.unwrap().get(&0),
+        Some(&1),
+        "exactly one dead-letter record"
+    );
+    assert_eq!(broker.committed_offsets("g", "orders").await.unwrap().get(&0), Some(&1));
+}
