@@ -641,6 +641,9 @@ impl<T: ConsumerTransport> Engine<T> {
         ] {
             out.headers.set(name, value.into_bytes());
         }
+        if let Some(ts) = record.timestamp {
+            out.headers.set(headers::SOURCE_TIMESTAMP, ts.to_string().into_bytes());
+        }
         let broker = self.rt.broker.clone();
         let events = self.events_tx.clone();
         tokio::spawn(async move {

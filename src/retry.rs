@@ -15,6 +15,8 @@ pub mod headers {
     pub const SOURCE_PARTITION: &str = "x-ferrostream-source-partition";
     /// Its offset there.
     pub const SOURCE_OFFSET: &str = "x-ferrostream-source-offset";
+    /// Its original timestamp, in milliseconds since the Unix epoch (when it had one).
+    pub const SOURCE_TIMESTAMP: &str = "x-ferrostream-source-timestamp";
     /// The subscriber that gave up on it.
     pub const SUBSCRIBER: &str = "x-ferrostream-subscriber";
     /// The subscriber's consumer group.

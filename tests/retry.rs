@@ -133,6 +133,16 @@ async fn poison_among_many(partitions: i32) {
     );
     assert_eq!(h.get_str(headers::SUBSCRIBER), Some("orders"));
     assert_eq!(h.get_str(headers::GROUP), Some(group.as_str()));
+    for stamp in [headers::SOURCE_TIMESTAMP, headers::DEAD_LETTERED_AT] {
+        let millis: i64 = h
+            .get_str(stamp)
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("{stamp}: {h:?}"));
+        assert!(
+            millis > 1_600_000_000_000,
+            "{stamp} is a timestamp in milliseconds: {millis}"
+        );
+    }
     // Blocking retries: the poison's later partition-mates are handled only after it was dead-lettered.
     let events = observer.events();
     let dead_lettered_at = events
