@@ -58,9 +58,19 @@ impl App {
         for (mut cfg, spec) in subscribers {
             cfg.shutdown_timeout = self.shutdown_timeout;
             let name = cfg.name.clone();
+            let retry_consumer = match &cfg.retry_topic {
+                Some(topic) => Some(self.retry_consumer(&cfg, topic).await?),
+                None => None,
+            };
             let (task, r) = self.broker.start_subscriber(cfg, &spec, rx.clone())?;
             tasks.push(task);
             ready.push((name, r));
+            if let Some(rc) = retry_consumer {
+                let name = rc.name.clone();
+                let (task, r) = self.broker.start_subscriber(rc, &spec, rx.clone())?;
+                tasks.push(task);
+                ready.push((name, r));
+            }
         }
         let running = RunningApp {
             shutdown: Arc::new(tx),
@@ -81,6 +91,25 @@ impl App {
             }
         }
         Ok(running)
+    }
+
+    /// Non-blocking retries: creates the retry topic (as many partitions as the source) and configures the
+    /// subscriber that consumes it.
+    async fn retry_consumer(
+        &self,
+        cfg: &crate::subscriber::ResolvedSubscriber,
+        topic: &str,
+    ) -> Result<crate::subscriber::ResolvedSubscriber, StartError> {
+        let partitions = self.broker.end_offsets(&cfg.topic).await.map_or(1, |m| m.len().max(1));
+        self.broker.create_topic(topic, partitions as i32).await?;
+        let mut rc = cfg.clone();
+        rc.topic = topic.to_owned();
+        rc.name = format!("{}.retry", cfg.name).into();
+        rc.retry_consumer = true;
+        rc.retry_topic = Some(topic.to_owned());
+        // Retries published before this member joined must not be skipped.
+        rc.auto_offset_reset = crate::OffsetReset::Earliest;
+        Ok(rc)
     }
 
     /// Starts, runs until SIGINT or SIGTERM, then shuts down gracefully.

@@ -66,12 +66,13 @@ pub(crate) enum EngineEvent {
         /// Why (for a reject: what the dead-letter record says).
         reason: Option<String>,
     },
-    /// The dead-letter publish of a rejected record ended.
-    DeadLettered {
+    /// The dead-letter or retry-topic publish of a record ended.
+    Forwarded {
         tp: TopicPartition,
         generation: u64,
         offset: i64,
         record: Box<Record>,
+        to: Forward,
         result: Result<(), String>,
     },
     Finished {
@@ -79,6 +80,28 @@ pub(crate) enum EngineEvent {
         generation: u64,
         offset: i64,
     },
+}
+
+/// Where a record is published before its offset is settled.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Forward {
+    DeadLetter,
+    Retry { delay: Duration },
+}
+
+/// The attempts a record from the retry topic has already had.
+fn header_attempts(record: &Record) -> u32 {
+    record
+        .headers
+        .get_str(headers::ATTEMPTS)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0)
+}
+
+/// When a record from the retry topic is due.
+fn header_due(record: &Record) -> Option<std::time::SystemTime> {
+    let millis: u64 = record.headers.get_str(headers::RETRY_DUE)?.parse().ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_millis(millis))
 }
 
 /// Everything a handler task needs, shared by all tasks of one subscriber.
@@ -113,6 +136,8 @@ struct Partition {
     attempts: HashMap<i64, u32>,
     /// Rejected offsets whose dead-letter publish is under way: not settled until it is acknowledged.
     dead_lettering: HashSet<i64>,
+    /// Failed offsets being published to the retry topic (non-blocking retries).
+    retrying: HashSet<i64>,
     /// `AckFirst`: how many records at the front of `queue` are already settled (committed ahead).
     ack_first_ahead: usize,
 }
@@ -128,6 +153,7 @@ impl Partition {
             paused: false,
             attempts: HashMap::new(),
             dead_lettering: HashSet::new(),
+            retrying: HashSet::new(),
             ack_first_ahead: 0,
         }
     }
@@ -394,6 +420,14 @@ impl<T: ConsumerTransport> Engine<T> {
             return; // retries are blocking: nothing passes a message being retried or dead-lettered
         }
         part.hold_until = None;
+        // The retry topic's records wait until they are due (they are roughly in due order).
+        if self.rt.cfg.retry_consumer
+            && let Some(due) = part.queue.front().and_then(header_due)
+            && let Ok(wait) = due.duration_since(std::time::SystemTime::now())
+        {
+            part.hold_until = Some(now + wait);
+            return;
+        }
         let mut blocked: HashSet<Option<Bytes>> = HashSet::new();
         let mut i = 0;
         while part.in_flight.len() < max && i < part.queue.len() {
@@ -418,7 +452,12 @@ impl<T: ConsumerTransport> Engine<T> {
                 generation: part.generation,
             };
             let pre = (self.rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
-            let attempt = next_attempt(&mut part.attempts, rec.offset);
+            let base = if self.rt.cfg.retry_consumer {
+                header_attempts(&rec)
+            } else {
+                0
+            };
+            let attempt = base + next_attempt(&mut part.attempts, rec.offset);
             let msg = Message::new(rec, self.rt.cfg.name.clone(), sink, pre, attempt);
             tokio::spawn(run_handler(self.rt.clone(), msg));
         }
@@ -560,36 +599,54 @@ impl<T: ConsumerTransport> Engine<T> {
                     tracing::debug!(subscriber = %self.rt.cfg.name, %tp, offset, "settle of a revoked assignment ignored");
                     return;
                 }
+                let non_blocking = self.rt.cfg.retry_topic.is_some() && by == SettledBy::Policy;
                 match (settle, record, &self.rt.cfg.dead_letter) {
-                    (Settle::Reject, Some(record), Some(_)) => self.dead_letter(generation, *record, reason),
+                    (Settle::Reject, Some(record), Some(_)) => {
+                        self.forward(generation, *record, reason, Forward::DeadLetter)
+                    }
                     (Settle::Ack | Settle::Reject, _, _) => self.complete(&tp, offset),
+                    (Settle::Nack { delay }, Some(record), _) if non_blocking => {
+                        let delay = delay.unwrap_or_default();
+                        self.forward(generation, *record, reason, Forward::Retry { delay })
+                    }
                     (Settle::Nack { delay }, Some(record), _) => self.redeliver(*record, delay),
                     (Settle::Nack { .. }, None, _) => {}
                 }
             }
-            EngineEvent::DeadLettered {
+            EngineEvent::Forwarded {
                 tp,
                 generation,
                 offset,
                 record,
+                to,
                 result,
             } => {
                 let Some(part) = self.parts.get_mut(&tp).filter(|p| p.generation == generation) else {
                     return; // revoked meanwhile: the offset stayed uncommitted, the next owner retries
                 };
                 part.dead_lettering.remove(&offset);
+                part.retrying.remove(&offset);
                 match result {
                     Ok(()) => {
-                        self.rt.observe(|| Event::DeadLettered {
-                            subscriber: self.rt.cfg.name.clone(),
-                            tp: tp.clone(),
-                            offset,
+                        let subscriber = self.rt.cfg.name.clone();
+                        self.rt.observe(|| match to {
+                            Forward::DeadLetter => Event::DeadLettered {
+                                subscriber,
+                                tp: tp.clone(),
+                                offset,
+                            },
+                            Forward::Retry { delay } => Event::RetryScheduled {
+                                subscriber,
+                                tp: tp.clone(),
+                                offset,
+                                delay,
+                            },
                         });
                         self.complete(&tp, offset);
                     }
                     Err(e) => {
                         tracing::error!(subscriber = %self.rt.cfg.name, %tp, offset, error = %e,
-                            "dead-letter publish failed; the message stays unsettled and comes back");
+                            "dead-letter or retry publish failed; the message stays unsettled and comes back");
                         self.redeliver(*record, Some(DEAD_LETTER_RETRY));
                     }
                 }
@@ -608,51 +665,81 @@ impl<T: ConsumerTransport> Engine<T> {
         self.note_settles(1, false);
     }
 
-    /// SPEC 3.3: a rejected record goes to the dead-letter topic first; its offset is settled only once
-    /// the broker has acknowledged that publish.
-    fn dead_letter(&mut self, generation: u64, record: Record, reason: Option<String>) {
-        let Some(topic) = self.rt.cfg.dead_letter.clone() else {
-            return;
+    /// SPEC 3.3 / 3.12: a record given up on goes to the dead-letter topic, and a record retried
+    /// non-blocking goes to the retry topic; either way its offset is settled only once the broker has
+    /// acknowledged that publish. Until then its partition dispatches nothing more (blocking), except
+    /// for non-blocking retries, whose whole point is that the partition moves on.
+    fn forward(&mut self, generation: u64, record: Record, reason: Option<String>, to: Forward) {
+        let cfg = &self.rt.cfg;
+        let topic = match to {
+            Forward::DeadLetter => cfg.dead_letter.clone(),
+            Forward::Retry { .. } => cfg.retry_topic.clone(),
+        };
+        let Some(topic) = topic else { return };
+        let base = if cfg.retry_consumer {
+            header_attempts(&record)
+        } else {
+            0
         };
         let Some(part) = self.parts.get_mut(&record.tp) else {
             return;
         };
-        part.dead_lettering.insert(record.offset);
-        let attempts = part.attempts.get(&record.offset).copied().unwrap_or(1);
+        let attempts = base + part.attempts.get(&record.offset).copied().unwrap_or(1);
+        match to {
+            Forward::DeadLetter => part.dead_lettering.insert(record.offset),
+            Forward::Retry { .. } => part.retrying.insert(record.offset),
+        };
         let mut out = Outgoing::new(topic, record.payload.clone());
         out.key = record.key.clone();
         out.headers = record.headers.clone();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
-        let cfg = &self.rt.cfg;
-        for (name, value) in [
-            (
-                headers::ERROR,
-                reason.unwrap_or_else(|| "rejected by the handler".to_owned()),
-            ),
-            (headers::ATTEMPTS, attempts.to_string()),
+        let mut set = |name: &str, value: String| out.headers.set(name, value.into_bytes());
+        set(
+            headers::ERROR,
+            reason.unwrap_or_else(|| "rejected by the handler".to_owned()),
+        );
+        set(headers::ATTEMPTS, attempts.to_string());
+        set(headers::SUBSCRIBER, cfg.name.trim_end_matches(".retry").to_owned());
+        set(headers::GROUP, cfg.group_id.clone().unwrap_or_default());
+        match to {
+            Forward::DeadLetter => set(headers::DEAD_LETTERED_AT, now.to_string()),
+            Forward::Retry { delay } => {
+                // Rounded up to the millisecond, so the retry never comes before its backoff.
+                let due = std::time::SystemTime::now() + delay;
+                let due = due
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros().div_ceil(1000));
+                set(headers::RETRY_DUE, due.to_string())
+            }
+        }
+        // The original coordinates: kept from the first hop when the record comes from the retry topic.
+        let original = [
             (headers::SOURCE_TOPIC, record.tp.topic.to_string()),
             (headers::SOURCE_PARTITION, record.tp.partition.to_string()),
             (headers::SOURCE_OFFSET, record.offset.to_string()),
-            (headers::SUBSCRIBER, cfg.name.to_string()),
-            (headers::GROUP, cfg.group_id.clone().unwrap_or_default()),
-            (headers::DEAD_LETTERED_AT, now.to_string()),
-        ] {
-            out.headers.set(name, value.into_bytes());
-        }
-        if let Some(ts) = record.timestamp {
-            out.headers.set(headers::SOURCE_TIMESTAMP, ts.to_string().into_bytes());
+            (
+                headers::SOURCE_TIMESTAMP,
+                record.timestamp.map(|t| t.to_string()).unwrap_or_default(),
+            ),
+            (headers::FIRST_FAILURE, now.to_string()),
+        ];
+        for (name, value) in original {
+            if out.headers.get(name).is_none() && !value.is_empty() {
+                out.headers.set(name, value.into_bytes());
+            }
         }
         let broker = self.rt.broker.clone();
         let events = self.events_tx.clone();
         tokio::spawn(async move {
             let result = broker.send(out).await.map(|_| ()).map_err(|e| e.to_string());
-            let _ = events.send(EngineEvent::DeadLettered {
+            let _ = events.send(EngineEvent::Forwarded {
                 tp: record.tp.clone(),
                 generation,
                 offset: record.offset,
                 record: Box::new(record),
+                to,
                 result,
             });
         });
@@ -776,7 +863,10 @@ impl<T: ConsumerTransport> Engine<T> {
             self.maybe_commit();
             let busy = tps.iter().any(|tp| {
                 self.parts.get(tp).is_some_and(|p| {
-                    !p.in_flight.is_empty() || !p.dead_lettering.is_empty() || (ack_first && !p.queue.is_empty())
+                    !p.in_flight.is_empty()
+                        || !p.dead_lettering.is_empty()
+                        || !p.retrying.is_empty()
+                        || (ack_first && !p.queue.is_empty())
                 })
             });
             if !busy && self.commit.is_none() {

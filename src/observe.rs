@@ -83,6 +83,18 @@ pub enum Event {
         /// Offset.
         offset: i64,
     },
+    /// A failed message was published to the retry topic (non-blocking retries); its offset now counts as
+    /// settled and it will be handled again after `delay`.
+    RetryScheduled {
+        /// Subscriber name.
+        subscriber: Arc<str>,
+        /// Partition.
+        tp: TopicPartition,
+        /// Offset.
+        offset: i64,
+        /// The backoff before the next attempt.
+        delay: std::time::Duration,
+    },
     /// Fetching of a partition stopped (`paused`) because `buffered` records wait behind its in-flight
     /// limit, or started again.
     FlowControl {
@@ -116,6 +128,7 @@ impl Event {
             | Event::Settled { subscriber, .. }
             | Event::FlowControl { subscriber, .. }
             | Event::DeadLettered { subscriber, .. }
+            | Event::RetryScheduled { subscriber, .. }
             | Event::Committed { subscriber, .. } => subscriber,
         }
     }

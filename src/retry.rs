@@ -17,6 +17,10 @@ pub mod headers {
     pub const SOURCE_OFFSET: &str = "x-ferrostream-source-offset";
     /// Its original timestamp, in milliseconds since the Unix epoch (when it had one).
     pub const SOURCE_TIMESTAMP: &str = "x-ferrostream-source-timestamp";
+    /// Non-blocking retries: when the message is due for its next attempt (milliseconds since the epoch).
+    pub const RETRY_DUE: &str = "x-ferrostream-retry-due";
+    /// Non-blocking retries: when it first failed (milliseconds since the epoch).
+    pub const FIRST_FAILURE: &str = "x-ferrostream-first-failure";
     /// The subscriber that gave up on it.
     pub const SUBSCRIBER: &str = "x-ferrostream-subscriber";
     /// The subscriber's consumer group.
@@ -49,6 +53,7 @@ pub struct RetryPolicy {
     jitter: f64,
     pub(crate) retry_panics: bool,
     pub(crate) retry_decode_errors: bool,
+    pub(crate) non_blocking: bool,
 }
 
 impl RetryPolicy {
@@ -63,6 +68,7 @@ impl RetryPolicy {
             jitter: 0.2,
             retry_panics: true,
             retry_decode_errors: false,
+            non_blocking: false,
         }
     }
 
@@ -83,6 +89,16 @@ impl RetryPolicy {
     /// in lockstep.
     pub fn jitter(mut self, fraction: f64) -> Self {
         self.jitter = fraction.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Non-blocking retries: a failed message is published to the subscriber's retry topic
+    /// (`<topic>.<group>.retry`, never the source topic) with its attempt count and due time, its source
+    /// offset is committed once that publish is acknowledged, and the source partition moves on. The
+    /// subscriber also consumes the retry topic (as `<name>.retry`, same group, same handler) and handles
+    /// each message once it is due. Per-key order is not kept across retries.
+    pub fn non_blocking(mut self) -> Self {
+        self.non_blocking = true;
         self
     }
 

@@ -65,6 +65,10 @@ pub(crate) struct ResolvedSubscriber {
     pub(crate) batch: Option<BatchConfig>,
     pub(crate) retry: Option<crate::RetryPolicy>,
     pub(crate) dead_letter: Option<String>,
+    /// Non-blocking retries: the topic failed messages go to.
+    pub(crate) retry_topic: Option<String>,
+    /// True for the internal subscriber that consumes `retry_topic`.
+    pub(crate) retry_consumer: bool,
 }
 
 impl SubscriberConfig {
@@ -139,6 +143,11 @@ impl SubscriberConfig {
                  use an at-least-once policy (e.g. `.ack_policy(AckPolicy::NackOnError)`) with `.retry(..)`",
             ));
         }
+        if self.retry.is_some_and(|r| r.non_blocking) && self.batch.is_some() {
+            return Err(invalid(
+                "non-blocking retries are not supported for batch subscribers; use blocking retries",
+            ));
+        }
         if self.retry.is_some_and(|r| r.max_attempts == 0) {
             return Err(invalid("RetryPolicy max_attempts must be at least 1"));
         }
@@ -167,6 +176,11 @@ impl SubscriberConfig {
             batch: self.batch,
             retry: self.retry,
             dead_letter: self.dead_letter.clone(),
+            retry_topic: match (&self.retry, &self.group_id) {
+                (Some(r), Some(g)) if r.non_blocking => Some(format!("{}.{g}.retry", self.topic)),
+                _ => None,
+            },
+            retry_consumer: false,
         })
     }
 }

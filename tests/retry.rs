@@ -231,3 +231,113 @@ async fn retries_with_ack_first_are_refused_at_startup() {
     };
     assert!(err.to_string().contains("AckFirst"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_blocking_retries_go_through_the_retry_topic_without_holding_the_partition() {
+    common::init_tracing();
+    const N: usize = 100;
+    const POISON: usize = 10;
+    const BACKOFF: Duration = Duration::from_millis(300);
+    let calls = Calls::default();
+    let broker = common::broker().with_state(calls.clone());
+    let topic = common::topic(&broker, "nb-retry", 1).await;
+    let dlt = common::topic(&broker, "nb-retry-dlt", 1).await;
+    let group = common::unique("g");
+    let retry_topic = format!("{topic}.{group}.retry");
+    broker
+        .subscriber(&topic)
+        .name("orders")
+        .group_id(&group)
+        .ack_policy(AckPolicy::NackOnError)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .retry(RetryPolicy::new(4).backoff(BACKOFF, Duration::from_secs(5)).jitter(0.0).non_blocking())
+        .dead_letter(&dlt)
+        .handle(|body: String, msg: Message, Attempt(n): Attempt, ferrostream::State(calls): ferrostream::State<Calls>| async move {
+            let on_retry_topic = i32::from(msg.topic() != msg.headers().get_str(headers::SOURCE_TOPIC).unwrap_or(msg.topic()));
+            calls.0.lock().unwrap().push((on_retry_topic, msg.offset(), body.clone(), n, Instant::now()));
+            if body == "poison" {
+                return Err(std::io::Error::other("still failing"));
+            }
+            Ok(())
+        });
+    let dead: Arc<Mutex<Vec<Headers>>> = Arc::default();
+    let seen = dead.clone();
+    broker
+        .subscriber(&dlt)
+        .name("dlt")
+        .group_id(common::unique("dlt"))
+        .auto_commit(false)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .handle(move |headers: Headers| {
+            let seen = seen.clone();
+            async move { seen.lock().unwrap().push(headers) }
+        });
+    let observer = broker.observer();
+    let app = common::start(&broker).await;
+    let acks = broker
+        .publish_batch((0..N).map(|i| {
+            let body = if i == POISON {
+                "poison".to_owned()
+            } else {
+                format!("order-{i}")
+            };
+            broker.publish(body, &topic).partition(0)
+        }))
+        .await;
+    assert!(acks.iter().all(Result::is_ok));
+    let tp = ferrostream::TopicPartition::new(topic.as_str(), 0);
+    observer
+        .wait_committed("orders", &tp, N as i64, common::WAIT)
+        .await
+        .unwrap();
+    observer
+        .wait_until("the poison dead-lettered", common::WAIT, |events| {
+            events
+                .iter()
+                .any(|e| matches!(e, Event::DeadLettered { .. }))
+                .then_some(())
+        })
+        .await
+        .unwrap();
+    observer.wait_handled("dlt", 1, common::WAIT).await.unwrap();
+    let retry_tp = ferrostream::TopicPartition::new(retry_topic.as_str(), 0);
+    observer
+        .wait_committed("orders.retry", &retry_tp, 3, common::WAIT)
+        .await
+        .unwrap();
+    app.shutdown().await.unwrap();
+
+    let calls = calls.0.lock().unwrap().clone();
+    let poison: Vec<&Call> = calls.iter().filter(|c| c.2 == "poison").collect();
+    assert_eq!(poison.iter().map(|c| c.3).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(
+        poison.iter().map(|c| c.0).collect::<Vec<_>>(),
+        vec![0, 1, 1, 1],
+        "retries come from the retry topic"
+    );
+    for (k, pair) in poison.windows(2).enumerate() {
+        let gap = pair[1].4 - pair[0].4;
+        assert!(gap >= BACKOFF * 2u32.pow(k as u32), "retry {} after {gap:?}", k + 2);
+    }
+    // Not held up: the rest of the partition was handled before the first retry.
+    let last = calls
+        .iter()
+        .find(|c| c.2 == format!("order-{}", N - 1))
+        .expect("last message handled");
+    assert!(last.4 < poison[1].4, "the source partition waited for the retry");
+    assert_eq!(
+        broker.end_offsets(&topic).await.unwrap().get(&0),
+        Some(&(N as i64)),
+        "nothing republished to the source"
+    );
+    assert_eq!(broker.end_offsets(&retry_topic).await.unwrap().get(&0), Some(&3));
+    assert_eq!(broker.end_offsets(&dlt).await.unwrap().get(&0), Some(&1));
+    // The dead letter names the original coordinates, not the retry topic's.
+    let dead = dead.lock().unwrap().clone();
+    let h = &dead[0];
+    assert_eq!(h.get_str(headers::ATTEMPTS), Some("4"));
+    assert_eq!(h.get_str(headers::SOURCE_TOPIC), Some(topic.as_str()));
+    assert_eq!(h.get_str(headers::SOURCE_OFFSET), Some(POISON.to_string().as_str()));
+    assert_eq!(h.get_str(headers::SUBSCRIBER), Some("orders"));
+    assert!(h.get_str(headers::FIRST_FAILURE).is_some(), "{h:?}");
+}
