@@ -29,6 +29,7 @@ struct Inner {
     subscribers: Mutex<Vec<SubscriberSpec>>,
     state: Mutex<StateMap>,
     observer: std::sync::OnceLock<Observer>,
+    default_retry: Mutex<Option<crate::RetryPolicy>>,
     metrics: Metrics,
 }
 
@@ -134,6 +135,7 @@ impl Broker {
                 subscribers: Mutex::new(Vec::new()),
                 state: Mutex::new(StateMap::default()),
                 observer: std::sync::OnceLock::new(),
+                default_retry: Mutex::new(None),
                 metrics: Metrics::default(),
             }),
         }
@@ -170,6 +172,19 @@ impl Broker {
         batch: impl IntoIterator<Item = Publish>,
     ) -> Vec<Result<PublishAck, BrokerError>> {
         futures::future::join_all(batch.into_iter().map(std::future::IntoFuture::into_future)).await
+    }
+
+    /// A retry budget for every subscriber of this broker that has none of its own (`AckFirst` ones
+    /// excepted: they commit before handling and cannot retry).
+    ///
+    /// ```
+    /// use ferrostream::{Broker, RetryPolicy};
+    /// let broker = Broker::new("memory://").unwrap().with_default_retry(RetryPolicy::new(3));
+    /// # let _ = broker;
+    /// ```
+    pub fn with_default_retry(self, policy: crate::RetryPolicy) -> Self {
+        *lock(&self.inner.default_retry) = Some(policy);
+        self
     }
 
     /// Registers shared state that handlers receive with [`State<T>`](crate::State).
@@ -237,7 +252,22 @@ impl Broker {
     /// is how a test adds a second group member to a running in-memory broker.
     pub(crate) fn take_subscribers(&self) -> Result<Vec<(ResolvedSubscriber, SubscriberSpec)>, ConfigError> {
         let specs = std::mem::take(&mut *lock(&self.inner.subscribers));
-        specs.into_iter().map(|s| Ok((s.config.resolve()?, s))).collect()
+        let default_retry = *lock(&self.inner.default_retry);
+        specs
+            .into_iter()
+            .map(|mut s| {
+                let mut resolved = s.config.resolve()?;
+                // The broker's default budget covers every at-least-once subscriber without its own.
+                if resolved.retry.is_none()
+                    && resolved.policy != crate::AckPolicy::AckFirst
+                    && let Some(retry) = default_retry
+                {
+                    s.config.retry = Some(retry);
+                    resolved = s.config.resolve()?;
+                }
+                Ok((resolved, s))
+            })
+            .collect()
     }
 
     /// Starts one subscriber's engine; the receiver fires on its first assignment.

@@ -341,3 +341,30 @@ async fn non_blocking_retries_go_through_the_retry_topic_without_holding_the_par
     assert_eq!(h.get_str(headers::SUBSCRIBER), Some("orders"));
     assert!(h.get_str(headers::FIRST_FAILURE).is_some(), "{h:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_default_retry_budget_applies_to_subscribers_without_their_own() {
+    common::init_tracing();
+    let broker = common::broker()
+        .with_default_retry(RetryPolicy::new(3).backoff(Duration::from_millis(10), Duration::from_millis(50)));
+    let topic = common::topic(&broker, "default-retry", 1).await;
+    let group = common::unique("g");
+    broker
+        .subscriber(&topic)
+        .name("orders")
+        .group_id(&group)
+        .ack_policy(AckPolicy::NackOnError)
+        .auto_offset_reset(OffsetReset::Earliest)
+        .handle(|_: String| async { Err::<(), _>(std::io::Error::other("always")) });
+    let observer = broker.observer();
+    let app = common::start(&broker).await;
+    broker.publish("poison", &topic).await.unwrap();
+    // Three attempts, then rejected (no dead-letter topic): the offset is committed past it.
+    let tp = ferrostream::TopicPartition::new(topic.as_str(), 0);
+    observer.wait_committed("orders", &tp, 1, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    let settles: Vec<ferrostream::Settle> = observer.settled("orders").iter().map(|s| s.settle).collect();
+    assert_eq!(settles.len(), 3, "{settles:?}");
+    assert_eq!(settles.last(), Some(&ferrostream::Settle::Reject));
+    assert_eq!(observer.handled("orders").len(), 3);
+}
