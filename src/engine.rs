@@ -987,7 +987,7 @@ fn finish(rt: &SubscriberRuntime, messages: &[Message], result: Result<(), Error
     if let (Err(e), Some(_), Some(first)) = (&result, label, messages.first()) {
         tracing::error!(
             subscriber = %cfg.name, topic = first.topic(), partition = first.partition(), offset = first.offset(),
-            batch = messages.len(), kind = e.label(), error = %e, "handler failed"
+            attempt = first.attempt(), batch = messages.len(), kind = e.label(), error = %e, "handler failed"
         );
     }
     let (settle, reason) = match &outcome {
