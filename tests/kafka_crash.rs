@@ -10,6 +10,10 @@
 //! - `AckFirst` / `auto_commit(true)` (at most once, SPEC 3.4): no message is ever handed to a handler of
 //!   the group twice, even though the consumer dies at an arbitrary moment; the messages lost to the kills
 //!   are counted and reported.
+//! - Retries and dead letters (SPEC 3.3 rule 3, 3.12), on 6 000 messages with 12 poison ones that always fail:
+//!   killed while poison messages wait in their retry backoff, every good message is still handled, every
+//!   poison message reaches the dead-letter topic (duplicates counted), nothing good is dead-lettered, and
+//!   the group commits the end of the stream.
 //!
 //! How: the consumer is the ignored test [`crash_child_consumer`], which the parent test re-executes from
 //! its own binary (`std::env::current_exe()`). The child appends `partition offset payload` to a file
@@ -39,7 +43,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferrostream::{AckPolicy, App, Broker, Message, OffsetReset, State};
+use ferrostream::retry::headers;
+use ferrostream::{AckPolicy, App, Attempt, Broker, Headers, Message, OffsetReset, RetryPolicy, State};
 
 /// Messages per test: enough that each consumer life handles thousands of them.
 const MESSAGES: usize = 20_000;
@@ -76,6 +81,8 @@ const ENV_GROUP: &str = "FERROSTREAM_CRASH_GROUP";
 const ENV_POLICY: &str = "FERROSTREAM_CRASH_POLICY";
 const ENV_OUT: &str = "FERROSTREAM_CRASH_OUT";
 const ENV_PARENT: &str = "FERROSTREAM_CRASH_PARENT";
+/// `retry-dlt` only: the dead-letter topic.
+const ENV_DLT: &str = "FERROSTREAM_CRASH_DLT";
 /// What the child logs once it owns partitions (`App::start` returned).
 const ASSIGNED: &str = "crash child: partitions assigned";
 
@@ -83,6 +90,8 @@ const ASSIGNED: &str = "crash child: partitions assigned";
 enum Policy {
     NackOnError,
     AckFirst,
+    /// `NackOnError` with a blocking retry budget and a dead-letter topic (SPEC 3.12); poison messages fail.
+    RetryDlt,
 }
 
 impl Policy {
@@ -90,11 +99,12 @@ impl Policy {
         match self {
             Policy::NackOnError => "nack_on_error",
             Policy::AckFirst => "ack_first",
+            Policy::RetryDlt => "retry-dlt",
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [Policy::NackOnError, Policy::AckFirst]
+        [Policy::NackOnError, Policy::AckFirst, Policy::RetryDlt]
             .into_iter()
             .find(|p| p.name() == s)
     }
@@ -151,6 +161,28 @@ async fn handle(msg: Message, State(out): State<HandledFile>) -> std::io::Result
     (&*out.0).write_all(line.as_bytes())
 }
 
+/// `retry-dlt`: the file the child appends each failed handler call of a poison message to
+/// (`partition offset payload attempt`).
+#[derive(Clone)]
+struct AttemptsFile(Arc<File>);
+
+/// `retry-dlt`: poison messages fail every time (so they end on the dead-letter topic), the rest are handled
+/// as by [`handle`].
+async fn handle_or_fail(
+    msg: Message,
+    Attempt(attempt): Attempt,
+    State(out): State<HandledFile>,
+    State(attempts): State<AttemptsFile>,
+) -> std::io::Result<()> {
+    let text = String::from_utf8_lossy(msg.payload()).into_owned();
+    if index_of(&text).is_some_and(is_poison) {
+        let line = format!("{} {} {text} {attempt}\n", msg.partition(), msg.offset());
+        (&*attempts.0).write_all(line.as_bytes())?;
+        return Err(std::io::Error::other(format!("poison {text}")));
+    }
+    handle(msg, State(out)).await
+}
+
 /// The consumer process of the crash tests: the parent test starts it with `--ignored --exact` and kills it.
 /// Run by hand (`--ignored` without the parent's environment) it does nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,9 +202,16 @@ async fn crash_child_consumer() {
         .append(true)
         .open(&out)
         .expect("open the output file");
-    let broker = Broker::new(&url)
+    let mut broker = Broker::new(&url)
         .expect("child broker")
         .with_state(HandledFile(Arc::new(file)));
+    if policy == Policy::RetryDlt {
+        let attempts = OpenOptions::new()
+            .append(true)
+            .open(attempts_path(Path::new(&out)))
+            .expect("open the attempts file");
+        broker = broker.with_state(AttemptsFile(Arc::new(attempts)));
+    }
     let subscriber = broker
         .subscriber(&topic)
         .group_id(&group)
@@ -180,6 +219,15 @@ async fn crash_child_consumer() {
     match policy {
         Policy::NackOnError => subscriber.ack_policy(AckPolicy::NackOnError).handle(handle),
         Policy::AckFirst => subscriber.auto_commit(true).handle(handle),
+        Policy::RetryDlt => subscriber
+            .ack_policy(AckPolicy::NackOnError)
+            .retry(
+                RetryPolicy::new(RETRY_ATTEMPTS)
+                    .backoff(RETRY_BACKOFF, Duration::from_secs(1))
+                    .jitter(0.0),
+            )
+            .dead_letter(var(ENV_DLT))
+            .handle(handle_or_fail),
     }
     let started = Instant::now();
     let _app = App::new(broker).start().await.expect("the child consumer starts");
@@ -234,6 +282,8 @@ struct Target {
     policy: Policy,
     out: PathBuf,
     dir: PathBuf,
+    /// `retry-dlt` only.
+    dlt: Option<String>,
 }
 
 /// A child consumer process. Dropping it kills it, also when the test panics.
@@ -250,7 +300,11 @@ impl ChildConsumer {
         let log = target.dir.join(format!("{label}.log"));
         let stdout = File::create(&log).expect("create the child log");
         let stderr = stdout.try_clone().expect("clone the child log handle");
-        let process = Command::new(std::env::current_exe().expect("the test binary's path"))
+        let mut command = Command::new(std::env::current_exe().expect("the test binary's path"));
+        if let Some(dlt) = &target.dlt {
+            command.env(ENV_DLT, dlt);
+        }
+        let process = command
             .args(["--ignored", "--exact", CHILD_TEST, "--nocapture", "--test-threads", "1"])
             .env(ENV_BROKER, &target.url)
             .env(ENV_TOPIC, &target.topic)
@@ -510,10 +564,10 @@ struct Verdict {
     _dir: ScratchDir,
 }
 
-async fn produce(broker: &Broker, topic: &str) -> Vec<(i32, i64)> {
-    let mut produced = Vec::with_capacity(MESSAGES);
-    for start in (0..MESSAGES).step_by(PUBLISH_CHUNK) {
-        let end = (start + PUBLISH_CHUNK).min(MESSAGES);
+async fn produce(broker: &Broker, topic: &str, messages: usize) -> Vec<(i32, i64)> {
+    let mut produced = Vec::with_capacity(messages);
+    for start in (0..messages).step_by(PUBLISH_CHUNK) {
+        let end = (start + PUBLISH_CHUNK).min(messages);
         let sends = (start..end).map(|i| {
             broker
                 .publish(payload(i), topic)
@@ -537,7 +591,7 @@ async fn crash_scenario(policy: Policy) -> Verdict {
     let topic = common::topic(&broker, &format!("crash-{}", policy.name()), PARTITIONS).await;
     let group = common::unique("crash-group");
     let t = Instant::now();
-    let produced = produce(&broker, &topic).await;
+    let produced = produce(&broker, &topic, MESSAGES).await;
     let end_offsets = broker.end_offsets(&topic).await.expect("end offsets");
     println!(
         "[{}] produced {MESSAGES} messages to {topic} in {:?}; end offsets {end_offsets:?}",
@@ -560,6 +614,7 @@ async fn crash_scenario(policy: Policy) -> Verdict {
         policy,
         out: out.clone(),
         dir: dir.0.clone(),
+        dlt: None,
     };
     let mut log = HandledLog::open(&out);
     let mut lives = Vec::new();
@@ -633,6 +688,7 @@ async fn crash_scenario(policy: Policy) -> Verdict {
         let check = match policy {
             // At least once: done when every message was handled and the group committed the end.
             Policy::NackOnError => log.distinct == MESSAGES,
+            Policy::RetryDlt => unreachable!("retry-dlt has its own scenario"),
             // At most once: done when the group committed the end and the handlers went quiet.
             Policy::AckFirst => watch.idle(&mut child),
         };
@@ -835,4 +891,349 @@ async fn ack_first_never_hands_a_message_twice_across_kill_9() {
             );
         }
     }
+}
+
+// ---- retries and dead letters (SPEC 3.3 rule 3, 3.9, 3.12) ----------------------------------------------
+
+/// Messages of the retry test: each life runs through the poison messages' backoffs, so fewer suffice.
+const RETRY_MESSAGES: usize = 6_000;
+/// One poison message per this many, alternating between the two partitions: 12 in all.
+const POISON_EVERY: usize = 500;
+/// The child's retry budget: handler calls per message and life, the first included.
+const RETRY_ATTEMPTS: u32 = 4;
+/// The first backoff (then doubling, no jitter): 150 + 300 + 600 ms between the four calls.
+const RETRY_BACKOFF: Duration = Duration::from_millis(150);
+
+/// Message `500k + 250 + k % 2` of each block of 500: on partition `k % 2` (messages go to `i % 2`).
+fn is_poison(i: usize) -> bool {
+    i % POISON_EVERY == POISON_EVERY / 2 + (i / POISON_EVERY) % 2
+}
+
+/// Where a `retry-dlt` child logs the failed calls of poison messages, next to its output file.
+fn attempts_path(out: &Path) -> PathBuf {
+    out.with_extension("attempts")
+}
+
+/// A failed handler call of a poison message, as the child logged it.
+#[derive(Debug, Clone, Copy)]
+struct PoisonAttempt {
+    partition: i32,
+    offset: i64,
+    index: usize,
+    attempt: u32,
+}
+
+/// The child's attempts file, read incrementally.
+struct AttemptsLog {
+    file: File,
+    partial: Vec<u8>,
+    lines: Vec<PoisonAttempt>,
+}
+
+impl AttemptsLog {
+    fn open(path: &Path) -> Self {
+        AttemptsLog {
+            file: File::open(path).expect("open the attempts file"),
+            partial: Vec::new(),
+            lines: Vec::new(),
+        }
+    }
+
+    fn refresh(&mut self) {
+        self.file
+            .read_to_end(&mut self.partial)
+            .expect("read the attempts file");
+        let Some(complete) = self.partial.iter().rposition(|b| *b == b'\n') else {
+            return;
+        };
+        let chunk: Vec<u8> = self.partial.drain(..=complete).collect();
+        for line in std::str::from_utf8(&chunk).expect("UTF-8 attempts").lines() {
+            let parsed = (|| {
+                let mut f = line.split(' ');
+                let a = PoisonAttempt {
+                    partition: f.next()?.parse().ok()?,
+                    offset: f.next()?.parse().ok()?,
+                    index: index_of(f.next()?)?,
+                    attempt: f.next()?.parse().ok()?,
+                };
+                f.next().is_none().then_some(a)
+            })();
+            self.lines
+                .push(parsed.unwrap_or_else(|| panic!("malformed attempts line {line:?}")));
+        }
+    }
+}
+
+/// One record of the dead-letter topic: payload, source partition, source offset, attempts (headers).
+type DeadLetter = (String, Option<String>, Option<String>, Option<String>);
+
+/// Reads the whole dead-letter topic with a plain subscriber of a fresh group, in this process.
+async fn read_dead_letters(url: &str, dlt: &str) -> Vec<DeadLetter> {
+    let broker = Broker::new(url).expect("reader broker");
+    let total: i64 = broker
+        .end_offsets(dlt)
+        .await
+        .expect("dead-letter end offsets")
+        .values()
+        .sum();
+    let seen: Arc<std::sync::Mutex<Vec<DeadLetter>>> = Arc::default();
+    let sink = seen.clone();
+    broker
+        .subscriber(dlt)
+        .name("dlt-reader")
+        .group_id(common::unique("crash-dlt-reader"))
+        .auto_offset_reset(OffsetReset::Earliest)
+        .handle(move |body: String, h: Headers| {
+            let sink = sink.clone();
+            async move {
+                let get = |name| h.get_str(name).map(str::to_owned);
+                sink.lock().unwrap().push((
+                    body,
+                    get(headers::SOURCE_PARTITION),
+                    get(headers::SOURCE_OFFSET),
+                    get(headers::ATTEMPTS),
+                ));
+            }
+        });
+    let observer = broker.observer();
+    let app = common::start(&broker).await;
+    observer
+        .wait_handled("dlt-reader", total as usize, common::WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("reading the {total} dead-letter records: {e}"));
+    app.shutdown().await.expect("the reader shuts down");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), total as usize, "read each dead-letter record once");
+    seen
+}
+
+/// A consumer with a blocking retry budget and a dead-letter topic is killed twice while a poison message
+/// is between its retries, and restarted: every good message is handled, every poison message reaches the
+/// dead-letter topic (duplicates allowed: at least once), nothing good is dead-lettered, and the group
+/// commits the end of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_dead_letters_survive_kill_9() {
+    let policy = Policy::RetryDlt;
+    let name = policy.name();
+    let url = kafka_url();
+    common::init_tracing();
+    let t0 = Instant::now();
+    let broker = Broker::new(&url).unwrap_or_else(|e| panic!("cannot use test broker {url}: {e}"));
+    let topic = common::topic(&broker, "crash-retry", PARTITIONS).await;
+    let dlt = common::topic(&broker, "crash-retry-dlt", 1).await;
+    let group = common::unique("crash-retry-group");
+    let produced = produce(&broker, &topic, RETRY_MESSAGES).await;
+    let end_offsets = broker.end_offsets(&topic).await.expect("end offsets");
+    assert_eq!(end_offsets.values().sum::<i64>(), RETRY_MESSAGES as i64);
+    let poison: Vec<usize> = (0..RETRY_MESSAGES).filter(|i| is_poison(*i)).collect();
+    println!(
+        "[{name}] produced {RETRY_MESSAGES} messages to {topic}; end offsets {end_offsets:?}; {} poison messages \
+         at (partition, offset) {:?}",
+        poison.len(),
+        poison.iter().map(|i| produced[*i]).collect::<Vec<_>>()
+    );
+
+    let dir = ScratchDir::new(policy);
+    let out = dir.0.join("handled.txt");
+    File::create(&out).expect("create the output file");
+    File::create(attempts_path(&out)).expect("create the attempts file");
+    let target = Target {
+        url: url.clone(),
+        topic: topic.clone(),
+        group: group.clone(),
+        policy,
+        out: out.clone(),
+        dir: dir.0.clone(),
+        dlt: Some(dlt.clone()),
+    };
+    let mut log = HandledLog::open(&out);
+    let mut attempts = AttemptsLog::open(&attempts_path(&out));
+    let good = RETRY_MESSAGES - poison.len();
+    let good_handled = |log: &HandledLog| {
+        (0..RETRY_MESSAGES)
+            .filter(|i| !is_poison(*i) && log.times[*i] > 0)
+            .count()
+    };
+
+    // Lives 1 and 2: once the group is past 1/4 (2/3) of the stream, killed as soon as a poison message
+    // failed its 2nd (1st) call, i.e. while it waits in its 300 ms (150 ms) backoff, with more retries to
+    // come. Life 2's kill lands a few tens of ms after the previous poison messages were dead-lettered and
+    // their successors handled, before the next commit (100 ms cadence): the dead-letter publish was
+    // acknowledged but the source offset not committed, so the next life dead-letters them again
+    // (duplicates, allowed by at least once).
+    for (n, after, kill_after_attempt) in [(1, RETRY_MESSAGES / 4, 2), (2, 2 * RETRY_MESSAGES / 3, 1)] {
+        let label = format!("child-{n}");
+        let mut child = ChildConsumer::spawn(&label, &target);
+        let mut watch = Watch::new(&log);
+        let mut mark = None;
+        let victim = loop {
+            tokio::time::sleep(POLL).await;
+            watch.poll(&mut log, &mut child);
+            attempts.refresh();
+            if log.position() >= after {
+                let from = *mark.get_or_insert(attempts.lines.len());
+                if let Some(a) = attempts.lines[from..].iter().find(|a| a.attempt == kill_after_attempt) {
+                    break *a;
+                }
+            }
+        };
+        let status = child.kill_9();
+        assert_eq!(status.signal(), Some(9), "{label} died of the SIGKILL: {status}");
+        log.refresh();
+        attempts.refresh();
+        let life = watch.finish(&log, &label, true);
+        let committed = broker
+            .committed_offsets(&group, &topic)
+            .await
+            .expect("committed offsets");
+        let dead = broker.end_offsets(&dlt).await.expect("dead-letter end offsets");
+        println!(
+            "[{name}] {label}: killed (SIGKILL) while {} (partition {}, offset {}) was in its backoff after failed \
+             attempt {}/{RETRY_ATTEMPTS}; stream position {}/{RETRY_MESSAGES}; it handled {} messages; handled up \
+             to {:?}, committed {committed:?}; dead-letter topic end {dead:?}",
+            payload(victim.index),
+            victim.partition,
+            victim.offset,
+            victim.attempt,
+            log.position(),
+            life.lines(),
+            log.reached,
+        );
+        // After two failed calls the victim's partition has been blocked on it for at least 150 ms, more than
+        // the 100 ms commit interval: everything before it was settled and must be committed (retries do not
+        // stall commits).
+        if victim.attempt >= 2 {
+            assert_eq!(
+                committed.get(&victim.partition),
+                Some(&victim.offset),
+                "{label}: after {} of its backoffs, the commit of partition {} has not reached the blocked poison \
+             offset {}",
+                victim.attempt,
+                victim.partition,
+                victim.offset
+            );
+        }
+    }
+
+    // Life 3: until every good message was handled and the group committed the end of the stream.
+    let label = "child-3";
+    let mut child = ChildConsumer::spawn(label, &target);
+    let mut watch = Watch::new(&log);
+    let mut last_commit_check = Instant::now();
+    let committed = loop {
+        tokio::time::sleep(POLL).await;
+        watch.poll(&mut log, &mut child);
+        if good_handled(&log) == good && last_commit_check.elapsed() >= Duration::from_millis(100) {
+            last_commit_check = Instant::now();
+            let committed = broker
+                .committed_offsets(&group, &topic)
+                .await
+                .expect("committed offsets");
+            if committed == end_offsets {
+                break committed;
+            }
+        }
+    };
+    drop(child);
+    log.refresh();
+    attempts.refresh();
+    let life = watch.finish(&log, label, false);
+    println!(
+        "[{name}] {label}: handled {} messages; committed {committed:?}",
+        life.lines()
+    );
+
+    // The handled lines name produced messages at their produced coordinates, and never a poison one.
+    for h in &log.lines {
+        assert!(
+            h.index < RETRY_MESSAGES && !is_poison(h.index),
+            "unexpected line for {}",
+            payload(h.index)
+        );
+        assert_eq!(
+            (h.partition, h.offset),
+            produced[h.index],
+            "{} at its coordinates",
+            payload(h.index)
+        );
+    }
+    for a in &attempts.lines {
+        assert!(
+            is_poison(a.index) && (a.partition, a.offset) == produced[a.index],
+            "{a:?}"
+        );
+    }
+
+    // (1) No good message lost.
+    let lost: Vec<String> = (0..RETRY_MESSAGES)
+        .filter(|i| !is_poison(*i) && log.times[*i] == 0)
+        .map(payload)
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} good messages were never handled: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(20)]
+    );
+    let handled_twice = (0..RETRY_MESSAGES).filter(|i| log.times[*i] > 1).count();
+
+    // The dead-letter topic, read directly.
+    let dead = read_dead_letters(&url, &dlt).await;
+    let mut on_dlt: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut attempts_headers: BTreeMap<Option<String>, usize> = BTreeMap::new();
+    for (body, partition, offset, tries) in &dead {
+        let i = index_of(body).unwrap_or_else(|| panic!("a foreign record on the dead-letter topic: {body:?}"));
+        // (3) Nothing good on the dead-letter topic.
+        assert!(is_poison(i), "a good message was dead-lettered: {body}");
+        let (p, o) = produced[i];
+        assert_eq!(
+            (partition.as_deref(), offset.as_deref()),
+            (Some(p.to_string().as_str()), Some(o.to_string().as_str())),
+            "the dead-letter record of {body} names its source coordinates"
+        );
+        *on_dlt.entry(i).or_default() += 1;
+        *attempts_headers.entry(tries.clone()).or_default() += 1;
+    }
+    // (2) Every poison message dead-lettered at least once.
+    let missing: Vec<String> = poison
+        .iter()
+        .filter(|i| !on_dlt.contains_key(i))
+        .map(|i| payload(*i))
+        .collect();
+    let dlt_duplicates: Vec<String> = on_dlt
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(i, n)| format!("{} x{n}", payload(*i)))
+        .collect();
+    let mut calls: BTreeMap<usize, usize> = BTreeMap::new();
+    for a in &attempts.lines {
+        *calls.entry(a.index).or_default() += 1;
+    }
+    println!(
+        "[{name}] {} handled lines, {good} good messages all handled, {handled_twice} handled more than once; \
+         dead-letter topic: {} records for {} poison messages, {} missing, duplicates {:?}; failed calls per poison \
+         message {:?}; x-ferrostream-attempts headers {attempts_headers:?}; total {:?}",
+        log.lines.len(),
+        dead.len(),
+        poison.len(),
+        missing.len(),
+        dlt_duplicates,
+        calls.values().collect::<Vec<_>>(),
+        t0.elapsed()
+    );
+    assert!(missing.is_empty(), "poison messages never dead-lettered: {missing:?}");
+    assert_eq!(
+        attempts_headers.keys().collect::<Vec<_>>(),
+        vec![&Some(RETRY_ATTEMPTS.to_string())],
+        "every dead-letter record comes after a full retry budget in one life"
+    );
+    // (4) The group committed the end of the stream.
+    assert_eq!(
+        broker
+            .committed_offsets(&group, &topic)
+            .await
+            .expect("committed offsets"),
+        end_offsets,
+        "the group's committed offsets are the end offsets"
+    );
 }
