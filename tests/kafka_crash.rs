@@ -14,6 +14,9 @@
 //!   killed while poison messages wait in their retry backoff, every good message is still handled, every
 //!   poison message reaches the dead-letter topic (duplicates counted), nothing good is dead-lettered, and
 //!   the group commits the end of the stream.
+//! - The same with non-blocking retries (through the retry topic `<topic>.<group>.retry`), killed while a
+//!   poison message's retry is pending there: the same verdict, and the group also commits the end of the
+//!   retry topic.
 //!
 //! How: the consumer is the ignored test [`crash_child_consumer`], which the parent test re-executes from
 //! its own binary (`std::env::current_exe()`). The child appends `partition offset payload` to a file
@@ -81,7 +84,7 @@ const ENV_GROUP: &str = "FERROSTREAM_CRASH_GROUP";
 const ENV_POLICY: &str = "FERROSTREAM_CRASH_POLICY";
 const ENV_OUT: &str = "FERROSTREAM_CRASH_OUT";
 const ENV_PARENT: &str = "FERROSTREAM_CRASH_PARENT";
-/// `retry-dlt` only: the dead-letter topic.
+/// `retry-dlt` and `retry-nb` only: the dead-letter topic.
 const ENV_DLT: &str = "FERROSTREAM_CRASH_DLT";
 /// What the child logs once it owns partitions (`App::start` returned).
 const ASSIGNED: &str = "crash child: partitions assigned";
@@ -92,6 +95,8 @@ enum Policy {
     AckFirst,
     /// `NackOnError` with a blocking retry budget and a dead-letter topic (SPEC 3.12); poison messages fail.
     RetryDlt,
+    /// `RetryDlt` with non-blocking retries: failures go through the retry topic `<topic>.<group>.retry`.
+    RetryNonBlocking,
 }
 
 impl Policy {
@@ -100,13 +105,24 @@ impl Policy {
             Policy::NackOnError => "nack_on_error",
             Policy::AckFirst => "ack_first",
             Policy::RetryDlt => "retry-dlt",
+            Policy::RetryNonBlocking => "retry-nb",
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [Policy::NackOnError, Policy::AckFirst, Policy::RetryDlt]
-            .into_iter()
-            .find(|p| p.name() == s)
+        [
+            Policy::NackOnError,
+            Policy::AckFirst,
+            Policy::RetryDlt,
+            Policy::RetryNonBlocking,
+        ]
+        .into_iter()
+        .find(|p| p.name() == s)
+    }
+
+    /// The retry policies, which write an attempts file and dead-letter.
+    fn retries(self) -> bool {
+        matches!(self, Policy::RetryDlt | Policy::RetryNonBlocking)
     }
 }
 
@@ -161,13 +177,14 @@ async fn handle(msg: Message, State(out): State<HandledFile>) -> std::io::Result
     (&*out.0).write_all(line.as_bytes())
 }
 
-/// `retry-dlt`: the file the child appends each failed handler call of a poison message to
-/// (`partition offset payload attempt`).
+/// `retry-dlt` and `retry-nb`: the file the child appends each failed handler call of a poison message to
+/// (`partition offset payload attempt`, the coordinates in the source topic).
 #[derive(Clone)]
 struct AttemptsFile(Arc<File>);
 
-/// `retry-dlt`: poison messages fail every time (so they end on the dead-letter topic), the rest are handled
-/// as by [`handle`].
+/// `retry-dlt` and `retry-nb`: poison messages fail every time (so they end on the dead-letter topic), the
+/// rest are handled as by [`handle`]. A `retry-nb` retry comes from the retry topic: its source coordinates
+/// are in its headers.
 async fn handle_or_fail(
     msg: Message,
     Attempt(attempt): Attempt,
@@ -176,7 +193,12 @@ async fn handle_or_fail(
 ) -> std::io::Result<()> {
     let text = String::from_utf8_lossy(msg.payload()).into_owned();
     if index_of(&text).is_some_and(is_poison) {
-        let line = format!("{} {} {text} {attempt}\n", msg.partition(), msg.offset());
+        let source = |name, own: String| msg.headers().get_str(name).map_or(own, str::to_owned);
+        let line = format!(
+            "{} {} {text} {attempt}\n",
+            source(headers::SOURCE_PARTITION, msg.partition().to_string()),
+            source(headers::SOURCE_OFFSET, msg.offset().to_string())
+        );
         (&*attempts.0).write_all(line.as_bytes())?;
         return Err(std::io::Error::other(format!("poison {text}")));
     }
@@ -205,7 +227,7 @@ async fn crash_child_consumer() {
     let mut broker = Broker::new(&url)
         .expect("child broker")
         .with_state(HandledFile(Arc::new(file)));
-    if policy == Policy::RetryDlt {
+    if policy.retries() {
         let attempts = OpenOptions::new()
             .append(true)
             .open(attempts_path(Path::new(&out)))
@@ -219,15 +241,20 @@ async fn crash_child_consumer() {
     match policy {
         Policy::NackOnError => subscriber.ack_policy(AckPolicy::NackOnError).handle(handle),
         Policy::AckFirst => subscriber.auto_commit(true).handle(handle),
-        Policy::RetryDlt => subscriber
-            .ack_policy(AckPolicy::NackOnError)
-            .retry(
-                RetryPolicy::new(RETRY_ATTEMPTS)
-                    .backoff(RETRY_BACKOFF, Duration::from_secs(1))
-                    .jitter(0.0),
-            )
-            .dead_letter(var(ENV_DLT))
-            .handle(handle_or_fail),
+        Policy::RetryDlt | Policy::RetryNonBlocking => {
+            let retry = RetryPolicy::new(RETRY_ATTEMPTS)
+                .backoff(RETRY_BACKOFF, Duration::from_secs(1))
+                .jitter(0.0);
+            subscriber
+                .ack_policy(AckPolicy::NackOnError)
+                .retry(if policy == Policy::RetryNonBlocking {
+                    retry.non_blocking()
+                } else {
+                    retry
+                })
+                .dead_letter(var(ENV_DLT))
+                .handle(handle_or_fail)
+        }
     }
     let started = Instant::now();
     let _app = App::new(broker).start().await.expect("the child consumer starts");
@@ -282,7 +309,7 @@ struct Target {
     policy: Policy,
     out: PathBuf,
     dir: PathBuf,
-    /// `retry-dlt` only.
+    /// `retry-dlt` and `retry-nb` only.
     dlt: Option<String>,
 }
 
@@ -688,7 +715,7 @@ async fn crash_scenario(policy: Policy) -> Verdict {
         let check = match policy {
             // At least once: done when every message was handled and the group committed the end.
             Policy::NackOnError => log.distinct == MESSAGES,
-            Policy::RetryDlt => unreachable!("retry-dlt has its own scenario"),
+            Policy::RetryDlt | Policy::RetryNonBlocking => unreachable!("the retry policies have their own scenario"),
             // At most once: done when the group committed the end and the handlers went quiet.
             Policy::AckFirst => watch.idle(&mut child),
         };
@@ -909,7 +936,7 @@ fn is_poison(i: usize) -> bool {
     i % POISON_EVERY == POISON_EVERY / 2 + (i / POISON_EVERY) % 2
 }
 
-/// Where a `retry-dlt` child logs the failed calls of poison messages, next to its output file.
+/// Where a `retry-dlt` or `retry-nb` child logs the failed calls of poison messages, next to its output file.
 fn attempts_path(out: &Path) -> PathBuf {
     out.with_extension("attempts")
 }
@@ -1013,7 +1040,29 @@ async fn read_dead_letters(url: &str, dlt: &str) -> Vec<DeadLetter> {
 /// commits the end of the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_and_dead_letters_survive_kill_9() {
-    let policy = Policy::RetryDlt;
+    retry_scenario(Policy::RetryDlt).await;
+}
+
+/// The same with non-blocking retries (a failure is published to the retry topic `<topic>.<group>.retry`,
+/// the source offset committed once that publish is acknowledged, and the retry consumed by `<name>.retry`
+/// of the same group once due): killed twice while a poison message's retry is pending on the retry topic.
+/// On top of the blocking test's verdict, the group also commits the end of the retry topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_blocking_retries_survive_kill_9() {
+    retry_scenario(Policy::RetryNonBlocking).await;
+}
+
+/// Committed offsets that have reached the end offsets; a partition that never had a record may have no
+/// committed offset.
+fn committed_the_end(committed: &BTreeMap<i32, i64>, end: &BTreeMap<i32, i64>) -> bool {
+    end.iter().all(|(p, e)| committed.get(p).copied().unwrap_or(0) == *e)
+        && committed.iter().all(|(p, c)| end.get(p) == Some(c))
+}
+
+/// The retry scenario of [`retries_and_dead_letters_survive_kill_9`] (`retry-dlt`) and
+/// [`non_blocking_retries_survive_kill_9`] (`retry-nb`).
+async fn retry_scenario(policy: Policy) {
+    let non_blocking = policy == Policy::RetryNonBlocking;
     let name = policy.name();
     let url = kafka_url();
     common::init_tracing();
@@ -1022,6 +1071,24 @@ async fn retries_and_dead_letters_survive_kill_9() {
     let topic = common::topic(&broker, "crash-retry", PARTITIONS).await;
     let dlt = common::topic(&broker, "crash-retry-dlt", 1).await;
     let group = common::unique("crash-retry-group");
+    // `retry-nb` only: where the children publish their retries (created by the first child).
+    let retry_topic = non_blocking.then(|| format!("{topic}.{group}.retry"));
+    let retry_offsets = |committed_or_end: bool| {
+        let (broker, group, retry_topic) = (&broker, &group, &retry_topic);
+        async move {
+            let Some(retry_topic) = retry_topic else {
+                return None;
+            };
+            Some(if committed_or_end {
+                broker
+                    .committed_offsets(group, retry_topic)
+                    .await
+                    .expect("retry-topic committed offsets")
+            } else {
+                broker.end_offsets(retry_topic).await.expect("retry-topic end offsets")
+            })
+        }
+    };
     let produced = produce(&broker, &topic, RETRY_MESSAGES).await;
     let end_offsets = broker.end_offsets(&topic).await.expect("end offsets");
     assert_eq!(end_offsets.values().sum::<i64>(), RETRY_MESSAGES as i64);
@@ -1061,7 +1128,16 @@ async fn retries_and_dead_letters_survive_kill_9() {
     // their successors handled, before the next commit (100 ms cadence): the dead-letter publish was
     // acknowledged but the source offset not committed, so the next life dead-letters them again
     // (duplicates, allowed by at least once).
-    for (n, after, kill_after_attempt) in [(1, RETRY_MESSAGES / 4, 2), (2, 2 * RETRY_MESSAGES / 3, 1)] {
+    //
+    // `retry-nb`: life 1 is killed once a poison message failed its 1st call (its publish to the retry topic
+    // acknowledged or under way, its retry pending), life 2 once a retry read from the retry topic failed
+    // (the 2nd call: the next hop's publish under way, the retry-topic offset possibly not committed yet).
+    let kills = if non_blocking {
+        [(1, RETRY_MESSAGES / 4, 1), (2, 2 * RETRY_MESSAGES / 3, 2)]
+    } else {
+        [(1, RETRY_MESSAGES / 4, 2), (2, 2 * RETRY_MESSAGES / 3, 1)]
+    };
+    for (n, after, kill_after_attempt) in kills {
         let label = format!("child-{n}");
         let mut child = ChildConsumer::spawn(&label, &target);
         let mut watch = Watch::new(&log);
@@ -1087,10 +1163,12 @@ async fn retries_and_dead_letters_survive_kill_9() {
             .await
             .expect("committed offsets");
         let dead = broker.end_offsets(&dlt).await.expect("dead-letter end offsets");
+        let (retry_committed, retry_end) = (retry_offsets(true).await, retry_offsets(false).await);
         println!(
             "[{name}] {label}: killed (SIGKILL) while {} (partition {}, offset {}) was in its backoff after failed \
              attempt {}/{RETRY_ATTEMPTS}; stream position {}/{RETRY_MESSAGES}; it handled {} messages; handled up \
-             to {:?}, committed {committed:?}; dead-letter topic end {dead:?}",
+             to {:?}, committed {committed:?}; dead-letter topic end {dead:?}; retry topic committed \
+             {retry_committed:?}, end {retry_end:?}",
             payload(victim.index),
             victim.partition,
             victim.offset,
@@ -1101,8 +1179,8 @@ async fn retries_and_dead_letters_survive_kill_9() {
         );
         // After two failed calls the victim's partition has been blocked on it for at least 150 ms, more than
         // the 100 ms commit interval: everything before it was settled and must be committed (retries do not
-        // stall commits).
-        if victim.attempt >= 2 {
+        // stall commits). Non-blocking retries block nothing.
+        if !non_blocking && victim.attempt >= 2 {
             assert_eq!(
                 committed.get(&victim.partition),
                 Some(&victim.offset),
@@ -1115,7 +1193,8 @@ async fn retries_and_dead_letters_survive_kill_9() {
         }
     }
 
-    // Life 3: until every good message was handled and the group committed the end of the stream.
+    // Life 3: until every good message was handled and the group committed the end of the stream (and, for
+    // `retry-nb`, of the retry topic: its last record's dead-letter publish was acknowledged).
     let label = "child-3";
     let mut child = ChildConsumer::spawn(label, &target);
     let mut watch = Watch::new(&log);
@@ -1129,7 +1208,11 @@ async fn retries_and_dead_letters_survive_kill_9() {
                 .committed_offsets(&group, &topic)
                 .await
                 .expect("committed offsets");
-            if committed == end_offsets {
+            let retry_done = match (retry_offsets(true).await, retry_offsets(false).await) {
+                (Some(c), Some(e)) => committed_the_end(&c, &e),
+                _ => true,
+            };
+            if committed == end_offsets && retry_done {
                 break committed;
             }
         }
@@ -1138,8 +1221,10 @@ async fn retries_and_dead_letters_survive_kill_9() {
     log.refresh();
     attempts.refresh();
     let life = watch.finish(&log, label, false);
+    let (retry_committed, retry_end) = (retry_offsets(true).await, retry_offsets(false).await);
     println!(
-        "[{name}] {label}: handled {} messages; committed {committed:?}",
+        "[{name}] {label}: handled {} messages; committed {committed:?}; retry topic committed \
+         {retry_committed:?}, end {retry_end:?}",
         life.lines()
     );
 
@@ -1236,4 +1321,11 @@ async fn retries_and_dead_letters_survive_kill_9() {
         end_offsets,
         "the group's committed offsets are the end offsets"
     );
+    // (5) `retry-nb`: the group committed the end of the retry topic.
+    if let (Some(committed), Some(end)) = (retry_offsets(true).await, retry_offsets(false).await) {
+        assert!(
+            committed_the_end(&committed, &end),
+            "the group's committed offsets of the retry topic {committed:?} are its end offsets {end:?}"
+        );
+    }
 }
