@@ -256,16 +256,11 @@ impl Broker {
         specs
             .into_iter()
             .map(|mut s| {
-                let mut resolved = s.config.resolve()?;
                 // The broker's default budget covers every at-least-once subscriber without its own.
-                if resolved.retry.is_none()
-                    && resolved.policy != crate::AckPolicy::AckFirst
-                    && let Some(retry) = default_retry
-                {
-                    s.config.retry = Some(retry);
-                    resolved = s.config.resolve()?;
+                if s.config.retry.is_none() && s.config.policy() != crate::AckPolicy::AckFirst {
+                    s.config.retry = default_retry;
                 }
-                Ok((resolved, s))
+                Ok((s.config.resolve()?, s))
             })
             .collect()
     }

@@ -263,7 +263,6 @@ impl<T: ConsumerTransport> Engine<T> {
 
     async fn next_step(&mut self) -> Step {
         let timer = self.next_timer();
-        let accepting = true;
         let commit = &mut self.commit;
         let transport = &mut self.transport;
         let rx = &mut self.events_rx;
@@ -278,7 +277,7 @@ impl<T: ConsumerTransport> Engine<T> {
             r = async { commit.as_mut().map(|c| c.future.as_mut()).expect("guarded").await }, if commit.is_some() => Step::Committed(r),
             _ = shutdown.wait_for(|stop| *stop) => Step::Shutdown,
             _ = async { tokio::time::sleep_until(timer.expect("guarded")).await }, if timer.is_some() => Step::Tick,
-            ev = transport.next(), if accepting => Step::Consumer(ev),
+            ev = transport.next() => Step::Consumer(ev),
         }
     }
 
@@ -447,18 +446,7 @@ impl<T: ConsumerTransport> Engine<T> {
             part.ack_first_ahead = part.ack_first_ahead.saturating_sub(1);
             part.in_flight.insert(rec.offset, rec.key.clone());
             part.busy_keys.insert(rec.key.clone());
-            let sink = SettleSink {
-                events: self.events_tx.clone(),
-                generation: part.generation,
-            };
-            let pre = (self.rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
-            let base = if self.rt.cfg.retry_consumer {
-                header_attempts(&rec)
-            } else {
-                0
-            };
-            let attempt = base + next_attempt(&mut part.attempts, rec.offset);
-            let msg = Message::new(rec, self.rt.cfg.name.clone(), sink, pre, attempt);
+            let msg = new_message(&self.rt, &self.events_tx, part, rec);
             tokio::spawn(run_handler(self.rt.clone(), msg));
         }
         if part.paused {
@@ -546,15 +534,10 @@ impl<T: ConsumerTransport> Engine<T> {
             part.hold_until = None;
             let take = n.min(batch.max_records - messages.len());
             part.ack_first_ahead = part.ack_first_ahead.saturating_sub(take);
-            for rec in part.queue.drain(..take) {
+            let records: Vec<Record> = part.queue.drain(..take).collect();
+            for rec in records {
                 part.in_flight.insert(rec.offset, rec.key.clone());
-                let sink = SettleSink {
-                    events: self.events_tx.clone(),
-                    generation: part.generation,
-                };
-                let pre = (self.rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
-                let attempt = next_attempt(&mut part.attempts, rec.offset);
-                messages.push(Message::new(rec, self.rt.cfg.name.clone(), sink, pre, attempt));
+                messages.push(new_message(&self.rt, &self.events_tx, part, rec));
             }
             let paused = part.paused;
             if paused {
@@ -993,31 +976,27 @@ fn finish(rt: &SubscriberRuntime, messages: &[Message], result: Result<(), Error
     let (settle, reason) = match &outcome {
         Outcome::Interrupted(s) => (
             Some((*s, SettledBy::Interrupt)),
-            Some("rejected with RejectMessage".to_owned()),
+            (*s == Settle::Reject).then(|| "rejected with RejectMessage".to_owned()),
         ),
         Outcome::Ok => (cfg.policy.after_handler(true).map(|s| (s, SettledBy::Policy)), None),
         Outcome::Failed { kind, message } => {
             let settle = match &cfg.retry {
-                // SPEC 3.12: with a retry budget, a failure is retried in place after a backoff until the
-                // budget is spent or the failure cannot succeed; then the message is rejected.
+                // SPEC 3.12: with a retry budget, a failure is retried after a backoff until the budget is
+                // spent or the failure cannot succeed; then the message is rejected.
                 Some(retry) => {
                     let attempt = messages.iter().map(Message::attempt).max().unwrap_or(1);
-                    if retry.retries(kind) && attempt < retry.max_attempts {
+                    Some(if retry.retries(kind) && attempt < retry.max_attempts {
                         Settle::Nack {
                             delay: Some(retry.delay(attempt)),
                         }
                     } else {
                         Settle::Reject
-                    }
+                    })
                 }
-                None => match cfg.policy.after_handler(false) {
-                    Some(s) => s,
-                    None => Settle::Ack, // never used: Manual and AckFirst settle nothing here
-                },
+                None => cfg.policy.after_handler(false),
             };
-            let applies = cfg.retry.is_some() || cfg.policy.after_handler(false).is_some();
             (
-                applies.then_some((settle, SettledBy::Policy)),
+                settle.map(|s| (s, SettledBy::Policy)),
                 Some(format!("{kind} error: {message}")),
             )
         }
@@ -1038,11 +1017,28 @@ fn finish(rt: &SubscriberRuntime, messages: &[Message], result: Result<(), Error
     }
 }
 
-/// Counts a dispatch of `offset` and returns which attempt it is.
-fn next_attempt(attempts: &mut HashMap<i64, u32>, offset: i64) -> u32 {
-    let n = attempts.entry(offset).or_insert(0);
-    *n += 1;
-    *n
+/// The handle of a record being dispatched: counts the attempt (continuing the retry topic's count for
+/// records read from it) and wires settles back to this engine.
+fn new_message(
+    rt: &SubscriberRuntime,
+    events: &mpsc::UnboundedSender<EngineEvent>,
+    part: &mut Partition,
+    rec: Record,
+) -> Message {
+    let sink = SettleSink {
+        events: events.clone(),
+        generation: part.generation,
+    };
+    let pre = (rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
+    let base = if rt.cfg.retry_consumer {
+        header_attempts(&rec)
+    } else {
+        0
+    };
+    let local = part.attempts.entry(rec.offset).or_insert(0);
+    *local += 1;
+    let attempt = base + *local;
+    Message::new(rec, rt.cfg.name.clone(), sink, pre, attempt)
 }
 
 /// SPEC 3.11: the result is published (and acknowledged) before the incoming message is settled.

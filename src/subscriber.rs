@@ -93,6 +93,16 @@ impl SubscriberConfig {
         }
     }
 
+    /// The policy `auto_commit` / `ack_policy` ask for (`ack_policy` when both are set; `resolve` checks
+    /// that they agree).
+    pub(crate) fn policy(&self) -> AckPolicy {
+        match (self.auto_commit, self.ack_policy) {
+            (_, Some(p)) => p,
+            (Some(false), None) => AckPolicy::NackOnError,
+            (None | Some(true), None) => AckPolicy::AckFirst,
+        }
+    }
+
     /// Resolves `auto_commit` / `ack_policy` and checks every setting (SPEC section 1).
     pub(crate) fn resolve(&self) -> Result<ResolvedSubscriber, ConfigError> {
         let name: Arc<str> = match (&self.name, &self.group_id) {
@@ -101,9 +111,6 @@ impl SubscriberConfig {
             (None, None) => self.topic.as_str().into(),
         };
         let policy = match (self.auto_commit, self.ack_policy) {
-            (None, None) | (Some(true), None) => AckPolicy::AckFirst,
-            (Some(false), None) => AckPolicy::NackOnError,
-            (None, Some(p)) => p,
             (Some(auto_commit), Some(policy)) => {
                 if auto_commit != (policy == AckPolicy::AckFirst) {
                     return Err(ConfigError::ConflictingAckSettings {
@@ -114,6 +121,7 @@ impl SubscriberConfig {
                 }
                 policy
             }
+            _ => self.policy(),
         };
         if policy.needs_group() && self.group_id.is_none() {
             return Err(ConfigError::MissingGroup {
