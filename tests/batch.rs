@@ -5,7 +5,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferrostream::{AckPolicy, Batch, Message, OffsetReset, Settle, SettledBy, TopicPartition};
+use ferrostream::{AckPolicy, Batch, Message, Settle, SettledBy, TopicPartition};
 
 /// Publishes `n` messages "m0".."m{n-1}" to partition 0 with one `publish_batch`.
 async fn publish_n(broker: &ferrostream::Broker, topic: &str, n: usize) {
@@ -28,12 +28,8 @@ async fn batches_hold_at_most_max_records_in_offset_order_and_commit_everything(
     let group = common::unique("g");
     let seen: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
     let record = seen.clone();
-    broker
-        .subscriber(&topic)
-        .name("batch")
-        .group_id(&group)
+    common::member(&broker, &topic, "batch", &group)
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .batch(10, Duration::from_millis(50))
         .handle(move |Batch(bodies): Batch<String>| {
             let record = record.clone();
@@ -69,12 +65,8 @@ async fn a_partial_batch_waits_for_the_batch_timeout() {
     let topic = common::topic(&broker, "batch-wait", 1).await;
     let calls: Arc<Mutex<Vec<(Instant, usize)>>> = Arc::default();
     let record = calls.clone();
-    broker
-        .subscriber(&topic)
-        .name("batch")
-        .group_id(common::unique("g"))
+    common::member(&broker, &topic, "batch", &common::unique("g"))
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .batch(100, TIMEOUT)
         .handle(move |Batch(bodies): Batch<String>| {
             let record = record.clone();
@@ -102,12 +94,8 @@ async fn a_failing_batch_is_settled_whole_by_the_policy() {
     let broker = common::broker();
     let topic = common::topic(&broker, "batch-fail", 1).await;
     let group = common::unique("g");
-    broker
-        .subscriber(&topic)
-        .name("batch")
-        .group_id(&group)
+    common::member(&broker, &topic, "batch", &group)
         .ack_policy(AckPolicy::RejectOnError)
-        .auto_offset_reset(OffsetReset::Earliest)
         .batch(5, Duration::from_millis(50))
         .handle(|Batch(_): Batch<String>| async { Err::<(), _>(std::io::Error::other("the whole batch fails")) });
     let observer = broker.observer();
@@ -134,12 +122,8 @@ async fn a_batch_handler_settles_messages_one_by_one_and_the_rest_together() {
     let broker = common::broker();
     let topic = common::topic(&broker, "batch-manual", 1).await;
     let group = common::unique("g");
-    broker
-        .subscriber(&topic)
-        .name("batch")
-        .group_id(&group)
+    common::member(&broker, &topic, "batch", &group)
         .ack_policy(AckPolicy::Manual)
-        .auto_offset_reset(OffsetReset::Earliest)
         .batch(6, Duration::from_millis(100))
         .handle(|messages: Batch<Message>| async move {
             for m in &messages.0 {
@@ -172,12 +156,8 @@ async fn a_nacked_batch_is_delivered_again() {
     let group = common::unique("g");
     let calls: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
     let record = calls.clone();
-    broker
-        .subscriber(&topic)
-        .name("batch")
-        .group_id(&group)
+    common::member(&broker, &topic, "batch", &group)
         .ack_policy(AckPolicy::NackOnError)
-        .auto_offset_reset(OffsetReset::Earliest)
         .batch(4, Duration::from_millis(100))
         .handle(move |Batch(bodies): Batch<String>| {
             let record = record.clone();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrostream::observe::Outcome;
-use ferrostream::{AckPolicy, Broker, Event, Message, Observer, OffsetReset, State, TopicPartition};
+use ferrostream::{AckPolicy, Broker, Event, Message, Observer, State, TopicPartition};
 use futures::StreamExt;
 
 /// Publishes `n` messages concurrently, spread over the topic's partitions by key.
@@ -64,12 +64,8 @@ async fn ack_first_commits_before_the_handler_runs() {
     let broker = broker.with_state(observer.clone()).with_state(log.clone());
     let topic = common::topic(&broker, "commits-ack-first", 2).await;
     let group = common::unique("g");
-    broker
-        .subscriber(&topic)
-        .name("at-most-once")
-        .group_id(&group)
+    common::member(&broker, &topic, "at-most-once", &group)
         .ack_policy(AckPolicy::AckFirst)
-        .auto_offset_reset(OffsetReset::Earliest)
         .handle(note_committed_at_start);
     let app = common::start(&broker).await;
     publish_many(&broker, &topic, 200).await;
@@ -143,12 +139,8 @@ async fn commit_sync_each_commits_every_settle_before_the_next_dispatch() {
     for i in 0..20 {
         broker.publish(format!("m{i}"), &topic).await.unwrap();
     }
-    broker
-        .subscriber(&topic)
-        .name("sync-each")
-        .group_id(&group)
+    common::member(&broker, &topic, "sync-each", &group)
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .commit_sync_each()
         .handle(note_committed_at_start);
     let app = common::start(&broker).await;
@@ -212,12 +204,8 @@ async fn commit_cadence_batches_commits() {
     let topic = common::topic(&broker, "commits-cadence", 1).await;
     let group = common::unique("g");
     publish_many(&broker, &topic, MESSAGES).await;
-    broker
-        .subscriber(&topic)
-        .name("cadence")
-        .group_id(&group)
+    common::member(&broker, &topic, "cadence", &group)
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .handle(|_: String| async {});
     let app = common::start(&broker).await;
     let tp = TopicPartition::new(topic.as_str(), 0);
@@ -254,12 +242,8 @@ async fn commit_every_triggers_before_the_interval() {
     let observer = broker.observer();
     let topic = common::topic(&broker, "commits-every", 1).await;
     let group = common::unique("g");
-    broker
-        .subscriber(&topic)
-        .name("every-10")
-        .group_id(&group)
+    common::member(&broker, &topic, "every-10", &group)
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .commit_interval(Duration::from_secs(3600))
         .commit_every(10)
         .handle(|_: String| async {});

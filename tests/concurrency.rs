@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferrostream::{Event, Message, OffsetReset, Settle, State, TopicPartition};
+use ferrostream::{Event, Message, Settle, State, TopicPartition};
 use tokio::sync::Semaphore;
 
 /// Watches handler calls: how many run at once, per key and overall, and in which order they start.
@@ -91,12 +91,8 @@ async fn same_key_messages_never_overlap_and_start_in_offset_order_while_other_k
             .or_default()
             .push(ack.offset);
     }
-    broker
-        .subscriber(&topic)
-        .name("keyed")
-        .group_id(&group)
+    common::member(&broker, &topic, "keyed", &group)
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .max_in_flight(8)
         .handle(tracked);
     let app = common::start(&broker).await;
@@ -155,12 +151,8 @@ async fn a_later_offset_never_commits_past_an_unsettled_earlier_one() {
             .await
             .unwrap();
     }
-    broker
-        .subscriber(&topic)
-        .name("gated")
-        .group_id(&group)
+    common::member(&broker, &topic, "gated", &group)
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .max_in_flight(4)
         .handle(|msg: Message, State(Gate(gate)): State<Gate>| async move {
             if msg.offset() == 0 {
@@ -226,12 +218,8 @@ async fn keyless_messages_run_one_at_a_time_in_offset_order_despite_max_in_fligh
     for i in 0..12 {
         broker.publish(format!("m{i}"), &topic).partition(0).await.unwrap();
     }
-    broker
-        .subscriber(&topic)
-        .name("keyless")
-        .group_id(&group)
+    common::member(&broker, &topic, "keyless", &group)
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .max_in_flight(4)
         .handle(tracked);
     let app = common::start(&broker).await;

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use ferrostream::{Event, OffsetReset, State, TopicPartition};
+use ferrostream::{Event, State, TopicPartition};
 use tokio::sync::Semaphore;
 
 const BACKLOG: usize = 20_000;
@@ -34,12 +34,8 @@ async fn a_backlog_behind_a_blocked_handler_pauses_fetching_and_stays_bounded() 
         .publish_batch((0..BACKLOG).map(|i| broker.publish(format!("m{i}"), &topic).partition(0)))
         .await;
     assert!(acks.iter().all(Result::is_ok));
-    broker
-        .subscriber(&topic)
-        .name("slow")
-        .group_id(common::unique("g"))
+    common::member(&broker, &topic, "slow", &common::unique("g"))
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .max_buffered(MAX_BUFFERED)
         .handle(|State(Gate(gate)): State<Gate>| async move {
             // Blocks until the test opens the gate; then every later message passes at once.
@@ -104,12 +100,8 @@ async fn a_partition_paused_before_a_rebalance_fetches_again_after_it() {
     }
     let group = common::unique("g");
     let member = |name: &str| {
-        broker
-            .subscriber(&topic)
-            .name(name)
-            .group_id(&group)
+        common::member(&broker, &topic, name, &group)
             .auto_commit(false)
-            .auto_offset_reset(OffsetReset::Earliest)
             .max_buffered(100)
             .drain_timeout(std::time::Duration::from_millis(500))
     };

@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferrostream::observe::Outcome;
-use ferrostream::{Event, Observer, OffsetReset, TopicPartition};
+use ferrostream::{Event, Observer, TopicPartition};
 
 /// (partition, offset) of a handled or published message.
 type Coord = (i32, i64);
@@ -54,12 +54,8 @@ async fn two_members_of_a_group_split_the_partitions_and_handle_each_message_onc
     let topic = common::topic(&broker, "groups-split", 4).await;
     let group = common::unique("g");
     for name in ["member-a", "member-b"] {
-        broker
-            .subscriber(&topic)
-            .name(name)
-            .group_id(&group)
+        common::member(&broker, &topic, name, &group)
             .auto_commit(false)
-            .auto_offset_reset(OffsetReset::Earliest)
             .handle(|_: String| async {});
     }
     let app = common::start(&broker).await;
@@ -137,12 +133,8 @@ async fn two_groups_each_see_every_message() {
     let topic = common::topic(&broker, "groups-fanout", 3).await;
     let groups = [common::unique("g1"), common::unique("g2")];
     for (name, group) in ["first", "second"].iter().zip(&groups) {
-        broker
-            .subscriber(&topic)
-            .name(*name)
-            .group_id(group)
+        common::member(&broker, &topic, name, group)
             .auto_commit(false)
-            .auto_offset_reset(OffsetReset::Earliest)
             .handle(|_: String| async {});
     }
     let app = common::start(&broker).await;
@@ -194,12 +186,8 @@ async fn a_member_leaving_hands_its_partitions_over_from_the_committed_offset() 
     let topic = common::topic(&broker, "groups-handover", 2).await;
     let group = common::unique("g");
     let subscribe = |name: &str| {
-        broker
-            .subscriber(&topic)
-            .name(name)
-            .group_id(&group)
+        common::member(&broker, &topic, name, &group)
             .auto_commit(false)
-            .auto_offset_reset(OffsetReset::Earliest)
             .handle(|_: String| async {});
     };
 

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use ferrostream::{AckPolicy, Broker, OffsetReset, Settle, SettledBy, TopicPartition};
+use ferrostream::{AckPolicy, Broker, Settle, SettledBy, TopicPartition};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
@@ -24,12 +24,8 @@ async fn failed_commits_are_counted_and_retried_until_the_offset_lands() {
         RDKafkaApiKey::OffsetCommit,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3],
     );
-    broker
-        .subscriber("orders")
-        .name("orders")
-        .group_id("g")
+    common::member(&broker, "orders", "orders", "g")
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .commit_interval(Duration::from_millis(20))
         .handle(|_: String| async {});
     let observer = broker.observer();
@@ -58,12 +54,8 @@ async fn a_failed_result_publish_leaves_the_message_unsettled_until_it_succeeds(
     cluster.create_topic("out", 1, 1).expect("topic");
     let broker = Broker::new(&format!("kafka://{}", cluster.bootstrap_servers())).unwrap();
     broker.publish("order-1", "in").await.unwrap();
-    broker
-        .subscriber("in")
-        .name("in")
-        .group_id("g")
+    common::member(&broker, "in", "in", "g")
         .ack_policy(AckPolicy::NackOnError)
-        .auto_offset_reset(OffsetReset::Earliest)
         .publish_to("out")
         .handle(|body: String| async move { format!("processed {body}") });
     // The result's first produce request is refused for good (not retriable by the producer).
@@ -109,12 +101,8 @@ async fn a_failed_dead_letter_publish_leaves_the_source_uncommitted_until_it_suc
     cluster.create_topic("orders.dlt", 1, 1).expect("topic");
     let broker = Broker::new(&format!("kafka://{}", cluster.bootstrap_servers())).unwrap();
     broker.publish("unbillable", "orders").await.unwrap();
-    broker
-        .subscriber("orders")
-        .name("orders")
-        .group_id("g")
+    common::member(&broker, "orders", "orders", "g")
         .ack_policy(AckPolicy::NackOnError)
-        .auto_offset_reset(OffsetReset::Earliest)
         .dead_letter("orders.dlt")
         .handle(|_: String| async { Err::<(), _>(ferrostream::RejectMessage) });
     // The first dead-letter produce request is refused for good.

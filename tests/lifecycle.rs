@@ -28,12 +28,7 @@ async fn an_at_least_once_policy_without_a_group_is_refused_at_startup() {
     let broker = common::broker();
     let observer = broker.observer();
     let topic = common::topic(&broker, "life-nogroup", 1).await;
-    broker
-        .subscriber(&topic)
-        .name("fine")
-        .group_id(common::unique("g"))
-        .auto_offset_reset(OffsetReset::Earliest)
-        .handle(|_: String| async {});
+    common::member(&broker, &topic, "fine", &common::unique("g")).handle(|_: String| async {});
     broker
         .subscriber(&topic)
         .name("groupless")
@@ -59,13 +54,9 @@ async fn an_at_least_once_policy_without_a_group_is_refused_at_startup() {
 async fn auto_commit_contradicting_the_ack_policy_is_refused_at_startup() {
     let broker = common::broker();
     let topic = common::topic(&broker, "life-conflict", 1).await;
-    broker
-        .subscriber(&topic)
-        .name("confused")
-        .group_id(common::unique("g"))
+    common::member(&broker, &topic, "confused", &common::unique("g"))
         .auto_commit(true)
         .ack_policy(AckPolicy::Manual)
-        .auto_offset_reset(OffsetReset::Earliest)
         .handle(|_: String| async {});
 
     let err = start_error(&broker).await;
@@ -121,12 +112,8 @@ async fn graceful_shutdown_lets_in_flight_handlers_finish_and_commits_them() {
             .await
             .unwrap();
     }
-    broker
-        .subscriber(&topic)
-        .name("slow")
-        .group_id(&group)
+    common::member(&broker, &topic, "slow", &group)
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .max_in_flight(2)
         // Only the final commit of the shutdown can make the offsets durable.
         .commit_interval(Duration::from_secs(3600))
@@ -192,12 +179,8 @@ async fn shutdown_gives_up_on_a_stuck_handler_at_its_deadline_and_leaves_it_unco
     for i in 0..3 {
         broker.publish(format!("m{i}"), &topic).await.unwrap();
     }
-    broker
-        .subscriber(&topic)
-        .name("stuck")
-        .group_id(&group)
+    common::member(&broker, &topic, "stuck", &group)
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .handle(
             |msg: Message, State(Started(tx)): State<Started>, State(gate): State<Arc<Semaphore>>| async move {
                 let _ = tx.send(msg.offset());
@@ -241,12 +224,8 @@ async fn shutting_down_two_members_of_one_group_commits_both_members_offsets() {
     let topic = common::topic(&broker, "life-group-close", 2).await;
     let group = common::unique("g");
     for name in ["one", "two"] {
-        broker
-            .subscriber(&topic)
-            .name(name)
-            .group_id(&group)
+        common::member(&broker, &topic, name, &group)
             .auto_commit(false)
-            .auto_offset_reset(OffsetReset::Earliest)
             // Only the final commits of the shutdown can make the offsets durable.
             .commit_interval(Duration::from_secs(3600))
             .handle(|_: String| async {});
@@ -297,12 +276,8 @@ async fn the_consumer_keeps_running_after_a_panic_and_a_decode_error() {
     let observer = broker.observer();
     let topic = common::topic(&broker, "life-survive", 1).await;
     let group = common::unique("g");
-    broker
-        .subscriber(&topic)
-        .name("fragile")
-        .group_id(&group)
+    common::member(&broker, &topic, "fragile", &group)
         .ack_policy(AckPolicy::RejectOnError)
-        .auto_offset_reset(OffsetReset::Earliest)
         .handle(fragile);
     let app = common::start(&broker).await;
     broker.publish("not an order", &topic).await.unwrap();
@@ -346,12 +321,8 @@ async fn ack_first_shutdown_still_handles_every_message_it_committed() {
         .publish_batch((0..2000).map(|i| broker.publish(format!("m{i}"), &topic).partition(0)))
         .await;
     assert!(acks.iter().all(Result::is_ok));
-    broker
-        .subscriber(&topic)
-        .name("amo")
-        .group_id(&group)
+    common::member(&broker, &topic, "amo", &group)
         .ack_policy(ferrostream::AckPolicy::AckFirst)
-        .auto_offset_reset(ferrostream::OffsetReset::Earliest)
         .handle(|_: String| async { tokio::time::sleep(Duration::from_millis(1)).await });
     let observer = broker.observer();
     let app = common::start(&broker).await;
@@ -394,12 +365,8 @@ async fn draining_on_shutdown_waits_without_spinning() {
     let broker = common::broker();
     let topic = common::topic(&broker, "drain-idle", 1).await;
     let (started_tx, mut started_rx) = mpsc::unbounded_channel::<()>();
-    broker
-        .subscriber(&topic)
-        .name("slow")
-        .group_id(common::unique("g"))
+    common::member(&broker, &topic, "slow", &common::unique("g"))
         .auto_commit(false)
-        .auto_offset_reset(ferrostream::OffsetReset::Earliest)
         .handle(move |body: String| {
             let started = started_tx.clone();
             async move {

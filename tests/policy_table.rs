@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ferrostream::observe::Outcome;
-use ferrostream::{AckPolicy, Json, OffsetReset, Settle, SettledBy, State};
+use ferrostream::{AckPolicy, Json, Settle, SettledBy, State};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -68,12 +68,8 @@ async fn run_case(policy: AckPolicy, behaviour: Behaviour) -> CaseResult {
     let topic = common::topic(&broker, "policy", 1).await;
     let group = common::unique("g");
     let observer = broker.observer();
-    broker
-        .subscriber(&topic)
-        .name("sub")
-        .group_id(&group)
+    common::member(&broker, &topic, "sub", &group)
         .ack_policy(policy)
-        .auto_offset_reset(OffsetReset::Earliest)
         .handle(handler);
     let app = common::start(&broker).await;
     let m1 = match behaviour {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferrostream::observe::Outcome;
-use ferrostream::{Event, Message, OffsetReset, Settle, SettledBy, State};
+use ferrostream::{Event, Message, Settle, SettledBy, State};
 
 /// What a handler saw of each message it received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,12 +46,8 @@ async fn record(msg: Message, State(inbox): State<Inbox>) {
 
 /// Subscribes `record` as `name` to `topic` in a fresh group.
 fn subscribe_recorder(broker: &ferrostream::Broker, topic: &str, name: &str) {
-    broker
-        .subscriber(topic)
-        .name(name)
-        .group_id(common::unique("g"))
+    common::member(broker, topic, name, &common::unique("g"))
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .handle(record);
 }
 
@@ -231,12 +227,8 @@ async fn a_handler_result_is_published_to_the_out_topic_with_the_correlation_id(
     let in_topic = common::topic(&broker, "pub-in", 1).await;
     let out_topic = common::topic(&broker, "pub-out", 1).await;
     let group = common::unique("g");
-    broker
-        .subscriber(&in_topic)
-        .name("shouter")
-        .group_id(&group)
+    common::member(&broker, &in_topic, "shouter", &group)
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .publish_to(&out_topic)
         .handle(|body: String| async move { body.to_uppercase() });
     subscribe_recorder(&broker, &out_topic, "listener");

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrostream::observe::Outcome;
-use ferrostream::{Broker, Event, Message, Observer, OffsetReset, RunningApp, State, TopicPartition};
+use ferrostream::{Broker, Event, Message, Observer, RunningApp, State, TopicPartition};
 use futures::StreamExt;
 
 /// (partition, offset) of a handled or published message.
@@ -73,12 +73,8 @@ async fn record_and_work(msg: Message, State(seen): State<Seen>) {
 }
 
 fn subscribe(broker: &Broker, topic: &str, group: &str, name: &str) {
-    broker
-        .subscriber(topic)
-        .name(name)
-        .group_id(group)
+    common::member(broker, topic, name, group)
         .auto_commit(false) // NackOnError
-        .auto_offset_reset(OffsetReset::Earliest)
         .handle(record_and_work);
 }
 
@@ -273,12 +269,8 @@ async fn cooperative_sticky_assignor_is_supported() {
     let topic = common::topic(&broker, "rebalance-coop", 4).await;
     let group = common::unique("g");
     let member = |name: &str| {
-        broker
-            .subscriber(&topic)
-            .name(name)
-            .group_id(&group)
+        common::member(&broker, &topic, name, &group)
             .auto_commit(false)
-            .auto_offset_reset(OffsetReset::Earliest)
             .handle(|_: String| async {});
     };
     member("coop-a");

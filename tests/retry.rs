@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferrostream::retry::headers;
-use ferrostream::{AckPolicy, Attempt, Event, Headers, Json, Key, Message, OffsetReset, RetryPolicy, StartError};
+use ferrostream::{AckPolicy, Attempt, Event, Headers, Json, Key, Message, RetryPolicy, StartError};
 
 const BACKOFF: Duration = Duration::from_millis(40);
 
@@ -29,12 +29,8 @@ async fn poison_among_many(partitions: i32) {
     let topic = common::topic(&broker, "retry", partitions).await;
     let dlt = common::topic(&broker, "retry-dlt", 1).await;
     let group = common::unique("g");
-    broker
-        .subscriber(&topic)
-        .name("orders")
-        .group_id(&group)
+    common::member(&broker, &topic, "orders", &group)
         .ack_policy(AckPolicy::NackOnError)
-        .auto_offset_reset(OffsetReset::Earliest)
         .retry(RetryPolicy::new(5).backoff(BACKOFF, Duration::from_secs(2)).jitter(0.0))
         .dead_letter(&dlt)
         .handle(|body: String, msg: Message, Attempt(n): Attempt, ferrostream::State(calls): ferrostream::State<Calls>| async move {
@@ -45,12 +41,8 @@ async fn poison_among_many(partitions: i32) {
             Ok(())
         });
     let seen = dead.clone();
-    broker
-        .subscriber(&dlt)
-        .name("dlt")
-        .group_id(common::unique("dlt"))
+    common::member(&broker, &dlt, "dlt", &common::unique("dlt"))
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .handle(move |Key(key): Key, body: String, headers: Headers| {
             let seen = seen.clone();
             async move { seen.lock().unwrap().push((key, body, headers)) }
@@ -186,12 +178,8 @@ async fn a_payload_that_cannot_decode_is_dead_lettered_without_retries() {
     let topic = common::topic(&broker, "retry-decode", 1).await;
     let dlt = common::topic(&broker, "retry-decode-dlt", 1).await;
     let group = common::unique("g");
-    broker
-        .subscriber(&topic)
-        .name("orders")
-        .group_id(&group)
+    common::member(&broker, &topic, "orders", &group)
         .ack_policy(AckPolicy::NackOnError)
-        .auto_offset_reset(OffsetReset::Earliest)
         .retry(RetryPolicy::new(5).backoff(BACKOFF, Duration::from_secs(1)))
         .dead_letter(&dlt)
         .handle(|Json(_): Json<Order>| async {});
@@ -244,12 +232,8 @@ async fn non_blocking_retries_go_through_the_retry_topic_without_holding_the_par
     let dlt = common::topic(&broker, "nb-retry-dlt", 1).await;
     let group = common::unique("g");
     let retry_topic = format!("{topic}.{group}.retry");
-    broker
-        .subscriber(&topic)
-        .name("orders")
-        .group_id(&group)
+    common::member(&broker, &topic, "orders", &group)
         .ack_policy(AckPolicy::NackOnError)
-        .auto_offset_reset(OffsetReset::Earliest)
         .retry(RetryPolicy::new(4).backoff(BACKOFF, Duration::from_secs(5)).jitter(0.0).non_blocking())
         .dead_letter(&dlt)
         .handle(|body: String, msg: Message, Attempt(n): Attempt, ferrostream::State(calls): ferrostream::State<Calls>| async move {
@@ -262,12 +246,8 @@ async fn non_blocking_retries_go_through_the_retry_topic_without_holding_the_par
         });
     let dead: Arc<Mutex<Vec<Headers>>> = Arc::default();
     let seen = dead.clone();
-    broker
-        .subscriber(&dlt)
-        .name("dlt")
-        .group_id(common::unique("dlt"))
+    common::member(&broker, &dlt, "dlt", &common::unique("dlt"))
         .auto_commit(false)
-        .auto_offset_reset(OffsetReset::Earliest)
         .handle(move |headers: Headers| {
             let seen = seen.clone();
             async move { seen.lock().unwrap().push(headers) }
@@ -349,12 +329,8 @@ async fn a_broker_default_retry_budget_applies_to_subscribers_without_their_own(
         .with_default_retry(RetryPolicy::new(3).backoff(Duration::from_millis(10), Duration::from_millis(50)));
     let topic = common::topic(&broker, "default-retry", 1).await;
     let group = common::unique("g");
-    broker
-        .subscriber(&topic)
-        .name("orders")
-        .group_id(&group)
+    common::member(&broker, &topic, "orders", &group)
         .ack_policy(AckPolicy::NackOnError)
-        .auto_offset_reset(OffsetReset::Earliest)
         .handle(|_: String| async { Err::<(), _>(std::io::Error::other("always")) });
     let observer = broker.observer();
     let app = common::start(&broker).await;

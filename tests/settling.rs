@@ -6,9 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferrostream::{
-    AckMessage, AckPolicy, Message, NackMessage, OffsetReset, RejectMessage, Settle, SettleOutcome, SettledBy,
-};
+use ferrostream::{AckMessage, AckPolicy, Message, NackMessage, RejectMessage, Settle, SettleOutcome, SettledBy};
 
 /// Subscribes `handler` as "sub" on a fresh one-partition topic and starts the app.
 async fn setup<H, A>(policy: AckPolicy, handler: H) -> (ferrostream::Broker, String, String, ferrostream::RunningApp)
@@ -20,12 +18,8 @@ where
     let broker = common::broker();
     let topic = common::topic(&broker, "settle", 1).await;
     let group = common::unique("g");
-    broker
-        .subscriber(&topic)
-        .name("sub")
-        .group_id(&group)
+    common::member(&broker, &topic, "sub", &group)
         .ack_policy(policy)
-        .auto_offset_reset(OffsetReset::Earliest)
         .handle(handler);
     let app = common::start(&broker).await;
     (broker, topic, group, app)

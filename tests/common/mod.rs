@@ -60,3 +60,13 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// The setup most tests share: a subscriber named `name` in `group`, reading `topic` from the earliest
+/// offset. Tests add their policy and handler.
+pub fn member(broker: &Broker, topic: &str, name: &str, group: &str) -> ferrostream::SubscriberBuilder {
+    broker
+        .subscriber(topic)
+        .name(name)
+        .group_id(group)
+        .auto_offset_reset(ferrostream::OffsetReset::Earliest)
+}
