@@ -18,14 +18,17 @@
 //! - settles of a previous assignment of a partition (older generation) are ignored;
 //! - at most one commit is in flight, so commits land in order.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::FutureExt;
 use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -33,7 +36,7 @@ use crate::broker::Broker;
 use crate::error::{BrokerError, Error};
 use crate::extract::{Context, StateMap};
 use crate::handler::ErasedHandler;
-use crate::message::{CORRELATION_ID, Message, Record, SettleSink, SettledBy};
+use crate::message::{CORRELATION_ID, Message, Record, SettleEvent, SettleSink, SettledBy};
 use crate::metrics::Counters;
 use crate::observe::{Event, Outcome};
 use crate::offset::{Delivery, OffsetTracker, TopicPartition};
@@ -52,20 +55,14 @@ const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 /// Wait before retrying a failed commit.
 const COMMIT_RETRY: Duration = Duration::from_millis(200);
 
-/// What handler tasks and message handles tell the engine.
+/// Handler calls of one subscriber member at most run inline before the engine looks at its other work.
+const INLINE_BUDGET: usize = 1024;
+
+/// What message handles and publish tasks tell the engine.
 #[derive(Debug)]
 pub(crate) enum EngineEvent {
-    Settled {
-        tp: TopicPartition,
-        generation: u64,
-        offset: i64,
-        settle: Settle,
-        by: SettledBy,
-        /// For a nack, the record to deliver again; for a reject, the record to dead-letter.
-        record: Option<Box<Record>>,
-        /// Why (for a reject: what the dead-letter record says).
-        reason: Option<String>,
-    },
+    /// A settle made by user code (`msg.ack()`...), sent through the message handle.
+    Settled(SettleEvent),
     /// The dead-letter or retry-topic publish of a record ended.
     Forwarded {
         tp: TopicPartition,
@@ -75,12 +72,16 @@ pub(crate) enum EngineEvent {
         to: Forward,
         result: Result<(), String>,
     },
-    Finished {
-        tp: TopicPartition,
-        generation: u64,
-        offset: i64,
-    },
 }
+
+/// A handler call that ended: its messages and what it returned.
+pub(crate) enum Completion {
+    One(Message, Result<(), Error>),
+    Batch(Vec<Message>, Result<(), Error>),
+}
+
+/// A handler call under way.
+type Running = BoxFuture<'static, Completion>;
 
 /// Where a record is published before its offset is settled.
 #[derive(Debug, Clone, Copy)]
@@ -125,15 +126,12 @@ struct Partition {
     generation: u64,
     /// Received, not yet dispatched, in offset order.
     queue: VecDeque<Record>,
-    /// Dispatched and not finished: offset -> key.
-    in_flight: HashMap<i64, Option<Bytes>>,
-    /// Keys (None = no key) with a record in flight.
-    busy_keys: HashSet<Option<Bytes>>,
+    /// Dispatched and not finished: offset and key (None = no key). At most `max_in_flight` entries, so
+    /// a scan beats a map.
+    in_flight: Vec<(i64, Option<Bytes>)>,
     /// After a delayed nack: dispatch nothing before this instant.
     hold_until: Option<Instant>,
     paused: bool,
-    /// Handler calls so far per offset (for retry budgets and the `Attempt` extractor).
-    attempts: HashMap<i64, u32>,
     /// Rejected offsets whose dead-letter publish is under way: not settled until it is acknowledged.
     dead_lettering: HashSet<i64>,
     /// Failed offsets being published to the retry topic (non-blocking retries).
@@ -143,15 +141,17 @@ struct Partition {
 }
 
 impl Partition {
+    fn key_busy(&self, key: &Option<Bytes>) -> bool {
+        self.in_flight.iter().any(|(_, k)| k == key)
+    }
+
     fn new(generation: u64) -> Self {
         Partition {
             generation,
             queue: VecDeque::new(),
-            in_flight: HashMap::new(),
-            busy_keys: HashSet::new(),
+            in_flight: Vec::new(),
             hold_until: None,
             paused: false,
-            attempts: HashMap::new(),
             dead_lettering: HashSet::new(),
             retrying: HashSet::new(),
             ack_first_ahead: 0,
@@ -168,7 +168,11 @@ pub(crate) struct Engine<T: ConsumerTransport> {
     transport: T,
     rt: Arc<SubscriberRuntime>,
     tracker: OffsetTracker,
-    parts: HashMap<TopicPartition, Partition>,
+    parts: FxHashMap<TopicPartition, Partition>,
+    /// The assigned partitions, in assignment order (dispatch walks them without allocating).
+    order: Vec<TopicPartition>,
+    /// Handler calls that did not finish on their first poll.
+    running: FuturesUnordered<Running>,
     next_generation: u64,
     events_tx: mpsc::UnboundedSender<EngineEvent>,
     events_rx: mpsc::UnboundedReceiver<EngineEvent>,
@@ -187,9 +191,12 @@ pub(crate) struct Engine<T: ConsumerTransport> {
 
 enum Step {
     Engine(EngineEvent),
+    Completed(Completion),
     Committed(Result<(), BrokerError>),
     Consumer(Option<ConsumerEvent>),
     Tick,
+    /// Dispatch stopped at its budget: come back to it once the other inputs had their turn.
+    Continue,
     Shutdown,
 }
 
@@ -206,7 +213,9 @@ impl<T: ConsumerTransport> Engine<T> {
             transport,
             rt,
             tracker: OffsetTracker::default(),
-            parts: HashMap::new(),
+            parts: FxHashMap::default(),
+            order: Vec::new(),
+            running: FuturesUnordered::new(),
             next_generation: 0,
             events_tx,
             events_rx,
@@ -227,10 +236,11 @@ impl<T: ConsumerTransport> Engine<T> {
     pub(crate) async fn run(mut self) {
         let name = self.rt.cfg.name.clone();
         loop {
-            self.dispatch_all();
+            let more = self.dispatch_all();
             self.maybe_commit();
-            match self.next_step().await {
+            match self.next_step(more).await {
                 Step::Engine(ev) => self.on_engine_event(ev),
+                Step::Completed(c) => self.on_completed(c),
                 Step::Committed(r) => self.on_commit_done(r),
                 Step::Consumer(Some(ev)) => self.on_consumer_event(ev).await,
                 Step::Consumer(None) => {
@@ -238,6 +248,7 @@ impl<T: ConsumerTransport> Engine<T> {
                     break;
                 }
                 Step::Tick => self.on_tick(),
+                Step::Continue => {}
                 Step::Shutdown => break,
             }
         }
@@ -261,11 +272,12 @@ impl<T: ConsumerTransport> Engine<T> {
         holds.chain(commit).chain(batch).min()
     }
 
-    async fn next_step(&mut self) -> Step {
+    async fn next_step(&mut self, more: bool) -> Step {
         let timer = self.next_timer();
         let commit = &mut self.commit;
         let transport = &mut self.transport;
         let rx = &mut self.events_rx;
+        let running = &mut self.running;
         let shutdown = &mut self.shutdown;
         tokio::select! {
             biased;
@@ -274,10 +286,12 @@ impl<T: ConsumerTransport> Engine<T> {
                 // Unreachable: the engine holds a sender.
                 None => Step::Shutdown,
             },
+            Some(c) = running.next(), if !running.is_empty() => Step::Completed(c),
             r = async { commit.as_mut().map(|c| c.future.as_mut()).expect("guarded").await }, if commit.is_some() => Step::Committed(r),
             _ = shutdown.wait_for(|stop| *stop) => Step::Shutdown,
             _ = async { tokio::time::sleep_until(timer.expect("guarded")).await }, if timer.is_some() => Step::Tick,
             ev = transport.next() => Step::Consumer(ev),
+            _ = tokio::task::yield_now(), if more => Step::Continue,
         }
     }
 
@@ -289,7 +303,13 @@ impl<T: ConsumerTransport> Engine<T> {
             ConsumerEvent::Assigned(tps) => {
                 for tp in &tps {
                     self.next_generation += 1;
-                    self.parts.insert(tp.clone(), Partition::new(self.next_generation));
+                    if self
+                        .parts
+                        .insert(tp.clone(), Partition::new(self.next_generation))
+                        .is_none()
+                    {
+                        self.order.push(tp.clone());
+                    }
                     self.tracker.assign(tp.clone());
                     // librdkafka keeps an application pause across unassign/assign: a partition paused by
                     // flow control before a rebalance would otherwise never fetch again.
@@ -310,6 +330,7 @@ impl<T: ConsumerTransport> Engine<T> {
                     self.parts.remove(tp);
                     self.tracker.revoke(tp);
                 }
+                self.order.retain(|tp| self.parts.contains_key(tp));
                 tracing::info!(subscriber = %self.rt.cfg.name, partitions = ?partitions, final_commits = ?commits, "partitions revoked");
                 if self.commits_enabled {
                     self.observe_commits(&commits);
@@ -335,7 +356,7 @@ impl<T: ConsumerTransport> Engine<T> {
             match offsets.deliver(rec.offset) {
                 Delivery::Fresh => {}
                 Delivery::Unsettled => {
-                    if part.in_flight.contains_key(&rec.offset) {
+                    if part.in_flight.iter().any(|(o, _)| *o == rec.offset) {
                         continue; // still running; its own settle decides
                     }
                 }
@@ -389,68 +410,102 @@ impl<T: ConsumerTransport> Engine<T> {
 
     // ---- dispatch ----------------------------------------------------------------------------------
 
-    fn dispatch_all(&mut self) {
+    /// Dispatches what every partition's rules allow. Returns true when the inline budget ran out with
+    /// work left, so the loop comes back to it after looking at its other inputs.
+    fn dispatch_all(&mut self) -> bool {
         if self.rt.cfg.commit_sync_each && (self.commit.is_some() || self.commit_due.is_some()) {
-            return; // the previous settle is not committed yet
+            return false; // the previous settle is not committed yet
         }
         if let Some(batch) = self.rt.cfg.batch {
             self.dispatch_batch(batch);
-            return;
+            return false;
         }
         let now = Instant::now();
-        let tps: Vec<TopicPartition> = self
-            .parts
-            .iter()
-            .filter(|(_, p)| !p.queue.is_empty() && p.in_flight.len() < self.rt.cfg.max_in_flight)
-            .map(|(tp, _)| tp.clone())
-            .collect();
-        for tp in tps {
-            self.dispatch_partition(&tp, now);
+        let mut budget = INLINE_BUDGET;
+        for i in 0..self.order.len() {
+            let tp = self.order[i].clone();
+            budget = self.dispatch_partition(&tp, now, budget);
         }
+        budget == 0
     }
 
-    fn dispatch_partition(&mut self, tp: &TopicPartition, now: Instant) {
+    /// Dispatches the records of one partition its rules allow. A handler call that finishes on its first
+    /// poll is completed right here (no task, no channel), which frees its slot for the next record; one
+    /// that waits joins `running`. Returns the budget left.
+    fn dispatch_partition(&mut self, tp: &TopicPartition, now: Instant, mut budget: usize) -> usize {
         self.ack_first_advance(tp);
         let max = self.rt.cfg.max_in_flight;
         let ack_first = self.policy() == AckPolicy::AckFirst && self.commits_enabled;
-        let confirmed = self.tracker.confirmed(tp);
-        let Some(part) = self.parts.get_mut(tp) else { return };
-        if part.hold_until.is_some_and(|h| h > now) || !part.dead_lettering.is_empty() {
-            return; // retries are blocking: nothing passes a message being retried or dead-lettered
-        }
-        part.hold_until = None;
-        // The retry topic's records wait until they are due (they are roughly in due order).
-        if self.rt.cfg.retry_consumer
-            && let Some(due) = part.queue.front().and_then(header_due)
-            && let Ok(wait) = due.duration_since(std::time::SystemTime::now())
-        {
-            part.hold_until = Some(now + wait);
-            return;
-        }
-        let mut blocked: HashSet<Option<Bytes>> = HashSet::new();
-        let mut i = 0;
-        while part.in_flight.len() < max && i < part.queue.len() {
-            let rec = &part.queue[i];
-            if ack_first && confirmed.is_none_or(|c| rec.offset >= c) {
-                break; // its commit is not confirmed yet: at most once means commit first
+        while budget > 0 {
+            if self.rt.cfg.commit_sync_each && (self.commit.is_some() || self.commit_due.is_some()) {
+                break; // the previous settle is not committed yet
             }
-            if part.busy_keys.contains(&rec.key) || blocked.contains(&rec.key) {
-                blocked.insert(rec.key.clone());
-                i += 1;
-                if max == 1 {
-                    break;
+            let confirmed = self.tracker.confirmed(tp);
+            let Some(part) = self.parts.get_mut(tp) else {
+                return budget;
+            };
+            if part.in_flight.len() >= max || part.queue.is_empty() {
+                break;
+            }
+            if part.hold_until.is_some_and(|h| h > now) || !part.dead_lettering.is_empty() {
+                return budget; // retries are blocking: nothing passes a message being retried or dead-lettered
+            }
+            part.hold_until = None;
+            // The retry topic's records wait until they are due (they are roughly in due order).
+            if self.rt.cfg.retry_consumer
+                && let Some(due) = part.queue.front().and_then(header_due)
+                && let Ok(wait) = due.duration_since(std::time::SystemTime::now())
+            {
+                part.hold_until = Some(now + wait);
+                return budget;
+            }
+            // The first record whose key is not busy and not held back by an earlier record of its key
+            // (records of one key start in offset order).
+            let mut blocked: Vec<&Option<Bytes>> = Vec::new();
+            let mut pick = None;
+            for (i, rec) in part.queue.iter().enumerate() {
+                if ack_first && confirmed.is_none_or(|c| rec.offset >= c) {
+                    break; // its commit is not confirmed yet: at most once means commit first
                 }
-                continue;
+                if part.key_busy(&rec.key) || blocked.contains(&&rec.key) {
+                    if max == 1 {
+                        break;
+                    }
+                    blocked.push(&rec.key);
+                    continue;
+                }
+                pick = Some(i);
+                break;
             }
-            let Some(rec) = part.queue.remove(i) else { break };
+            let Some(rec) = pick.and_then(|i| part.queue.remove(i)) else {
+                break;
+            };
             part.ack_first_ahead = part.ack_first_ahead.saturating_sub(1);
-            part.in_flight.insert(rec.offset, rec.key.clone());
-            part.busy_keys.insert(rec.key.clone());
-            let msg = new_message(&self.rt, &self.events_tx, part, rec);
-            tokio::spawn(run_handler(self.rt.clone(), msg));
+            part.in_flight.push((rec.offset, rec.key.clone()));
+            let msg = new_message(&self.rt, &self.events_tx, part.generation, rec);
+            if let Some(done) = self.start(Box::pin(run_handler(self.rt.clone(), msg))) {
+                self.on_completed(done);
+            }
+            budget -= 1;
         }
-        if part.paused {
+        if self.parts.get(tp).is_some_and(|p| p.paused) {
             self.flow_control(tp);
+        }
+        budget
+    }
+
+    /// Polls a new handler call once, here. Most calls of a fast handler finish on that poll, and then
+    /// cost no task, no wake-up and no message to the engine. The first poll uses a no-op waker: a call
+    /// that is not finished goes to `running`, whose next poll registers the real one (a future must
+    /// wake the waker of its latest poll, so nothing is lost).
+    fn start(&mut self, mut call: Running) -> Option<Completion> {
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        match call.as_mut().poll(&mut cx) {
+            Poll::Ready(done) => Some(done),
+            Poll::Pending => {
+                self.running.push(call);
+                None
+            }
         }
     }
 
@@ -536,8 +591,8 @@ impl<T: ConsumerTransport> Engine<T> {
             part.ack_first_ahead = part.ack_first_ahead.saturating_sub(take);
             let records: Vec<Record> = part.queue.drain(..take).collect();
             for rec in records {
-                part.in_flight.insert(rec.offset, rec.key.clone());
-                messages.push(new_message(&self.rt, &self.events_tx, part, rec));
+                part.in_flight.push((rec.offset, rec.key.clone()));
+                messages.push(new_message(&self.rt, &self.events_tx, part.generation, rec));
             }
             let paused = part.paused;
             if paused {
@@ -547,55 +602,106 @@ impl<T: ConsumerTransport> Engine<T> {
                 break;
             }
         }
-        tokio::spawn(run_batch(self.rt.clone(), messages));
+        if let Some(done) = self.start(Box::pin(run_batch(self.rt.clone(), messages))) {
+            self.on_completed(done);
+        }
     }
 
     // ---- settles -------------------------------------------------------------------------------------
 
+    /// A handler call ended. Settles its code made were sent before it returned: they are applied first,
+    /// then the policy's settle for its outcome, then its in-flight slots are freed.
+    fn on_completed(&mut self, done: Completion) {
+        while let Ok(ev) = self.events_rx.try_recv() {
+            self.on_engine_event(ev);
+        }
+        let rt = self.rt.clone();
+        let (messages, result) = match &done {
+            Completion::One(m, r) => (std::slice::from_ref(m), r),
+            Completion::Batch(v, r) => (&v[..], r),
+        };
+        let verdict = Verdict::of(&rt, messages, result);
+        for msg in messages {
+            rt.counters.handled(verdict.label);
+            rt.observe(|| Event::Handled {
+                subscriber: rt.cfg.name.clone(),
+                tp: msg.topic_partition().clone(),
+                offset: msg.offset(),
+                payload: String::from_utf8_lossy(msg.payload()).into_owned(),
+                outcome: verdict.outcome.clone(),
+            });
+            if let Some((s, by)) = verdict.settle
+                && let Ok(ev) = msg.mark_settled(s, by, verdict.reason.clone())
+            {
+                self.on_settled(ev);
+            }
+        }
+        match &done {
+            Completion::One(m, _) => {
+                if let Some(part) = self
+                    .parts
+                    .get_mut(m.topic_partition())
+                    .filter(|p| p.generation == m.generation())
+                    && let Some(i) = part.in_flight.iter().position(|(o, _)| *o == m.offset())
+                {
+                    part.in_flight.swap_remove(i);
+                }
+            }
+            // One batch runs at a time: its end frees every slot of the partitions it came from.
+            Completion::Batch(v, _) => {
+                for m in v {
+                    if let Some(part) = self
+                        .parts
+                        .get_mut(m.topic_partition())
+                        .filter(|p| p.generation == m.generation())
+                    {
+                        part.in_flight.clear();
+                    }
+                }
+            }
+        }
+    }
+
+    /// A settle takes effect on the offsets (SPEC 3.1-3.3): acks complete, nacks re-queue, rejects complete
+    /// or go to the dead-letter topic first.
+    fn on_settled(&mut self, ev: SettleEvent) {
+        let SettleEvent {
+            tp,
+            generation,
+            offset,
+            settle,
+            by,
+            record,
+            reason,
+        } = ev;
+        self.rt.counters.settled(settle);
+        self.rt.observe(|| Event::Settled {
+            subscriber: self.rt.cfg.name.clone(),
+            tp: tp.clone(),
+            offset,
+            settle,
+            by,
+        });
+        if self.parts.get(&tp).is_none_or(|p| p.generation != generation) {
+            tracing::debug!(subscriber = %self.rt.cfg.name, %tp, offset, "settle of a revoked assignment ignored");
+            return;
+        }
+        let non_blocking = self.rt.cfg.retry_topic.is_some() && by == SettledBy::Policy;
+        match (settle, record, &self.rt.cfg.dead_letter) {
+            (Settle::Reject, Some(record), Some(_)) => self.forward(generation, *record, reason, Forward::DeadLetter),
+            (Settle::Ack | Settle::Reject, _, _) => self.complete(&tp, offset),
+            (Settle::Nack { delay }, Some(record), _) if non_blocking => {
+                let delay = delay.unwrap_or_default();
+                self.forward(generation, *record, reason, Forward::Retry { delay })
+            }
+            (Settle::Nack { delay }, Some(record), _) => self.redeliver(*record, delay),
+            (Settle::Nack { .. }, None, _) => {}
+        }
+    }
+
     fn on_engine_event(&mut self, ev: EngineEvent) {
         match ev {
-            EngineEvent::Finished { tp, generation, offset } => {
-                if let Some(part) = self.parts.get_mut(&tp).filter(|p| p.generation == generation)
-                    && let Some(key) = part.in_flight.remove(&offset)
-                {
-                    part.busy_keys.remove(&key);
-                }
-            }
-            EngineEvent::Settled {
-                tp,
-                generation,
-                offset,
-                settle,
-                by,
-                record,
-                reason,
-            } => {
-                self.rt.counters.settled(settle);
-                self.rt.observe(|| Event::Settled {
-                    subscriber: self.rt.cfg.name.clone(),
-                    tp: tp.clone(),
-                    offset,
-                    settle,
-                    by,
-                });
-                if self.parts.get(&tp).is_none_or(|p| p.generation != generation) {
-                    tracing::debug!(subscriber = %self.rt.cfg.name, %tp, offset, "settle of a revoked assignment ignored");
-                    return;
-                }
-                let non_blocking = self.rt.cfg.retry_topic.is_some() && by == SettledBy::Policy;
-                match (settle, record, &self.rt.cfg.dead_letter) {
-                    (Settle::Reject, Some(record), Some(_)) => {
-                        self.forward(generation, *record, reason, Forward::DeadLetter)
-                    }
-                    (Settle::Ack | Settle::Reject, _, _) => self.complete(&tp, offset),
-                    (Settle::Nack { delay }, Some(record), _) if non_blocking => {
-                        let delay = delay.unwrap_or_default();
-                        self.forward(generation, *record, reason, Forward::Retry { delay })
-                    }
-                    (Settle::Nack { delay }, Some(record), _) => self.redeliver(*record, delay),
-                    (Settle::Nack { .. }, None, _) => {}
-                }
-            }
+            EngineEvent::Settled(ev) => self.on_settled(ev),
             EngineEvent::Forwarded {
                 tp,
                 generation,
@@ -642,9 +748,6 @@ impl<T: ConsumerTransport> Engine<T> {
         if let Some(p) = self.tracker.partition(tp) {
             p.settle(offset);
         }
-        if let Some(part) = self.parts.get_mut(tp) {
-            part.attempts.remove(&offset);
-        }
         self.note_settles(1, false);
     }
 
@@ -667,7 +770,7 @@ impl<T: ConsumerTransport> Engine<T> {
         let Some(part) = self.parts.get_mut(&record.tp) else {
             return;
         };
-        let attempts = base + part.attempts.get(&record.offset).copied().unwrap_or(1);
+        let attempts = base + record.attempts.max(1);
         match to {
             Forward::DeadLetter => part.dead_lettering.insert(record.offset),
             Forward::Retry { .. } => part.retrying.insert(record.offset),
@@ -838,7 +941,7 @@ impl<T: ConsumerTransport> Engine<T> {
                     None => {
                         let now = Instant::now();
                         for tp in tps {
-                            self.dispatch_partition(tp, now);
+                            self.dispatch_partition(tp, now, INLINE_BUDGET);
                         }
                     }
                 }
@@ -858,14 +961,17 @@ impl<T: ConsumerTransport> Engine<T> {
             let timer = self.next_timer().map_or(deadline, |t| t.min(deadline));
             let commit = &mut self.commit;
             let rx = &mut self.events_rx;
+            let running = &mut self.running;
             let step = tokio::select! {
                 biased;
                 ev = rx.recv() => match ev { Some(ev) => Step::Engine(ev), None => Step::Shutdown },
+                Some(c) = running.next(), if !running.is_empty() => Step::Completed(c),
                 r = async { commit.as_mut().map(|c| c.future.as_mut()).expect("guarded").await }, if commit.is_some() => Step::Committed(r),
                 _ = tokio::time::sleep_until(timer) => Step::Tick,
             };
             match step {
                 Step::Engine(ev) => self.on_engine_event(ev),
+                Step::Completed(c) => self.on_completed(c),
                 Step::Committed(r) => self.on_commit_done(r),
                 _ if Instant::now() < deadline => self.on_tick(),
                 _ => {
@@ -915,22 +1021,26 @@ impl<T: ConsumerTransport> Engine<T> {
     }
 }
 
-/// Runs one handler call to its end and settles by the policy (SPEC section 2).
-async fn run_handler(rt: Arc<SubscriberRuntime>, msg: Message) {
+/// Runs one handler call to its end (SPEC section 2); the engine settles by its outcome.
+async fn run_handler(rt: Arc<SubscriberRuntime>, msg: Message) -> Completion {
     let result = call_handler(&rt, &Context::single(&msg, &rt.state)).await;
-    finish(&rt, std::slice::from_ref(&msg), result);
+    Completion::One(msg, result)
 }
 
 /// Runs one batch handler call (SPEC 3.10): the outcome settles every message not settled by the handler.
-async fn run_batch(rt: Arc<SubscriberRuntime>, batch: Vec<Message>) {
-    let Some(first) = batch.first() else { return };
-    let cx = Context {
-        message: first,
-        batch: &batch,
-        state: &rt.state,
+async fn run_batch(rt: Arc<SubscriberRuntime>, batch: Vec<Message>) -> Completion {
+    let result = match batch.first() {
+        Some(first) => {
+            let cx = Context {
+                message: first,
+                batch: &batch,
+                state: &rt.state,
+            };
+            call_handler(&rt, &cx).await
+        }
+        None => Ok(()),
     };
-    let result = call_handler(&rt, &cx).await;
-    finish(&rt, &batch, result);
+    Completion::Batch(batch, result)
 }
 
 /// Extracts, calls (catching panics, SPEC 2.3) and publishes the result (SPEC 3.11).
@@ -950,70 +1060,73 @@ async fn call_handler(rt: &SubscriberRuntime, cx: &Context<'_>) -> Result<(), Er
     }
 }
 
-/// Logs, counts and records the outcome, settles by it, and frees the in-flight slots.
-fn finish(rt: &SubscriberRuntime, messages: &[Message], result: Result<(), Error>) {
-    let cfg = &rt.cfg;
-    let outcome = match &result {
-        Ok(()) => Outcome::Ok,
-        Err(e) => match e.interrupt() {
-            Some(s) => Outcome::Interrupted(s),
-            None => Outcome::Failed {
-                kind: e.label(),
-                message: e.to_string(),
+/// What a handler call's outcome means: how it is recorded and how the policy settles its messages.
+struct Verdict {
+    outcome: Outcome,
+    /// The failure kind, for the counters.
+    label: Option<&'static str>,
+    settle: Option<(Settle, SettledBy)>,
+    reason: Option<String>,
+}
+
+impl Verdict {
+    /// Reads the outcome (logging a failure) and applies the policy and the retry budget to it.
+    fn of(rt: &SubscriberRuntime, messages: &[Message], result: &Result<(), Error>) -> Self {
+        let cfg = &rt.cfg;
+        let outcome = match result {
+            Ok(()) => Outcome::Ok,
+            Err(e) => match e.interrupt() {
+                Some(s) => Outcome::Interrupted(s),
+                None => Outcome::Failed {
+                    kind: e.label(),
+                    message: e.to_string(),
+                },
             },
-        },
-    };
-    let label = match &outcome {
-        Outcome::Failed { kind, .. } => Some(*kind),
-        _ => None,
-    };
-    if let (Err(e), Some(_), Some(first)) = (&result, label, messages.first()) {
-        tracing::error!(
-            subscriber = %cfg.name, topic = first.topic(), partition = first.partition(), offset = first.offset(),
-            attempt = first.attempt(), batch = messages.len(), kind = e.label(), error = %e, "handler failed"
-        );
-    }
-    let (settle, reason) = match &outcome {
-        Outcome::Interrupted(s) => (
-            Some((*s, SettledBy::Interrupt)),
-            (*s == Settle::Reject).then(|| "rejected with RejectMessage".to_owned()),
-        ),
-        Outcome::Ok => (cfg.policy.after_handler(true).map(|s| (s, SettledBy::Policy)), None),
-        Outcome::Failed { kind, message } => {
-            let settle = match &cfg.retry {
-                // SPEC 3.12: with a retry budget, a failure is retried after a backoff until the budget is
-                // spent or the failure cannot succeed; then the message is rejected.
-                Some(retry) => {
-                    let attempt = messages.iter().map(Message::attempt).max().unwrap_or(1);
-                    Some(if retry.retries(kind) && attempt < retry.max_attempts {
-                        Settle::Nack {
-                            delay: Some(retry.delay(attempt)),
-                        }
-                    } else {
-                        Settle::Reject
-                    })
-                }
-                None => cfg.policy.after_handler(false),
-            };
-            (
-                settle.map(|s| (s, SettledBy::Policy)),
-                Some(format!("{kind} error: {message}")),
-            )
+        };
+        let label = match &outcome {
+            Outcome::Failed { kind, .. } => Some(*kind),
+            _ => None,
+        };
+        if let (Err(e), Some(_), Some(first)) = (result, label, messages.first()) {
+            tracing::error!(
+                subscriber = %cfg.name, topic = first.topic(), partition = first.partition(), offset = first.offset(),
+                attempt = first.attempt(), batch = messages.len(), kind = e.label(), error = %e, "handler failed"
+            );
         }
-    };
-    for msg in messages {
-        rt.counters.handled(label);
-        rt.observe(|| Event::Handled {
-            subscriber: cfg.name.clone(),
-            tp: msg.topic_partition().clone(),
-            offset: msg.offset(),
-            payload: String::from_utf8_lossy(msg.payload()).into_owned(),
-            outcome: outcome.clone(),
-        });
-        if let Some((s, by)) = settle {
-            let _ = msg.settle_because(s, by, reason.clone());
+        let (settle, reason) = match &outcome {
+            Outcome::Interrupted(s) => (
+                Some((*s, SettledBy::Interrupt)),
+                (*s == Settle::Reject).then(|| "rejected with RejectMessage".to_owned()),
+            ),
+            Outcome::Ok => (cfg.policy.after_handler(true).map(|s| (s, SettledBy::Policy)), None),
+            Outcome::Failed { kind, message } => {
+                let settle = match &cfg.retry {
+                    // SPEC 3.12: with a retry budget, a failure is retried after a backoff until the budget
+                    // is spent or the failure cannot succeed; then the message is rejected.
+                    Some(retry) => {
+                        let attempt = messages.iter().map(Message::attempt).max().unwrap_or(1);
+                        Some(if retry.retries(kind) && attempt < retry.max_attempts {
+                            Settle::Nack {
+                                delay: Some(retry.delay(attempt)),
+                            }
+                        } else {
+                            Settle::Reject
+                        })
+                    }
+                    None => cfg.policy.after_handler(false),
+                };
+                (
+                    settle.map(|s| (s, SettledBy::Policy)),
+                    Some(format!("{kind} error: {message}")),
+                )
+            }
+        };
+        Verdict {
+            outcome,
+            label,
+            settle,
+            reason,
         }
-        msg.finished();
     }
 }
 
@@ -1022,12 +1135,12 @@ fn finish(rt: &SubscriberRuntime, messages: &[Message], result: Result<(), Error
 fn new_message(
     rt: &SubscriberRuntime,
     events: &mpsc::UnboundedSender<EngineEvent>,
-    part: &mut Partition,
-    rec: Record,
+    generation: u64,
+    mut rec: Record,
 ) -> Message {
     let sink = SettleSink {
         events: events.clone(),
-        generation: part.generation,
+        generation,
     };
     let pre = (rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
     let base = if rt.cfg.retry_consumer {
@@ -1035,9 +1148,8 @@ fn new_message(
     } else {
         0
     };
-    let local = part.attempts.entry(rec.offset).or_insert(0);
-    *local += 1;
-    let attempt = base + *local;
+    rec.attempts += 1;
+    let attempt = base + rec.attempts;
     Message::new(rec, rt.cfg.name.clone(), sink, pre, attempt)
 }
 

@@ -75,6 +75,23 @@ pub(crate) struct Record {
     pub(crate) headers: Headers,
     /// Milliseconds since the Unix epoch.
     pub(crate) timestamp: Option<i64>,
+    /// Handler calls this record has had in this assignment (the engine counts them; the record carries
+    /// the count through nacks and re-queues).
+    pub(crate) attempts: u32,
+}
+
+/// A settle taking effect: what the engine needs to apply it.
+#[derive(Debug)]
+pub(crate) struct SettleEvent {
+    pub(crate) tp: TopicPartition,
+    pub(crate) generation: u64,
+    pub(crate) offset: i64,
+    pub(crate) settle: Settle,
+    pub(crate) by: SettledBy,
+    /// For a nack, the record to deliver again; for a reject, the record to dead-letter.
+    pub(crate) record: Option<Box<Record>>,
+    /// Why (for a reject: what the dead-letter record says).
+    pub(crate) reason: Option<String>,
 }
 
 /// Where settles go: the engine of the subscriber that delivered the message.
@@ -186,19 +203,37 @@ impl Message {
         self.settle_because(settle, by, None)
     }
 
-    /// Settles, saying why (for a reject: the text a dead-letter record carries).
+    /// Settles, saying why (for a reject: the text a dead-letter record carries), and tells the engine.
     pub(crate) fn settle_because(&self, settle: Settle, by: SettledBy, reason: Option<String>) -> SettleOutcome {
+        match self.mark_settled(settle, by, reason) {
+            Ok(event) => {
+                // The engine may be gone (shutdown past its deadline); the settle then has no effect on
+                // commits, which is the documented at-least-once outcome.
+                let _ = self.inner.sink.events.send(EngineEvent::Settled(event));
+                SettleOutcome::Settled(settle)
+            }
+            Err(prev) => SettleOutcome::AlreadySettled(prev),
+        }
+    }
+
+    /// The single place a settle takes effect (first settle wins): marks the message settled and returns
+    /// what the engine must apply, or the earlier settle. The engine calls this directly for the policy's
+    /// settle after the handler returned; user settles go through [`settle_because`](Self::settle_because).
+    pub(crate) fn mark_settled(
+        &self,
+        settle: Settle,
+        by: SettledBy,
+        reason: Option<String>,
+    ) -> Result<SettleEvent, Settle> {
         {
             let mut slot = self.lock();
             if let Some(prev) = *slot {
-                return SettleOutcome::AlreadySettled(prev);
+                return Err(prev);
             }
             *slot = Some(settle);
         }
         let r = &self.inner.record;
-        // The engine may be gone (shutdown past its deadline); the settle then has no effect on
-        // commits, which is the documented at-least-once outcome.
-        let _ = self.inner.sink.events.send(EngineEvent::Settled {
+        Ok(SettleEvent {
             tp: r.tp.clone(),
             generation: self.inner.sink.generation,
             offset: r.offset,
@@ -207,18 +242,11 @@ impl Message {
             // Nacks need the record to deliver it again; rejects to dead-letter it.
             record: matches!(settle, Settle::Nack { .. } | Settle::Reject).then(|| Box::new(r.clone())),
             reason,
-        });
-        SettleOutcome::Settled(settle)
+        })
     }
 
-    /// Tells the engine the handler call for this message ended (its in-flight slot is free).
-    pub(crate) fn finished(&self) {
-        let r = &self.inner.record;
-        let _ = self.inner.sink.events.send(EngineEvent::Finished {
-            tp: r.tp.clone(),
-            generation: self.inner.sink.generation,
-            offset: r.offset,
-        });
+    pub(crate) fn generation(&self) -> u64 {
+        self.inner.sink.generation
     }
 
     /// Which delivery of this message to this subscriber this is: 1 the first time, 2 after one

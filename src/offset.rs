@@ -24,7 +24,7 @@
 //! entries at the front are folded into `floor` eagerly, so the first entry, when present, is unsettled
 //! and the watermark is read in O(log n).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -164,7 +164,7 @@ impl PartitionOffsets {
 /// The offsets of every partition a consumer owns, and what has been committed of them.
 #[derive(Debug, Default)]
 pub(crate) struct OffsetTracker {
-    parts: HashMap<TopicPartition, Tracked>,
+    parts: rustc_hash::FxHashMap<TopicPartition, Tracked>,
 }
 
 #[derive(Debug, Default)]

@@ -230,6 +230,7 @@ fn to_record(m: &BorrowedMessage<'_>, last_tp: &mut Option<TopicPartition>) -> R
         payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
         headers,
         timestamp: m.timestamp().to_millis(),
+        attempts: 0,
     }
 }
 

@@ -376,6 +376,7 @@ impl MemoryConsumer {
                     payload: s.payload.clone(),
                     headers: s.headers.clone(),
                     timestamp: Some(s.timestamp),
+                    attempts: 0,
                 });
             }
             cursor.position = cursor.position.max(end as i64);
