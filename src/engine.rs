@@ -47,7 +47,7 @@ use crate::subscriber::{BatchConfig, ResolvedSubscriber};
 use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
 
 /// `AckFirst` settles and commits the queue in runs of this many records, at most two runs ahead.
-const ACK_FIRST_RUN: usize = 512;
+const ACK_FIRST_RUN: usize = 2048;
 /// The least time between a nack and the redelivery of its message.
 const REDELIVERY_FLOOR: Duration = Duration::from_millis(10);
 /// Wait before a message whose dead-letter publish failed comes back.
@@ -276,6 +276,10 @@ impl<T: ConsumerTransport> Engine<T> {
         let timer = self.next_timer();
         let commit = &mut self.commit;
         let transport = &mut self.transport;
+        // A partition that is not paused yet holds `max_buffered` records (under `AckFirst`: records waiting
+        // for their commit): take no more until it drains, so memory stays bounded without a pause.
+        let max = self.rt.cfg.max_buffered;
+        let full = self.parts.values().any(|p| !p.paused && p.queue.len() >= max);
         let rx = &mut self.events_rx;
         let running = &mut self.running;
         let shutdown = &mut self.shutdown;
@@ -290,7 +294,7 @@ impl<T: ConsumerTransport> Engine<T> {
             r = async { commit.as_mut().map(|c| c.future.as_mut()).expect("guarded").await }, if commit.is_some() => Step::Committed(r),
             _ = shutdown.wait_for(|stop| *stop) => Step::Shutdown,
             _ = async { tokio::time::sleep_until(timer.expect("guarded")).await }, if timer.is_some() => Step::Tick,
-            ev = transport.next() => Step::Consumer(ev),
+            ev = transport.next(), if !full => Step::Consumer(ev),
             _ = tokio::task::yield_now(), if more => Step::Continue,
         }
     }
@@ -362,7 +366,7 @@ impl<T: ConsumerTransport> Engine<T> {
                 }
                 Delivery::Settled | Delivery::Stale => continue,
             }
-            if part.queue.len() >= self.rt.cfg.max_buffered && !part.paused {
+            if !part.paused && touched.last() != Some(&rec.tp) && !touched.contains(&rec.tp) {
                 touched.push(rec.tp.clone());
             }
             part.queue.push_back(rec);
@@ -511,11 +515,15 @@ impl<T: ConsumerTransport> Engine<T> {
 
     /// Bounded memory (SPEC 3.6): a partition whose queue reaches `max_buffered` records waiting behind its
     /// in-flight limit stops fetching; it fetches again once the queue is down to a quarter of that.
+    /// Under `AckFirst` only records whose commit is confirmed count: the others wait for their commit,
+    /// not for a handler, and `next_step` bounds them by taking no more records while they fill the queue.
+    /// (Pausing is not free: librdkafka drops what it prefetched for the partition and fetches it again on
+    /// resume, so a pause must mean a handler that cannot keep up, not a commit round trip.)
     fn flow_control(&mut self, tp: &TopicPartition) {
         let max = self.rt.cfg.max_buffered;
+        let buffered = self.waiting(tp);
         let Some(part) = self.parts.get_mut(tp) else { return };
-        let buffered = part.queue.len();
-        self.rt.counters.buffered(buffered);
+        self.rt.counters.buffered(part.queue.len());
         let paused = if !part.paused && buffered >= max {
             self.transport.pause(tp);
             true
@@ -533,6 +541,17 @@ impl<T: ConsumerTransport> Engine<T> {
             paused,
             buffered,
         });
+    }
+
+    /// Records of a partition waiting for a handler slot.
+    fn waiting(&self, tp: &TopicPartition) -> usize {
+        let Some(part) = self.parts.get(tp) else { return 0 };
+        if self.policy() == AckPolicy::AckFirst && self.commits_enabled {
+            let confirmed = self.tracker.confirmed(tp);
+            part.queue.partition_point(|r| confirmed.is_some_and(|c| r.offset < c))
+        } else {
+            part.queue.len()
+        }
     }
 
     /// Batch mode (SPEC 3.10): one batch in flight at a time, so per-partition order holds; a batch
@@ -863,7 +882,11 @@ impl<T: ConsumerTransport> Engine<T> {
             return;
         }
         self.settles_since_commit = self.settles_since_commit.saturating_add(n);
-        let due = if urgent || self.rt.cfg.commit_sync_each {
+        let urgent = urgent || self.rt.cfg.commit_sync_each;
+        if !urgent && self.commit_due.is_some() {
+            return; // an earlier settle already set a due time, and time only moves on
+        }
+        let due = if urgent {
             Instant::now()
         } else {
             Instant::now() + self.rt.cfg.commit_interval

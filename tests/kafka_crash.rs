@@ -907,9 +907,9 @@ async fn ack_first_never_hands_a_message_twice_across_kill_9() {
         twice.len(),
         &twice[..twice.len().min(20)]
     );
-    // SPEC 3.4: commits run at most two fetched runs (2 x 512 records) ahead of the handler, so a kill
+    // SPEC 3.4: commits run at most two fetched runs (2 x 2048 records) ahead of the handler, so a kill
     // loses at most that much per partition, plus the message being handled.
-    const LOSS_PER_KILL: i64 = 2 * 512 + 1;
+    const LOSS_PER_KILL: i64 = 2 * 2048 + 1;
     for (p, lost) in &lost_runs {
         for (first, last) in lost {
             assert!(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -145,6 +145,7 @@ impl KafkaConsumer {
         let (done_tx, done_rx) = oneshot::channel();
         let thread = PollThread {
             name: cfg.name.clone(),
+            partitions: Partitions::new(&cfg.topic),
             consumer: consumer.clone(),
             events: tx,
             stop: stop.clone(),
@@ -169,37 +170,42 @@ impl KafkaConsumer {
 
 struct PollThread {
     name: Arc<str>,
+    partitions: Partitions,
     consumer: Arc<BaseConsumer<Ctx>>,
     events: mpsc::Sender<ConsumerEvent>,
     stop: Arc<AtomicBool>,
 }
 
 impl PollThread {
-    fn run(self) {
-        let mut last_tp: Option<TopicPartition> = None;
-        while !self.stop.load(Ordering::Acquire) {
-            let first = match self.consumer.poll(POLL_WAIT) {
-                None => continue,
-                Some(Err(e)) => {
-                    tracing::warn!(subscriber = %self.name, error = %e, "consumer error");
-                    continue;
-                }
-                Some(Ok(m)) => to_record(&m, &mut last_tp),
-            };
-            let mut batch = Vec::with_capacity(64);
-            batch.push(first);
-            while batch.len() < BATCH_MAX {
-                match self.consumer.poll(Duration::ZERO) {
-                    Some(Ok(m)) => batch.push(to_record(&m, &mut last_tp)),
+    fn run(mut self) {
+        {
+            let consumer = &*self.consumer;
+            // librdkafka's messages of one batch, held until their bytes are copied out.
+            let mut fetched: Vec<BorrowedMessage<'_>> = Vec::with_capacity(BATCH_MAX);
+            while !self.stop.load(Ordering::Acquire) {
+                match consumer.poll(POLL_WAIT) {
+                    None => continue,
                     Some(Err(e)) => {
                         tracing::warn!(subscriber = %self.name, error = %e, "consumer error");
-                        break;
+                        continue;
                     }
-                    None => break,
+                    Some(Ok(m)) => fetched.push(m),
                 }
-            }
-            if self.events.blocking_send(ConsumerEvent::Records(batch)).is_err() {
-                break;
+                while fetched.len() < BATCH_MAX {
+                    match consumer.poll(Duration::ZERO) {
+                        Some(Ok(m)) => fetched.push(m),
+                        Some(Err(e)) => {
+                            tracing::warn!(subscriber = %self.name, error = %e, "consumer error");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                let batch = to_records(&fetched, &mut self.partitions);
+                fetched.clear();
+                if self.events.blocking_send(ConsumerEvent::Records(batch)).is_err() {
+                    break;
+                }
             }
         }
         // Leave the group from this thread: rdkafka's Drop polls until the consumer is closed.
@@ -208,30 +214,77 @@ impl PollThread {
     }
 }
 
-fn to_record(m: &BorrowedMessage<'_>, last_tp: &mut Option<TopicPartition>) -> Record {
-    let tp = match last_tp {
-        Some(tp) if &*tp.topic == m.topic() && tp.partition == m.partition() => tp.clone(),
-        _ => {
-            let tp = TopicPartition::new(m.topic(), m.partition());
-            *last_tp = Some(tp.clone());
-            tp
-        }
-    };
-    let mut headers = Headers::new();
-    if let Some(h) = m.headers() {
-        for header in h.iter() {
-            headers.insert(header.key, Bytes::copy_from_slice(header.value.unwrap_or_default()));
+/// The `TopicPartition` of each partition of the subscribed topic, made once: reading the topic name of
+/// every message from librdkafka (a C string, checked as UTF-8) costs more than the rest of a record.
+struct Partitions {
+    topic: Arc<str>,
+    /// A `^regex` subscription can deliver several topics: then the name is read per message.
+    pattern: bool,
+    by_partition: Vec<Option<TopicPartition>>,
+}
+
+impl Partitions {
+    fn new(topic: &str) -> Self {
+        Partitions {
+            topic: topic.into(),
+            pattern: topic.starts_with('^'),
+            by_partition: Vec::new(),
         }
     }
-    Record {
-        tp,
-        offset: m.offset(),
-        key: m.key().map(Bytes::copy_from_slice),
-        payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
-        headers,
-        timestamp: m.timestamp().to_millis(),
-        attempts: 0,
+
+    fn of(&mut self, m: &BorrowedMessage<'_>) -> TopicPartition {
+        let p = m.partition();
+        if self.pattern || p < 0 {
+            return TopicPartition::new(m.topic(), p);
+        }
+        let i = p as usize;
+        if i >= self.by_partition.len() {
+            self.by_partition.resize(i + 1, None);
+        }
+        self.by_partition[i]
+            .get_or_insert_with(|| TopicPartition::new(self.topic.clone(), p))
+            .clone()
     }
+}
+
+/// Copies a batch out of librdkafka into one buffer (one allocation per batch, not two per message); each
+/// record's key and payload are slices of it. A record kept alive keeps its batch's buffer alive.
+fn to_records(fetched: &[BorrowedMessage<'_>], partitions: &mut Partitions) -> Vec<Record> {
+    let total: usize = fetched.iter().map(|m| m.key_len() + m.payload_len()).sum();
+    let mut buf = BytesMut::with_capacity(total);
+    let mut spans = Vec::with_capacity(fetched.len());
+    for m in fetched {
+        let key = m.key().map(|k| {
+            let start = buf.len();
+            buf.extend_from_slice(k);
+            start..buf.len()
+        });
+        let start = buf.len();
+        buf.extend_from_slice(m.payload().unwrap_or_default());
+        spans.push((key, start..buf.len()));
+    }
+    let buf = buf.freeze();
+    fetched
+        .iter()
+        .zip(spans)
+        .map(|(m, (key, payload))| {
+            let mut headers = Headers::new();
+            if let Some(h) = m.headers() {
+                for header in h.iter() {
+                    headers.insert(header.key, Bytes::copy_from_slice(header.value.unwrap_or_default()));
+                }
+            }
+            Record {
+                tp: partitions.of(m),
+                offset: m.offset(),
+                key: key.map(|r| buf.slice(r)),
+                payload: buf.slice(payload),
+                headers,
+                timestamp: m.timestamp().to_millis(),
+                attempts: 0,
+            }
+        })
+        .collect()
 }
 
 impl ConsumerTransport for KafkaConsumer {
