@@ -294,8 +294,10 @@ impl<T: ConsumerTransport> Engine<T> {
             r = async { commit.as_mut().map(|c| c.future.as_mut()).expect("guarded").await }, if commit.is_some() => Step::Committed(r),
             _ = shutdown.wait_for(|stop| *stop) => Step::Shutdown,
             _ = async { tokio::time::sleep_until(timer.expect("guarded")).await }, if timer.is_some() => Step::Tick,
+            // Before new records: what is queued and dispatchable goes first (and is not counted as piling
+            // up behind a busy handler when the next records arrive).
+            _ = std::future::ready(()), if more => Step::Continue,
             ev = transport.next(), if !full => Step::Consumer(ev),
-            _ = tokio::task::yield_now(), if more => Step::Continue,
         }
     }
 

@@ -140,3 +140,46 @@ async fn a_partition_paused_before_a_rebalance_fetches_again_after_it() {
     second.shutdown().await.unwrap();
     first.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_first_records_waiting_for_their_commit_stay_bounded_without_a_pause() {
+    // Under AckFirst a record waits for the commit ahead of it, not for a handler: that wait must not
+    // pause the partition (a librdkafka pause drops what it prefetched, and fetching stalls for tens of
+    // milliseconds after the resume); the engine bounds it by taking no more records while the queue is
+    // full.
+    common::init_tracing();
+    let broker = common::broker();
+    let topic = common::topic(&broker, "flow-af", 1).await;
+    let acks = broker
+        .publish_batch((0..BACKLOG).map(|i| broker.publish(format!("m{i}"), &topic).partition(0)))
+        .await;
+    assert!(acks.iter().all(Result::is_ok));
+    common::member(&broker, &topic, "af", &common::unique("g"))
+        .auto_commit(true)
+        .max_buffered(MAX_BUFFERED)
+        .handle(|_: String| async {});
+    let observer = broker.observer();
+    let app = common::start(&broker).await;
+    observer.wait_handled("af", BACKLOG, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+
+    let pauses = observer
+        .events()
+        .iter()
+        .filter(|e| matches!(e, Event::FlowControl { paused: true, .. }))
+        .count();
+    assert_eq!(
+        pauses, 0,
+        "AckFirst paused fetching while records only waited for their commit"
+    );
+    let high = broker.metrics().get("af").buffered_high_water as usize;
+    // The queue stops taking records at the limit; one transport batch may land on top of it.
+    let batch = if common::is_memory() { 512 } else { 1024 };
+    println!("buffered high water: {high} (limit {MAX_BUFFERED} + one batch of {batch})");
+    assert!(
+        high <= MAX_BUFFERED + batch,
+        "buffered {high} records for a limit of {MAX_BUFFERED}"
+    );
+    let tp = TopicPartition::new(topic.as_str(), 0);
+    assert_eq!(observer.committed("af").get(&tp), Some(&(BACKLOG as i64)));
+}
