@@ -89,7 +89,8 @@ async def publish(args):
             window.tick()
     elif args.mode == "publish_batch":
         window.tick(0)
-        chunk = 1000
+        # aiokafka caps one batch at max_batch_size (16 KiB by default): 100 records of 100 bytes fit.
+        chunk = 100
         sent = 0
         while sent < args.n:
             k = min(chunk, args.n - sent)

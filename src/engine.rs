@@ -351,31 +351,38 @@ impl<T: ConsumerTransport> Engine<T> {
     }
 
     fn on_records(&mut self, records: Vec<Record>) {
-        let mut touched: Vec<TopicPartition> = Vec::new();
-        for rec in records {
-            let Some(part) = self.parts.get_mut(&rec.tp) else {
-                continue; // not ours (revoked meanwhile)
-            };
-            let Some(offsets) = self.tracker.partition(&rec.tp) else {
+        // Records come in runs of one partition: look the partition up once per run.
+        let mut runs: Vec<(TopicPartition, usize)> = Vec::new();
+        for rec in &records {
+            match runs.last_mut() {
+                Some((tp, n)) if *tp == rec.tp => *n += 1,
+                _ => runs.push((rec.tp.clone(), 1)),
+            }
+        }
+        let mut records = records.into_iter();
+        for (tp, n) in runs {
+            let run = records.by_ref().take(n);
+            let (Some(part), Some(offsets)) = (self.parts.get_mut(&tp), self.tracker.partition(&tp)) else {
+                run.for_each(drop); // not ours (revoked meanwhile)
                 continue;
             };
-            match offsets.deliver(rec.offset) {
-                Delivery::Fresh => {}
-                Delivery::Unsettled => {
-                    if part.in_flight.iter().any(|(o, _)| *o == rec.offset) {
-                        continue; // still running; its own settle decides
+            for rec in run {
+                match offsets.deliver(rec.offset) {
+                    Delivery::Fresh => {}
+                    Delivery::Unsettled => {
+                        if part.in_flight.iter().any(|(o, _)| *o == rec.offset) {
+                            continue; // still running; its own settle decides
+                        }
                     }
+                    Delivery::Settled | Delivery::Stale => continue,
                 }
-                Delivery::Settled | Delivery::Stale => continue,
+                part.queue.push_back(rec);
             }
-            if !part.paused && touched.last() != Some(&rec.tp) && !touched.contains(&rec.tp) {
-                touched.push(rec.tp.clone());
+            if !part.paused {
+                self.flow_control(&tp);
+            } else {
+                self.rt.counters.buffered(part.queue.len());
             }
-            part.queue.push_back(rec);
-            self.rt.counters.buffered(part.queue.len());
-        }
-        for tp in touched {
-            self.flow_control(&tp);
         }
     }
 

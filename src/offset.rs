@@ -34,7 +34,7 @@ use std::sync::Arc;
 /// let tp = ferrostream::TopicPartition::new("orders", 3);
 /// assert_eq!(tp.to_string(), "orders[3]");
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Eq, Hash, PartialOrd, Ord)]
 pub struct TopicPartition {
     /// The topic.
     pub topic: Arc<str>,
@@ -49,6 +49,14 @@ impl TopicPartition {
             topic: topic.into(),
             partition,
         }
+    }
+}
+
+impl PartialEq for TopicPartition {
+    fn eq(&self, other: &Self) -> bool {
+        // The records of one partition share one name: pointer equality spares comparing the strings on
+        // every map lookup of the hot path.
+        self.partition == other.partition && (Arc::ptr_eq(&self.topic, &other.topic) || self.topic == other.topic)
     }
 }
 
