@@ -196,16 +196,18 @@ impl KafkaBackend {
     }
 
     pub(crate) async fn send(&self, out: Outgoing) -> Result<PublishAck, BrokerError> {
-        let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
-        for (name, value) in out.headers.iter() {
-            headers = headers.insert(Header {
-                key: name,
-                value: Some(value.as_ref()),
-            });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic).payload(out.payload.as_ref());
+        // librdkafka allocates a header list even for no headers: only make one when there are some.
+        if !out.headers.is_empty() {
+            let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
+            for (name, value) in out.headers.iter() {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value.as_ref()),
+                });
+            }
+            record = record.headers(headers);
         }
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic)
-            .payload(out.payload.as_ref())
-            .headers(headers);
         if let Some(k) = &out.key {
             record = record.key(k.as_ref());
         }
