@@ -78,7 +78,8 @@ async def consume(args):
 
 
 async def publish(args):
-    broker = KafkaBroker(args.bootstrap, logger=None)
+    # The same guarantee ferrostream's producer gives (idempotent, acks=all); FastStream's default is acks=1.
+    broker = KafkaBroker(args.bootstrap, logger=None, acks="all", enable_idempotence=True)
     await broker.start()
     window = Window(args.n)
     if args.mode == "publish":

@@ -19,15 +19,17 @@
 //! - at most one commit is in flight, so commits land in order.
 
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -79,9 +81,6 @@ pub(crate) enum Completion {
     One(Message, Result<(), Error>),
     Batch(Vec<Message>, Result<(), Error>),
 }
-
-/// A handler call under way.
-type Running = BoxFuture<'static, Completion>;
 
 /// Where a record is published before its offset is settled.
 #[derive(Debug, Clone, Copy)]
@@ -172,7 +171,7 @@ pub(crate) struct Engine<T: ConsumerTransport> {
     /// The assigned partitions, in assignment order (dispatch walks them without allocating).
     order: Vec<TopicPartition>,
     /// Handler calls that did not finish on their first poll.
-    running: FuturesUnordered<Running>,
+    running: FuturesUnordered<Call>,
     next_generation: u64,
     events_tx: mpsc::UnboundedSender<EngineEvent>,
     events_rx: mpsc::UnboundedReceiver<EngineEvent>,
@@ -496,7 +495,7 @@ impl<T: ConsumerTransport> Engine<T> {
             part.ack_first_ahead = part.ack_first_ahead.saturating_sub(1);
             part.in_flight.push((rec.offset, rec.key.clone()));
             let msg = new_message(&self.rt, &self.events_tx, part.generation, rec);
-            if let Some(done) = self.start(Box::pin(run_handler(self.rt.clone(), msg))) {
+            if let Some(done) = self.start(Call::new(self.rt.clone(), Messages::One(msg))) {
                 self.on_completed(done);
             }
             budget -= 1;
@@ -511,9 +510,9 @@ impl<T: ConsumerTransport> Engine<T> {
     /// cost no task, no wake-up and no message to the engine. The first poll uses a no-op waker: a call
     /// that is not finished goes to `running`, whose next poll registers the real one (a future must
     /// wake the waker of its latest poll, so nothing is lost).
-    fn start(&mut self, mut call: Running) -> Option<Completion> {
+    fn start(&mut self, mut call: Call) -> Option<Completion> {
         let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
-        match call.as_mut().poll(&mut cx) {
+        match Pin::new(&mut call).poll(&mut cx) {
             Poll::Ready(done) => Some(done),
             Poll::Pending => {
                 self.running.push(call);
@@ -630,7 +629,7 @@ impl<T: ConsumerTransport> Engine<T> {
                 break;
             }
         }
-        if let Some(done) = self.start(Box::pin(run_batch(self.rt.clone(), messages))) {
+        if let Some(done) = self.start(Call::new(self.rt.clone(), Messages::Batch(messages))) {
             self.on_completed(done);
         }
     }
@@ -1053,42 +1052,96 @@ impl<T: ConsumerTransport> Engine<T> {
     }
 }
 
-/// Runs one handler call to its end (SPEC section 2); the engine settles by its outcome.
-async fn run_handler(rt: Arc<SubscriberRuntime>, msg: Message) -> Completion {
-    let result = call_handler(&rt, &Context::single(&msg, &rt.state)).await;
-    Completion::One(msg, result)
+/// The messages of one handler call.
+enum Messages {
+    One(Message),
+    Batch(Vec<Message>),
 }
 
-/// Runs one batch handler call (SPEC 3.10): the outcome settles every message not settled by the handler.
-async fn run_batch(rt: Arc<SubscriberRuntime>, batch: Vec<Message>) -> Completion {
-    let result = match batch.first() {
-        Some(first) => {
-            let cx = Context {
-                message: first,
-                batch: &batch,
-                state: &rt.state,
+/// One handler call under way (SPEC section 2): the handler's future (panics caught, SPEC 2.3), then the
+/// publish of its result (SPEC 3.11). Written out rather than as an `async fn` so that it needs no box of
+/// its own and, being `Unpin`, can be polled once in place and only then, if it waits, parked in
+/// `running`.
+pub(crate) struct Call {
+    rt: Arc<SubscriberRuntime>,
+    messages: Option<Messages>,
+    stage: Stage,
+}
+
+enum Stage {
+    Handler(BoxFuture<'static, Result<Option<Bytes>, Error>>),
+    Publishing(BoxFuture<'static, Result<(), Error>>),
+    /// Ended before it started: the extraction or the call itself failed.
+    Ended(Result<(), Error>),
+}
+
+impl Call {
+    /// Extracts the arguments and starts the handler.
+    fn new(rt: Arc<SubscriberRuntime>, messages: Messages) -> Self {
+        let stage = {
+            let cx = match &messages {
+                Messages::One(m) => Some(Context::single(m, &rt.state)),
+                Messages::Batch(v) => v.first().map(|first| Context {
+                    message: first,
+                    batch: v,
+                    state: &rt.state,
+                }),
             };
-            call_handler(&rt, &cx).await
+            match cx.map(|cx| std::panic::catch_unwind(AssertUnwindSafe(|| rt.handler.call(&cx)))) {
+                Some(Ok(fut)) => Stage::Handler(fut),
+                Some(Err(panic)) => Stage::Ended(Err(Error::panic(panic_message(panic)))),
+                None => Stage::Ended(Ok(())),
+            }
+        };
+        Call {
+            rt,
+            messages: Some(messages),
+            stage,
         }
-        None => Ok(()),
-    };
-    Completion::Batch(batch, result)
+    }
+
+    fn first(&self) -> Option<&Message> {
+        match self.messages.as_ref()? {
+            Messages::One(m) => Some(m),
+            Messages::Batch(v) => v.first(),
+        }
+    }
 }
 
-/// Extracts, calls (catching panics, SPEC 2.3) and publishes the result (SPEC 3.11).
-async fn call_handler(rt: &SubscriberRuntime, cx: &Context<'_>) -> Result<(), Error> {
-    let started = std::panic::catch_unwind(AssertUnwindSafe(|| rt.handler.call(cx)));
-    let result = match started {
-        Ok(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
-            Ok(r) => r,
-            Err(panic) => Err(Error::panic(panic_message(panic))),
-        },
-        Err(panic) => Err(Error::panic(panic_message(panic))),
-    };
-    match result {
-        Ok(Some(payload)) if !rt.cfg.publish_to.is_empty() => publish_result(rt, cx.message(), payload).await,
-        Ok(_) => Ok(()),
-        Err(e) => Err(e),
+impl Future for Call {
+    type Output = Completion;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Completion> {
+        let this = &mut *self;
+        loop {
+            let result = match &mut this.stage {
+                Stage::Handler(fut) => match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+                    Ok(Poll::Pending) => return Poll::Pending,
+                    Ok(Poll::Ready(Ok(Some(payload)))) if !this.rt.cfg.publish_to.is_empty() => {
+                        match this.first().cloned() {
+                            Some(msg) => {
+                                this.stage = Stage::Publishing(Box::pin(publish_result(this.rt.clone(), msg, payload)));
+                                continue;
+                            }
+                            None => Ok(()),
+                        }
+                    }
+                    Ok(Poll::Ready(r)) => r.map(|_| ()),
+                    Err(panic) => Err(Error::panic(panic_message(panic))),
+                },
+                Stage::Publishing(fut) => match fut.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(r) => r,
+                },
+                Stage::Ended(r) => std::mem::replace(r, Ok(())),
+            };
+            return Poll::Ready(match this.messages.take() {
+                Some(Messages::One(m)) => Completion::One(m, result),
+                Some(Messages::Batch(v)) => Completion::Batch(v, result),
+                // Polled again after it completed: a bug in the caller, not in the handler.
+                None => Completion::Batch(Vec::new(), result),
+            });
+        }
     }
 }
 
@@ -1186,7 +1239,7 @@ fn new_message(
 }
 
 /// SPEC 3.11: the result is published (and acknowledged) before the incoming message is settled.
-async fn publish_result(rt: &SubscriberRuntime, msg: &Message, payload: Bytes) -> Result<(), Error> {
+async fn publish_result(rt: Arc<SubscriberRuntime>, msg: Message, payload: Bytes) -> Result<(), Error> {
     let correlation = msg
         .correlation_id()
         .map(str::to_owned)
