@@ -34,7 +34,7 @@ use std::sync::Arc;
 /// let tp = ferrostream::TopicPartition::new("orders", 3);
 /// assert_eq!(tp.to_string(), "orders[3]");
 /// ```
-#[derive(Debug, Clone, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Eq, PartialOrd, Ord)]
 pub struct TopicPartition {
     /// The topic.
     pub topic: Arc<str>,
@@ -57,6 +57,14 @@ impl PartialEq for TopicPartition {
         // The records of one partition share one name: pointer equality spares comparing the strings on
         // every map lookup of the hot path.
         self.partition == other.partition && (Arc::ptr_eq(&self.topic, &other.topic) || self.topic == other.topic)
+    }
+}
+
+impl std::hash::Hash for TopicPartition {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // By value, as equality is: pointer equality is only its fast path.
+        self.topic.hash(state);
+        self.partition.hash(state);
     }
 }
 
