@@ -20,11 +20,13 @@
 //! offsets stay settled, and a new delivery below the watermark is reported as [`Delivery::Stale`]
 //! instead of being tracked again.
 //!
-//! Representation: `pending` holds the delivered offsets at or above `floor` with their state; settled
-//! entries at the front are folded into `floor` eagerly, so the first entry, when present, is unsettled
-//! and the watermark is read in O(log n).
+//! Representation: `pending` holds the delivered offsets at or above `floor` with their state, sorted by
+//! offset; settled entries at the front are folded into `floor` eagerly, so the first entry, when present,
+//! is unsettled and the watermark is read in O(1). Kafka delivers a partition's offsets in increasing
+//! order, so a delivery is a push at the back and most settles hit the front: O(1) on the hot path,
+//! O(log n) to find an offset in the middle, O(n) only to insert one out of order (which needs a seek).
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 
@@ -113,8 +115,8 @@ enum Slot {
 pub struct PartitionOffsets {
     /// Every delivered offset below `floor` is settled. `None` until the first delivery.
     floor: Option<i64>,
-    /// Delivered offsets `>= floor`; the first entry, if any, is `Unsettled`.
-    pending: BTreeMap<i64, Slot>,
+    /// Delivered offsets `>= floor`, sorted, each once; the first entry, if any, is `Unsettled`.
+    pending: VecDeque<(i64, Slot)>,
     /// The highest delivered offset.
     high: Option<i64>,
 }
@@ -128,30 +130,39 @@ impl PartitionOffsets {
             Some(_) => {}
         }
         self.high = Some(self.high.map_or(offset, |h| h.max(offset)));
-        match self.pending.get(&offset) {
-            Some(Slot::Unsettled) => Delivery::Unsettled,
-            Some(Slot::Settled) => Delivery::Settled,
-            None => {
-                self.pending.insert(offset, Slot::Unsettled);
+        match self.find(offset) {
+            Ok(i) => match self.pending[i].1 {
+                Slot::Unsettled => Delivery::Unsettled,
+                Slot::Settled => Delivery::Settled,
+            },
+            Err(i) => {
+                self.pending.insert(i, (offset, Slot::Unsettled));
                 Delivery::Fresh
             }
+        }
+    }
+
+    /// Where `offset` is in `pending` (`Ok`), or where it would go (`Err`). The back and the front are
+    /// checked first: new deliveries go to the back, in-order settles hit the front.
+    fn find(&self, offset: i64) -> Result<usize, usize> {
+        match (self.pending.front(), self.pending.back()) {
+            (None, _) | (_, None) => Err(0),
+            (_, Some(&(last, _))) if offset > last => Err(self.pending.len()),
+            (Some(&(first, _)), _) if offset == first => Ok(0),
+            _ => self.pending.binary_search_by_key(&offset, |&(o, _)| o),
         }
     }
 
     /// Marks a delivered offset settled by ack or reject. Returns true when the watermark moved.
     /// Settling an offset that was never delivered, or twice, changes nothing.
     pub fn settle(&mut self, offset: i64) -> bool {
-        match self.pending.get_mut(&offset) {
-            Some(slot @ Slot::Unsettled) => *slot = Slot::Settled,
+        match self.find(offset) {
+            Ok(i) if self.pending[i].1 == Slot::Unsettled => self.pending[i].1 = Slot::Settled,
             _ => return false,
         }
         let mut moved = false;
-        while let Some(entry) = self.pending.first_entry() {
-            if *entry.get() != Slot::Settled {
-                break;
-            }
-            let o = *entry.key();
-            entry.remove();
+        while let Some(&(o, Slot::Settled)) = self.pending.front() {
+            self.pending.pop_front();
             self.floor = Some(o + 1);
             moved = true;
         }
@@ -160,20 +171,20 @@ impl PartitionOffsets {
 
     /// The offset that may be committed: see the module invariant.
     pub fn watermark(&self) -> Option<i64> {
-        match self.pending.first_key_value() {
-            Some((&o, _)) => Some(o),
+        match self.pending.front() {
+            Some(&(o, _)) => Some(o),
             None => self.high.map(|h| h + 1),
         }
     }
 
     /// True when `offset` was delivered and is not settled.
     pub fn is_unsettled(&self, offset: i64) -> bool {
-        self.pending.get(&offset) == Some(&Slot::Unsettled)
+        self.find(offset).is_ok_and(|i| self.pending[i].1 == Slot::Unsettled)
     }
 
     /// How many delivered offsets are unsettled.
     pub fn unsettled_count(&self) -> usize {
-        self.pending.values().filter(|s| **s == Slot::Unsettled).count()
+        self.pending.iter().filter(|(_, s)| *s == Slot::Unsettled).count()
     }
 }
 
@@ -353,6 +364,27 @@ mod tests {
             }
             prop_assert_eq!(p.watermark(), delivered.last().map(|h| h + 1));
         }
+    }
+
+    #[test]
+    fn an_offset_delivered_out_of_order_is_tracked_in_place() {
+        let mut p = PartitionOffsets::default();
+        assert_eq!(p.deliver(10), Delivery::Fresh);
+        assert_eq!(p.deliver(13), Delivery::Fresh);
+        assert_eq!(p.deliver(12), Delivery::Fresh);
+        assert_eq!(p.deliver(11), Delivery::Fresh);
+        assert_eq!(p.deliver(12), Delivery::Unsettled);
+        assert_eq!(p.unsettled_count(), 4);
+        p.settle(13);
+        p.settle(11);
+        assert_eq!(p.watermark(), Some(10));
+        p.settle(10);
+        assert_eq!(p.watermark(), Some(12), "12 is still unsettled");
+        assert_eq!(p.deliver(11), Delivery::Stale);
+        assert!(p.is_unsettled(12));
+        p.settle(12);
+        assert_eq!(p.watermark(), Some(14));
+        assert_eq!(p.unsettled_count(), 0);
     }
 
     #[test]
