@@ -796,7 +796,8 @@ fn raw_produce(bootstrap: &str, topic: &str, count: usize) -> usize {
         .set("linger.ms", "1")
         .create()
         .expect("producer");
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // The runtime the ferrostream publish rows run on, so only the publish path differs.
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
