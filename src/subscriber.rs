@@ -261,6 +261,8 @@ impl SubscriberBuilder {
 
     /// How many messages of one partition may be handled at once (default 1). Messages with the same
     /// key never run concurrently and start in offset order; messages without a key are sequential.
+    /// Handler calls run on the subscriber's engine task, so what overlaps is their waiting (I/O,
+    /// timers); move CPU-heavy work to `tokio::task::spawn_blocking`.
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.config.max_in_flight = n;
         self
