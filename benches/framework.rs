@@ -97,26 +97,25 @@ fn consume(rt: &tokio::runtime::Runtime, broker: &Broker, mode: Mode) {
     assert_eq!(seen.load(Ordering::Relaxed), MESSAGES);
 }
 
-#[divan::bench(args = [1, 4], sample_count = 10, sample_size = 1)]
-fn at_least_once(bencher: Bencher, partitions: i32) {
+/// Times consuming a fresh backlog of `MESSAGES` (building it is not timed).
+fn bench(bencher: Bencher, partitions: i32, mode: Mode) {
     bencher
         .counter(ItemsCount::new(MESSAGES))
         .with_inputs(|| backlog(partitions))
-        .bench_local_refs(|(rt, broker)| consume(rt, broker, Mode::AtLeastOnce));
+        .bench_local_refs(|(rt, broker)| consume(rt, broker, mode));
+}
+
+#[divan::bench(args = [1, 4], sample_count = 10, sample_size = 1)]
+fn at_least_once(bencher: Bencher, partitions: i32) {
+    bench(bencher, partitions, Mode::AtLeastOnce);
 }
 
 #[divan::bench(args = [1, 4], sample_count = 10, sample_size = 1)]
 fn ack_first(bencher: Bencher, partitions: i32) {
-    bencher
-        .counter(ItemsCount::new(MESSAGES))
-        .with_inputs(|| backlog(partitions))
-        .bench_local_refs(|(rt, broker)| consume(rt, broker, Mode::AckFirst));
+    bench(bencher, partitions, Mode::AckFirst);
 }
 
 #[divan::bench(args = [1, 4], sample_count = 10, sample_size = 1)]
 fn batch(bencher: Bencher, partitions: i32) {
-    bencher
-        .counter(ItemsCount::new(MESSAGES))
-        .with_inputs(|| backlog(partitions))
-        .bench_local_refs(|(rt, broker)| consume(rt, broker, Mode::Batch));
+    bench(bencher, partitions, Mode::Batch);
 }

@@ -550,25 +550,19 @@ fn print_table(args: &Args, all: &[Contender], results: &BTreeMap<String, Vec<Op
                 .collect(),
         )
     };
-    let rss_ratio = |name: &str| -> Option<f64> {
-        let c = by_name.get(name)?;
-        let base = c.baseline.as_deref()?;
-        let mine = median(
+    let rss = |name: &str| -> Option<f64> {
+        median(
             results
                 .get(name)?
                 .iter()
                 .flatten()
                 .map(|r| r.peak_rss_kb as f64)
                 .collect(),
-        )?;
-        let theirs = median(
-            results
-                .get(base)?
-                .iter()
-                .flatten()
-                .map(|r| r.peak_rss_kb as f64)
-                .collect(),
-        )?;
+        )
+    };
+    let rss_ratio = |name: &str| -> Option<f64> {
+        let base = by_name.get(name)?.baseline.as_deref()?;
+        let (mine, theirs) = (rss(name)?, rss(base)?);
         Some(mine / theirs)
     };
     println!();

@@ -14,6 +14,16 @@ const MAX_BUFFERED: usize = 1_000;
 #[derive(Clone)]
 struct Gate(Arc<Semaphore>);
 
+/// A one-partition topic holding `BACKLOG` messages.
+async fn backlog(broker: &ferrostream::Broker, prefix: &str) -> String {
+    let topic = common::topic(broker, prefix, 1).await;
+    let acks = broker
+        .publish_batch((0..BACKLOG).map(|i| broker.publish(format!("m{i}"), &topic).partition(0)))
+        .await;
+    assert!(acks.iter().all(Result::is_ok));
+    topic
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_behind_a_blocked_handler_pauses_fetching_and_stays_bounded() {
     common::init_tracing();
@@ -29,11 +39,7 @@ async fn a_backlog_behind_a_blocked_handler_pauses_fetching_and_stays_bounded() 
         )
     };
     let broker = ferrostream::Broker::new(&url).unwrap().with_state(gate.clone());
-    let topic = common::topic(&broker, "flow", 1).await;
-    let acks = broker
-        .publish_batch((0..BACKLOG).map(|i| broker.publish(format!("m{i}"), &topic).partition(0)))
-        .await;
-    assert!(acks.iter().all(Result::is_ok));
+    let topic = backlog(&broker, "flow").await;
     common::member(&broker, &topic, "slow", &common::unique("g"))
         .auto_commit(false)
         .max_buffered(MAX_BUFFERED)
@@ -149,11 +155,7 @@ async fn ack_first_records_waiting_for_their_commit_stay_bounded_without_a_pause
     // full.
     common::init_tracing();
     let broker = common::broker();
-    let topic = common::topic(&broker, "flow-af", 1).await;
-    let acks = broker
-        .publish_batch((0..BACKLOG).map(|i| broker.publish(format!("m{i}"), &topic).partition(0)))
-        .await;
-    assert!(acks.iter().all(Result::is_ok));
+    let topic = backlog(&broker, "flow-af").await;
     common::member(&broker, &topic, "af", &common::unique("g"))
         .auto_commit(true)
         .max_buffered(MAX_BUFFERED)
