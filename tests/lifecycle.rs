@@ -309,6 +309,52 @@ async fn the_consumer_keeps_running_after_a_panic_and_a_decode_error() {
     );
 }
 
+/// Like `fragile`, but the panic comes after the handler has waited once: the call is then no longer in its
+/// first, in-place poll but parked among the engine's running calls.
+async fn fragile_later(Json(order): Json<Order>) {
+    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    if order.explode {
+        panic!("order {} exploded after a wait", order.id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_after_the_handler_waited_is_caught_and_settled_by_the_policy() {
+    common::init_tracing();
+    let broker = common::broker();
+    let observer = broker.observer();
+    let topic = common::topic(&broker, "life-survive-later", 1).await;
+    let group = common::unique("g");
+    common::member(&broker, &topic, "fragile-later", &group)
+        .ack_policy(AckPolicy::RejectOnError)
+        .handle(fragile_later);
+    let app = common::start(&broker).await;
+    broker.publish(r#"{"id":1,"explode":true}"#, &topic).await.unwrap();
+    broker.publish(r#"{"id":2,"explode":false}"#, &topic).await.unwrap();
+    observer.wait_settled("fragile-later", 2, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+
+    let outcomes: Vec<(i64, Outcome)> = observer
+        .handled("fragile-later")
+        .into_iter()
+        .map(|h| (h.1, h.3))
+        .collect();
+    assert!(
+        matches!(&outcomes[..], [(0, Outcome::Failed { kind: "panic", message }), (1, Outcome::Ok)] if message.contains("after a wait")),
+        "{outcomes:?}"
+    );
+    let settles: Vec<Settle> = observer
+        .settled("fragile-later")
+        .into_iter()
+        .map(|s| s.settle)
+        .collect();
+    assert_eq!(settles, vec![Settle::Reject, Settle::Ack]);
+    assert_eq!(
+        broker.committed_offsets(&group, &topic).await.unwrap().get(&0),
+        Some(&2)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_first_shutdown_still_handles_every_message_it_committed() {
     // AckFirst commits up to two runs ahead of the handler. A graceful shutdown (unlike a crash) must not
