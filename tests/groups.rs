@@ -67,15 +67,7 @@ async fn two_members_of_a_group_split_the_partitions_and_handle_each_message_onc
         .await
         .unwrap();
 
-    let mut published = BTreeSet::new();
-    for i in 0..100 {
-        let ack = broker
-            .publish(format!("m{i}"), &topic)
-            .key(format!("key-{}", i % 20))
-            .await
-            .unwrap();
-        published.insert((ack.partition, ack.offset));
-    }
+    let published = common::publish_keyed(&broker, &topic, "m", 100, 20).await;
     observer
         .wait_until("all 100 messages handled by the group", common::WAIT, |_| {
             let n = handled_ok(&observer, "member-a").len() + handled_ok(&observer, "member-b").len();
@@ -138,15 +130,7 @@ async fn two_groups_each_see_every_message() {
             .handle(|_: String| async {});
     }
     let app = common::start(&broker).await;
-    let mut published = BTreeSet::new();
-    for i in 0..30 {
-        let ack = broker
-            .publish(format!("m{i}"), &topic)
-            .key(format!("key-{i}"))
-            .await
-            .unwrap();
-        published.insert((ack.partition, ack.offset));
-    }
+    let published = common::publish_keyed(&broker, &topic, "m", 30, 30).await;
     for name in ["first", "second"] {
         observer
             .wait_handled(name, published.len(), common::WAIT)
@@ -193,15 +177,7 @@ async fn a_member_leaving_hands_its_partitions_over_from_the_committed_offset() 
 
     subscribe("leaver");
     let app1 = common::start(&broker).await;
-    let mut first = BTreeSet::new();
-    for i in 0..10 {
-        let ack = broker
-            .publish(format!("first-{i}"), &topic)
-            .key(format!("k{i}"))
-            .await
-            .unwrap();
-        first.insert((ack.partition, ack.offset));
-    }
+    let first = common::publish_keyed(&broker, &topic, "first-", 10, 10).await;
     let end_before = broker.end_offsets(&topic).await.unwrap();
     for (p, o) in &end_before {
         if *o > 0 {
@@ -226,15 +202,7 @@ async fn a_member_leaving_hands_its_partitions_over_from_the_committed_offset() 
         .await
         .unwrap();
 
-    let mut second = BTreeSet::new();
-    for i in 0..10 {
-        let ack = broker
-            .publish(format!("second-{i}"), &topic)
-            .key(format!("k{i}"))
-            .await
-            .unwrap();
-        second.insert((ack.partition, ack.offset));
-    }
+    let second = common::publish_keyed(&broker, &topic, "second-", 10, 10).await;
     observer
         .wait_until("the heir handling every new message", common::WAIT, |_| {
             let h: BTreeSet<Coord> = handled_ok(&observer, "heir").into_iter().collect();

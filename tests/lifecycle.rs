@@ -269,24 +269,60 @@ async fn fragile(Json(order): Json<Order>) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_consumer_keeps_running_after_a_panic_and_a_decode_error() {
+/// What a `RejectOnError` subscriber did with some payloads, each settled before it stopped.
+struct Survived {
+    outcomes: Vec<(i64, Outcome)>,
+    settles: Vec<Settle>,
+    metrics: ferrostream::SubscriberMetrics,
+    committed: Option<i64>,
+}
+
+/// Runs `handler` as `name` (`RejectOnError`) on a fresh one-partition topic, publishes `payloads` and
+/// waits until every one is settled.
+async fn survive<H, Args>(name: &str, handler: H, payloads: &[&str]) -> Survived
+where
+    H: ferrostream::Handler<Args>,
+    Args: 'static,
+{
     common::init_tracing();
     let broker = common::broker();
     let observer = broker.observer();
-    let topic = common::topic(&broker, "life-survive", 1).await;
+    let topic = common::topic(&broker, name, 1).await;
     let group = common::unique("g");
-    common::member(&broker, &topic, "fragile", &group)
+    common::member(&broker, &topic, name, &group)
         .ack_policy(AckPolicy::RejectOnError)
-        .handle(fragile);
+        .handle(handler);
     let app = common::start(&broker).await;
-    broker.publish("not an order", &topic).await.unwrap();
-    broker.publish(r#"{"id":1,"explode":true}"#, &topic).await.unwrap();
-    broker.publish(r#"{"id":2,"explode":false}"#, &topic).await.unwrap();
-    observer.wait_settled("fragile", 3, common::WAIT).await.unwrap();
+    for payload in payloads {
+        broker.publish(payload.to_string(), &topic).await.unwrap();
+    }
+    observer.wait_settled(name, payloads.len(), common::WAIT).await.unwrap();
     app.shutdown().await.unwrap();
+    Survived {
+        outcomes: observer.handled(name).into_iter().map(|h| (h.1, h.3)).collect(),
+        settles: observer.settled(name).into_iter().map(|s| s.settle).collect(),
+        metrics: broker.metrics().get(name),
+        committed: broker.committed_offsets(&group, &topic).await.unwrap().get(&0).copied(),
+    }
+}
 
-    let outcomes: Vec<(i64, Outcome)> = observer.handled("fragile").into_iter().map(|h| (h.1, h.3)).collect();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_keeps_running_after_a_panic_and_a_decode_error() {
+    let Survived {
+        outcomes,
+        settles,
+        metrics,
+        committed,
+    } = survive(
+        "fragile",
+        fragile,
+        &[
+            "not an order",
+            r#"{"id":1,"explode":true}"#,
+            r#"{"id":2,"explode":false}"#,
+        ],
+    )
+    .await;
     assert_eq!(outcomes.len(), 3, "{outcomes:?}");
     assert!(
         matches!(&outcomes[0], (0, Outcome::Failed { kind: "decode", message }) if message.contains("fragile") && message.contains("Order")),
@@ -299,14 +335,9 @@ async fn the_consumer_keeps_running_after_a_panic_and_a_decode_error() {
         outcomes[1]
     );
     assert_eq!(outcomes[2], (2, Outcome::Ok), "the good message after them is handled");
-    let settles: Vec<Settle> = observer.settled("fragile").into_iter().map(|s| s.settle).collect();
     assert_eq!(settles, vec![Settle::Reject, Settle::Reject, Settle::Ack]);
-    let metrics = broker.metrics().get("fragile");
     assert_eq!((metrics.decode_errors, metrics.panics), (1, 1), "{metrics:?}");
-    assert_eq!(
-        broker.committed_offsets(&group, &topic).await.unwrap().get(&0),
-        Some(&3)
-    );
+    assert_eq!(committed, Some(3));
 }
 
 /// Like `fragile`, but the panic comes after the handler has waited once: the call is then no longer in its
@@ -320,39 +351,24 @@ async fn fragile_later(Json(order): Json<Order>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_after_the_handler_waited_is_caught_and_settled_by_the_policy() {
-    common::init_tracing();
-    let broker = common::broker();
-    let observer = broker.observer();
-    let topic = common::topic(&broker, "life-survive-later", 1).await;
-    let group = common::unique("g");
-    common::member(&broker, &topic, "fragile-later", &group)
-        .ack_policy(AckPolicy::RejectOnError)
-        .handle(fragile_later);
-    let app = common::start(&broker).await;
-    broker.publish(r#"{"id":1,"explode":true}"#, &topic).await.unwrap();
-    broker.publish(r#"{"id":2,"explode":false}"#, &topic).await.unwrap();
-    observer.wait_settled("fragile-later", 2, common::WAIT).await.unwrap();
-    app.shutdown().await.unwrap();
-
-    let outcomes: Vec<(i64, Outcome)> = observer
-        .handled("fragile-later")
-        .into_iter()
-        .map(|h| (h.1, h.3))
-        .collect();
+    let Survived {
+        outcomes,
+        settles,
+        metrics,
+        committed,
+    } = survive(
+        "fragile-later",
+        fragile_later,
+        &[r#"{"id":1,"explode":true}"#, r#"{"id":2,"explode":false}"#],
+    )
+    .await;
     assert!(
         matches!(&outcomes[..], [(0, Outcome::Failed { kind: "panic", message }), (1, Outcome::Ok)] if message.contains("after a wait")),
         "{outcomes:?}"
     );
-    let settles: Vec<Settle> = observer
-        .settled("fragile-later")
-        .into_iter()
-        .map(|s| s.settle)
-        .collect();
     assert_eq!(settles, vec![Settle::Reject, Settle::Ack]);
-    assert_eq!(
-        broker.committed_offsets(&group, &topic).await.unwrap().get(&0),
-        Some(&2)
-    );
+    assert_eq!(metrics.panics, 1, "{metrics:?}");
+    assert_eq!(committed, Some(2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -304,15 +304,7 @@ async fn cooperative_sticky_assignor_is_supported() {
         assert_eq!(revoked_from_a, vec![2], "cooperative-sticky moved only two partitions");
     }
 
-    let mut published = BTreeSet::new();
-    for i in 0..100 {
-        let ack = broker
-            .publish(format!("m{i}"), &topic)
-            .key(format!("key-{}", i % 20))
-            .await
-            .unwrap();
-        published.insert((ack.partition, ack.offset));
-    }
+    let published = common::publish_keyed(&broker, &topic, "m", 100, 20).await;
     observer
         .wait_until("all 100 messages handled", common::WAIT, |ev| {
             (handled_ok(ev).len() >= published.len()).then_some(())

@@ -70,3 +70,24 @@ pub fn member(broker: &Broker, topic: &str, name: &str, group: &str) -> ferrostr
         .group_id(group)
         .auto_offset_reset(ferrostream::OffsetReset::Earliest)
 }
+
+/// Publishes `n` messages `{prefix}0..` keyed `key-{i % keys}` and returns where each landed (partition,
+/// offset).
+pub async fn publish_keyed(
+    broker: &Broker,
+    topic: &str,
+    prefix: &str,
+    n: usize,
+    keys: usize,
+) -> std::collections::BTreeSet<(i32, i64)> {
+    let mut published = std::collections::BTreeSet::new();
+    for i in 0..n {
+        let ack = broker
+            .publish(format!("{prefix}{i}"), topic)
+            .key(format!("key-{}", i % keys))
+            .await
+            .unwrap();
+        published.insert((ack.partition, ack.offset));
+    }
+    published
+}
