@@ -4,7 +4,7 @@ Prints one JSON line with the same fields the Rust contenders print:
   {"n": ..., "secs": ..., "cpu_secs": ..., "peak_rss_kb": ...}
 The clock runs from the first message handled (or the first publish) to the n-th, like the Rust side.
 
-  python3 benches/faststream_bench.py --mode ack --bootstrap 127.0.0.1:9092 --topic t --n 10000 --group g
+  python3 benches/faststream_bench.py --mode ack --bootstrap 127.0.0.1:9092 --topic t --count 10000 --group g
 
 Needs `pip install 'faststream[kafka]==0.7.8'` (scripts/bench.sh installs it).
 """
@@ -48,7 +48,7 @@ class Window:
 
 async def consume(args):
     broker = KafkaBroker(args.bootstrap, logger=None)
-    window = Window(args.n)
+    window = Window(args.count)
     common = dict(group_id=args.group, auto_offset_reset="earliest")
 
     if args.mode == "ack_first":
@@ -81,9 +81,9 @@ async def publish(args):
     # The same guarantee ferrostream's producer gives (idempotent, acks=all); FastStream's default is acks=1.
     broker = KafkaBroker(args.bootstrap, logger=None, acks="all", enable_idempotence=True)
     await broker.start()
-    window = Window(args.n)
+    window = Window(args.count)
     if args.mode == "publish":
-        for _ in range(args.n):
+        for _ in range(args.count):
             if window.start is None:
                 window.tick(0)
             await broker.publish(PAYLOAD, args.topic)
@@ -93,8 +93,8 @@ async def publish(args):
         # aiokafka caps one batch at max_batch_size (16 KiB by default): 100 records of 100 bytes fit.
         chunk = 100
         sent = 0
-        while sent < args.n:
-            k = min(chunk, args.n - sent)
+        while sent < args.count:
+            k = min(chunk, args.count - sent)
             await broker.publish_batch(*([PAYLOAD] * k), topic=args.topic)
             sent += k
             window.tick(k)
@@ -108,7 +108,7 @@ def main():
                    choices=["ack_first", "ack", "manual", "batch", "publish", "publish_batch"])
     p.add_argument("--bootstrap", required=True)
     p.add_argument("--topic", required=True)
-    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--count", type=int, required=True)
     p.add_argument("--group", default="faststream-bench")
     args = p.parse_args()
     asyncio.run(publish(args) if args.mode.startswith("publish") else consume(args))

@@ -381,16 +381,6 @@ fn run_contender(args: &Args, bootstrap: &str, c: &Contender, topic: &str, group
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if matches!(c.runner, Runner::FastStream(_)) {
-        // The Python script spells it --n.
-        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
-        let mut fixed = Command::new(cmd.get_program());
-        for a in args {
-            fixed.arg(if a == "--count" { "--n".into() } else { a });
-        }
-        fixed.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        cmd = fixed;
-    }
     let child = cmd.spawn().map_err(|e| format!("cannot start: {e}"))?;
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();

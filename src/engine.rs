@@ -680,12 +680,14 @@ impl<T: ConsumerTransport> Engine<T> {
             }
             // One batch runs at a time: its end frees every slot of the partitions it came from.
             Completion::Batch(v, _) => {
+                let mut freed: Vec<(&TopicPartition, u64)> = Vec::new();
                 for m in v {
-                    if let Some(part) = self
-                        .parts
-                        .get_mut(m.topic_partition())
-                        .filter(|p| p.generation == m.generation())
-                    {
+                    let from = (m.topic_partition(), m.generation());
+                    if freed.contains(&from) {
+                        continue;
+                    }
+                    freed.push(from);
+                    if let Some(part) = self.parts.get_mut(from.0).filter(|p| p.generation == from.1) {
                         part.in_flight.clear();
                     }
                 }
