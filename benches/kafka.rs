@@ -394,6 +394,12 @@ fn run_contender(args: &Args, bootstrap: &str, c: &Contender, topic: &str, group
             return Err(format!("timed out after {RUN_TIMEOUT:?}"));
         }
     };
+    for l in String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with("thread "))
+    {
+        eprintln!("  {}: {l}", c.name);
+    }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().rev().find(|l| l.starts_with('{'));
     match (out.status.success(), line) {
@@ -655,6 +661,15 @@ fn run_child(args: &Args, name: &str) {
         cpu_secs,
         peak_rss_kb: peak_rss_kb(),
     };
+    if let Some(rows) = THREADS.get() {
+        for (name, secs) in rows {
+            eprintln!(
+                "thread {name:<24} {:>6.2} s {:>6.3} us/msg",
+                secs,
+                secs / n.max(1) as f64 * 1e6
+            );
+        }
+    }
     println!("{}", serde_json::to_string(&report).expect("json"));
 }
 
@@ -688,6 +703,9 @@ impl Window {
         }
         if before < self.count && before + k >= self.count {
             self.end.get_or_init(|| (Instant::now(), process_cpu_secs()));
+            if std::env::var_os("FERROSTREAM_BENCH_THREADS").is_some() {
+                THREADS.get_or_init(thread_cpu);
+            }
             self.done.notify_one();
         }
         before + k >= self.count
@@ -717,6 +735,30 @@ fn process_cpu_secs() -> f64 {
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command; USER_HZ is 100.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Diagnostics (`FERROSTREAM_BENCH_THREADS=1`): the CPU time of each thread of this process from its start
+/// to the clock's end, reported on stderr per message, to see which stage of a pipeline is the busy one.
+static THREADS: OnceLock<Vec<(String, f64)>> = OnceLock::new();
+
+fn thread_cpu() -> Vec<(String, f64)> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut rows: Vec<(String, f64)> = tasks
+        .flatten()
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_owned();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            Some((name, (ticks(11) + ticks(12)) / 100.0))
+        })
+        .collect();
+    rows.retain(|r| r.1 > 0.0);
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    rows
 }
 
 fn peak_rss_kb() -> u64 {

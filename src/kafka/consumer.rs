@@ -6,18 +6,19 @@
 //! an async worker would not be. The thread also owns the consumer's teardown, which can hang inside
 //! rdkafka's `Drop` (rust-rdkafka #597 / #611): the engine waits for it with a deadline.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::message::{BorrowedMessage, Headers as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
+use super::fetch_queue::{FetchQueue, Fetched, RawMessage};
 use super::{KafkaConfig, blocking, client_error};
 use crate::error::BrokerError;
 use crate::message::{Headers, Record};
@@ -41,12 +42,25 @@ struct Ctx {
     /// Set once the engine has made its final commit: later revocations need no drain.
     closing: Arc<AtomicBool>,
     revoke_wait: Duration,
+    /// Where assigned partitions' messages go (set once the consumer exists).
+    fetch: OnceLock<FetchQueue>,
 }
 
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let (Rebalance::Assign(tpl), Some(fetch)) = (rebalance, self.fetch.get()) {
+            // Before librdkafka starts fetching them: every message of these partitions then comes
+            // through the fetch queue, in order.
+            for e in tpl.elements() {
+                if !fetch.route(consumer, e.topic(), e.partition()) {
+                    tracing::debug!(subscriber = %self.name, topic = e.topic(), partition = e.partition(),
+                        "partition not routed to the fetch queue; its messages come through the consumer queue");
+                }
+            }
+            return;
+        }
         let Rebalance::Revoke(tpl) = rebalance else { return };
         let partitions = partitions_of(tpl);
         if partitions.is_empty() || self.closing.load(Ordering::Acquire) {
@@ -132,11 +146,17 @@ impl KafkaConsumer {
             events: tx.clone(),
             closing: closing.clone(),
             revoke_wait: cfg.drain_timeout + Duration::from_secs(5),
+            fetch: OnceLock::new(),
         };
-        let consumer: BaseConsumer<Ctx> = config
+        let mut consumer: BaseConsumer<Ctx> = config
             .consumer_config(&group, cfg.auto_offset_reset)
             .create_with_context(ctx)
             .map_err(|e| client_error("create consumer", e))?;
+        let fetch = FetchQueue::new(&consumer).ok_or_else(|| client_error("create fetch queue", "no queue"))?;
+        let _ = consumer.context().fetch.set(fetch.clone());
+        // An event (a rebalance, an error) ends the poll thread's wait on the fetch queue.
+        let wake = fetch.clone();
+        consumer.set_nonempty_callback(move || wake.wake());
         consumer
             .subscribe(&[&cfg.topic])
             .map_err(|e| client_error("subscribe", e))?;
@@ -147,6 +167,7 @@ impl KafkaConsumer {
             name: cfg.name.clone(),
             partitions: Partitions::new(&cfg.topic),
             consumer: consumer.clone(),
+            fetch,
             events: tx,
             stop: stop.clone(),
         };
@@ -172,6 +193,7 @@ struct PollThread {
     name: Arc<str>,
     partitions: Partitions,
     consumer: Arc<BaseConsumer<Ctx>>,
+    fetch: FetchQueue,
     events: mpsc::Sender<ConsumerEvent>,
     stop: Arc<AtomicBool>,
 }
@@ -180,37 +202,112 @@ impl PollThread {
     fn run(mut self) {
         {
             let consumer = &*self.consumer;
-            // librdkafka's messages of one batch, held until their bytes are copied out.
-            let mut fetched: Vec<BorrowedMessage<'_>> = Vec::with_capacity(BATCH_MAX);
+            // Messages that came through the consumer queue (partitions the fetch queue does not get).
+            let mut stray: Vec<BorrowedMessage<'_>> = Vec::new();
+            let mut fetched = Fetched::default();
             while !self.stop.load(Ordering::Acquire) {
-                match consumer.poll(POLL_WAIT) {
-                    None => continue,
-                    Some(Err(e)) => {
-                        tracing::warn!(subscriber = %self.name, error = %e, "consumer error");
-                        continue;
-                    }
-                    Some(Ok(m)) => fetched.push(m),
-                }
-                while fetched.len() < BATCH_MAX {
+                // Events first: rebalance callbacks run inside this poll (and wake the wait below).
+                while stray.len() < BATCH_MAX {
                     match consumer.poll(Duration::ZERO) {
-                        Some(Ok(m)) => fetched.push(m),
-                        Some(Err(e)) => {
-                            tracing::warn!(subscriber = %self.name, error = %e, "consumer error");
-                            break;
-                        }
+                        Some(Ok(m)) => stray.push(m),
+                        Some(Err(e)) => tracing::warn!(subscriber = %self.name, error = %e, "consumer error"),
                         None => break,
                     }
                 }
-                let batch = to_records(&fetched, &mut self.partitions);
-                fetched.clear();
-                if self.events.blocking_send(ConsumerEvent::Records(batch)).is_err() {
+                let batch = if !stray.is_empty() {
+                    let batch = to_records(stray.iter(), &mut self.partitions, &self.name);
+                    stray.clear();
+                    batch
+                } else {
+                    self.fetch.consume(POLL_WAIT, BATCH_MAX, &mut fetched);
+                    let batch = to_records(fetched.iter(), &mut self.partitions, &self.name);
+                    fetched.clear();
+                    batch
+                };
+                if !batch.is_empty() && self.events.blocking_send(ConsumerEvent::Records(batch)).is_err() {
                     break;
                 }
             }
         }
-        // Leave the group from this thread: rdkafka's Drop polls until the consumer is closed.
+        // Leave the group from this thread: rdkafka's Drop polls until the consumer is closed. The fetch
+        // queue is destroyed first: a queue must not outlive its client.
         self.consumer.unsubscribe();
+        self.fetch.close();
         drop(self.consumer);
+    }
+}
+
+/// What the poll thread reads of a fetched message, whichever queue it came through.
+trait FetchedMessage {
+    fn error(&self) -> Option<String>;
+    fn topic(&self) -> String;
+    fn partition(&self) -> i32;
+    fn offset(&self) -> i64;
+    fn key(&self) -> Option<&[u8]>;
+    fn payload(&self) -> &[u8];
+    fn timestamp(&self) -> Option<i64>;
+    fn headers(&self) -> Headers;
+}
+
+impl FetchedMessage for &BorrowedMessage<'_> {
+    fn error(&self) -> Option<String> {
+        None // `poll` reports errors itself
+    }
+    fn topic(&self) -> String {
+        rdkafka::message::Message::topic(*self).to_owned()
+    }
+    fn partition(&self) -> i32 {
+        rdkafka::message::Message::partition(*self)
+    }
+    fn offset(&self) -> i64 {
+        rdkafka::message::Message::offset(*self)
+    }
+    fn key(&self) -> Option<&[u8]> {
+        rdkafka::message::Message::key(*self)
+    }
+    fn payload(&self) -> &[u8] {
+        rdkafka::message::Message::payload(*self).unwrap_or_default()
+    }
+    fn timestamp(&self) -> Option<i64> {
+        rdkafka::message::Message::timestamp(*self).to_millis()
+    }
+    fn headers(&self) -> Headers {
+        let mut headers = Headers::new();
+        if let Some(h) = rdkafka::message::Message::headers(*self) {
+            for header in h.iter() {
+                headers.insert(header.key, Bytes::copy_from_slice(header.value.unwrap_or_default()));
+            }
+        }
+        headers
+    }
+}
+
+impl FetchedMessage for RawMessage<'_> {
+    fn error(&self) -> Option<String> {
+        RawMessage::error(self)
+    }
+    fn topic(&self) -> String {
+        RawMessage::topic(self)
+    }
+    fn partition(&self) -> i32 {
+        RawMessage::partition(self)
+    }
+    fn offset(&self) -> i64 {
+        RawMessage::offset(self)
+    }
+    fn key(&self) -> Option<&[u8]> {
+        RawMessage::key(self)
+    }
+    fn payload(&self) -> &[u8] {
+        RawMessage::payload(self)
+    }
+    fn timestamp(&self) -> Option<i64> {
+        RawMessage::timestamp(self)
+    }
+    fn headers(&self) -> Headers {
+        let mut headers = Headers::new();
+        self.for_each_header(|name, value| headers.insert(name, Bytes::copy_from_slice(value)));
+        headers
     }
 }
 
@@ -232,7 +329,7 @@ impl Partitions {
         }
     }
 
-    fn of(&mut self, m: &BorrowedMessage<'_>) -> TopicPartition {
+    fn of(&mut self, m: &impl FetchedMessage) -> TopicPartition {
         let p = m.partition();
         if self.pattern || p < 0 {
             return TopicPartition::new(m.topic(), p);
@@ -248,41 +345,46 @@ impl Partitions {
 }
 
 /// Copies a batch out of librdkafka into one buffer (one allocation per batch, not two per message); each
-/// record's key and payload are slices of it. A record kept alive keeps its batch's buffer alive.
-fn to_records(fetched: &[BorrowedMessage<'_>], partitions: &mut Partitions) -> Vec<Record> {
-    let total: usize = fetched.iter().map(|m| m.key_len() + m.payload_len()).sum();
+/// record's key and payload are slices of it. A record kept alive keeps its batch's buffer alive. A
+/// message that reports a fetch error instead of data is logged and skipped (librdkafka fetches on).
+fn to_records<M: FetchedMessage>(
+    fetched: impl Iterator<Item = M> + Clone,
+    partitions: &mut Partitions,
+    name: &str,
+) -> Vec<Record> {
+    let total: usize = fetched
+        .clone()
+        .map(|m| m.key().map_or(0, <[u8]>::len) + m.payload().len())
+        .sum();
     let mut buf = BytesMut::with_capacity(total);
-    let mut spans = Vec::with_capacity(fetched.len());
-    for m in fetched {
+    let mut spans = Vec::with_capacity(fetched.size_hint().0);
+    for m in fetched.clone() {
         let key = m.key().map(|k| {
             let start = buf.len();
             buf.extend_from_slice(k);
             start..buf.len()
         });
         let start = buf.len();
-        buf.extend_from_slice(m.payload().unwrap_or_default());
+        buf.extend_from_slice(m.payload());
         spans.push((key, start..buf.len()));
     }
     let buf = buf.freeze();
     fetched
-        .iter()
         .zip(spans)
-        .map(|(m, (key, payload))| {
-            let mut headers = Headers::new();
-            if let Some(h) = m.headers() {
-                for header in h.iter() {
-                    headers.insert(header.key, Bytes::copy_from_slice(header.value.unwrap_or_default()));
-                }
+        .filter_map(|(m, (key, payload))| {
+            if let Some(e) = m.error() {
+                tracing::warn!(subscriber = %name, partition = m.partition(), error = %e, "fetch error");
+                return None;
             }
-            Record {
-                tp: partitions.of(m),
+            Some(Record {
+                tp: partitions.of(&m),
                 offset: m.offset(),
                 key: key.map(|r| buf.slice(r)),
                 payload: buf.slice(payload),
-                headers,
-                timestamp: m.timestamp().to_millis(),
+                headers: m.headers(),
+                timestamp: m.timestamp(),
                 attempts: 0,
-            }
+            })
         })
         .collect()
 }

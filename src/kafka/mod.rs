@@ -19,6 +19,7 @@
 //! `kafka://host:9092?consumer.queued.min.messages=1000`.
 
 mod consumer;
+mod fetch_queue;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
