@@ -81,7 +81,7 @@ impl SubscriberConfig {
             ack_policy: None,
             auto_offset_reset: OffsetReset::default(),
             max_in_flight: 1,
-            max_buffered: 4096,
+            max_buffered: 16_384,
             commit_interval: Duration::from_millis(100),
             commit_every: 2000,
             commit_sync_each: false,
@@ -269,7 +269,9 @@ impl SubscriberBuilder {
     }
 
     /// How many fetched records may wait per partition behind its in-flight limit before fetching of that
-    /// partition pauses (default 4096); it resumes at a quarter of that. Bounds memory on a backlog.
+    /// partition pauses (default 16384); it resumes at a quarter of that. Bounds memory on a backlog.
+    /// Under `AckFirst` it also bounds the records committed ahead of the handler: two runs of up to
+    /// 8192, fewer when this is lower (smaller runs wait for more commits).
     pub fn max_buffered(mut self, records: usize) -> Self {
         self.config.max_buffered = records;
         self

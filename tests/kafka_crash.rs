@@ -76,6 +76,8 @@ const DEFAULT_MAX_IN_FLIGHT: usize = 1;
 /// by a few messages (a replay of 1722 against a bound of 1711) once batches of fetched messages began to
 /// reach the handler in bigger bursts.
 const COMMIT_LATENCY_ALLOWANCE: Duration = Duration::from_millis(100);
+/// The AckFirst child's `max_buffered`: two runs of 2048 committed ahead of its handler.
+const ACK_FIRST_MAX_BUFFERED: usize = 4096;
 /// The duplicate bound never goes below this, however slow the measured rate.
 const DUPLICATE_FLOOR: usize = 100;
 
@@ -243,7 +245,11 @@ async fn crash_child_consumer() {
         .auto_offset_reset(OffsetReset::Earliest);
     match policy {
         Policy::NackOnError => subscriber.ack_policy(AckPolicy::NackOnError).handle(handle),
-        Policy::AckFirst => subscriber.auto_commit(true).handle(handle),
+        // Runs of 2048 (max_buffered holds two), so the loss bound below is well inside the stream.
+        Policy::AckFirst => subscriber
+            .auto_commit(true)
+            .max_buffered(ACK_FIRST_MAX_BUFFERED)
+            .handle(handle),
         Policy::RetryDlt | Policy::RetryNonBlocking => {
             let retry = RetryPolicy::new(RETRY_ATTEMPTS)
                 .backoff(RETRY_BACKOFF, Duration::from_secs(1))
@@ -938,9 +944,9 @@ async fn ack_first_never_hands_a_message_twice_across_kill_9() {
         twice.len(),
         &twice[..twice.len().min(20)]
     );
-    // SPEC 3.4: commits run at most two fetched runs (2 x 2048 records) ahead of the handler, so a kill
-    // loses at most that much per partition, plus the message being handled.
-    const LOSS_PER_KILL: i64 = 2 * 2048 + 1;
+    // SPEC 3.4: commits run at most two runs (of max_buffered / 2 records each) ahead of the handler, so
+    // a kill loses at most max_buffered per partition, plus the message being handled.
+    const LOSS_PER_KILL: i64 = ACK_FIRST_MAX_BUFFERED as i64 + 1;
     for (p, lost) in &lost_runs {
         for (first, last) in lost {
             assert!(
