@@ -129,6 +129,8 @@ impl SubscriberRuntime {
 
 struct Partition {
     generation: u64,
+    /// Where this assignment's messages send their settles.
+    sink: Arc<SettleSink>,
     /// Received, not yet dispatched, in offset order.
     queue: VecDeque<Record>,
     /// Dispatched and not finished: offset and key (None = no key). At most `max_in_flight` entries, so
@@ -150,9 +152,10 @@ impl Partition {
         self.in_flight.iter().any(|(_, k)| k == key)
     }
 
-    fn new(generation: u64) -> Self {
+    fn new(generation: u64, sink: Arc<SettleSink>) -> Self {
         Partition {
             generation,
+            sink,
             queue: VecDeque::new(),
             in_flight: Vec::new(),
             hold_until: None,
@@ -236,6 +239,14 @@ impl<T: ConsumerTransport> Engine<T> {
 
     fn policy(&self) -> AckPolicy {
         self.rt.cfg.policy
+    }
+
+    fn sink(&self, generation: u64) -> Arc<SettleSink> {
+        Arc::new(SettleSink {
+            events: self.events_tx.clone(),
+            generation,
+            subscriber: self.rt.cfg.name.clone(),
+        })
     }
 
     /// `AckFirst`'s run: `ACK_FIRST_RUN` records, or fewer when `max_buffered` cannot hold two runs (the
@@ -322,7 +333,10 @@ impl<T: ConsumerTransport> Engine<T> {
                     self.next_generation += 1;
                     if self
                         .parts
-                        .insert(tp.clone(), Partition::new(self.next_generation))
+                        .insert(
+                            tp.clone(),
+                            Partition::new(self.next_generation, self.sink(self.next_generation)),
+                        )
                         .is_none()
                     {
                         self.order.push(tp.clone());
@@ -461,11 +475,12 @@ impl<T: ConsumerTransport> Engine<T> {
         self.ack_first_advance(tp);
         let max = self.rt.cfg.max_in_flight;
         let ack_first = self.policy() == AckPolicy::AckFirst && self.commits_enabled;
+        // Only a finished commit moves it, and none finishes during this loop.
+        let confirmed = if ack_first { self.tracker.confirmed(tp) } else { None };
         while budget > 0 {
             if self.rt.cfg.commit_sync_each && (self.commit.is_some() || self.commit_due.is_some()) {
                 break; // the previous settle is not committed yet
             }
-            let confirmed = self.tracker.confirmed(tp);
             let Some(part) = self.parts.get_mut(tp) else {
                 return budget;
             };
@@ -507,7 +522,7 @@ impl<T: ConsumerTransport> Engine<T> {
             };
             part.ack_first_ahead = part.ack_first_ahead.saturating_sub(1);
             part.in_flight.push((rec.offset, rec.key.clone()));
-            let msg = new_message(&self.rt, &self.events_tx, part.generation, rec);
+            let msg = new_message(&self.rt, &part.sink, rec);
             if let Some(done) = self.start(Call::new(self.rt.clone(), Messages::One(msg))) {
                 self.on_completed(done);
             }
@@ -632,7 +647,7 @@ impl<T: ConsumerTransport> Engine<T> {
             let records: Vec<Record> = part.queue.drain(..take).collect();
             for rec in records {
                 part.in_flight.push((rec.offset, rec.key.clone()));
-                messages.push(new_message(&self.rt, &self.events_tx, part.generation, rec));
+                messages.push(new_message(&self.rt, &part.sink, rec));
             }
             let paused = part.paused;
             if paused {
@@ -1232,16 +1247,7 @@ impl Verdict {
 
 /// The handle of a record being dispatched: counts the attempt (continuing the retry topic's count for
 /// records read from it) and wires settles back to this engine.
-fn new_message(
-    rt: &SubscriberRuntime,
-    events: &mpsc::UnboundedSender<EngineEvent>,
-    generation: u64,
-    mut rec: Record,
-) -> Message {
-    let sink = SettleSink {
-        events: events.clone(),
-        generation,
-    };
+fn new_message(rt: &SubscriberRuntime, sink: &Arc<SettleSink>, mut rec: Record) -> Message {
     let pre = (rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
     let base = if rt.cfg.retry_consumer {
         header_attempts(&rec)
@@ -1250,7 +1256,7 @@ fn new_message(
     };
     rec.attempts += 1;
     let attempt = base + rec.attempts;
-    Message::new(rec, rt.cfg.name.clone(), sink, pre, attempt)
+    Message::new(rec, sink.clone(), pre, attempt)
 }
 
 /// SPEC 3.11: the result is published (and acknowledged) before the incoming message is settled.

@@ -94,11 +94,13 @@ pub(crate) struct SettleEvent {
     pub(crate) reason: Option<String>,
 }
 
-/// Where settles go: the engine of the subscriber that delivered the message.
-#[derive(Debug, Clone)]
+/// Where settles go: the engine of the subscriber that delivered the message, for one assignment of one
+/// partition. Shared by all the messages of that assignment (one reference count per message, not three).
+#[derive(Debug)]
 pub(crate) struct SettleSink {
     pub(crate) events: mpsc::UnboundedSender<EngineEvent>,
     pub(crate) generation: u64,
+    pub(crate) subscriber: Arc<str>,
 }
 
 /// Who settled a message, for logs and the test observer.
@@ -116,10 +118,9 @@ pub enum SettledBy {
 
 struct Inner {
     record: Record,
-    subscriber: Arc<str>,
     attempt: u32,
     settled: Mutex<Option<Settle>>,
-    sink: SettleSink,
+    sink: Arc<SettleSink>,
 }
 
 /// One delivered message and its settle calls (SPEC 2.1). Cheap to clone; clones share the settle state.
@@ -140,7 +141,7 @@ pub struct Message {
 impl std::fmt::Debug for Message {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Message")
-            .field("subscriber", &self.inner.subscriber)
+            .field("subscriber", &self.inner.sink.subscriber)
             .field("topic", &self.topic())
             .field("partition", &self.partition())
             .field("offset", &self.offset())
@@ -150,17 +151,10 @@ impl std::fmt::Debug for Message {
 }
 
 impl Message {
-    pub(crate) fn new(
-        record: Record,
-        subscriber: Arc<str>,
-        sink: SettleSink,
-        pre_settled: Option<Settle>,
-        attempt: u32,
-    ) -> Self {
+    pub(crate) fn new(record: Record, sink: Arc<SettleSink>, pre_settled: Option<Settle>, attempt: u32) -> Self {
         Message {
             inner: Arc::new(Inner {
                 record,
-                subscriber,
                 attempt,
                 settled: Mutex::new(pre_settled),
                 sink,
@@ -257,7 +251,7 @@ impl Message {
 
     /// The subscriber that received it.
     pub fn subscriber(&self) -> &str {
-        &self.inner.subscriber
+        &self.inner.sink.subscriber
     }
     /// Its topic.
     pub fn topic(&self) -> &str {
