@@ -11,8 +11,9 @@
 //! group on a topic holding exactly the messages it must consume, from the earliest offset; its clock runs
 //! from the first message handled to the last. After it exits, the group's committed offsets must equal the
 //! topic's end offsets: a run that did not commit everything is reported as failed, not as fast. Contenders
-//! are interleaved round by round (the order rotates), and each ratio is taken within one round before the
-//! median over rounds is reported, because this machine's absolute speed drifts between minutes.
+//! are interleaved round by round: each row runs next to its baseline (in alternating order, the groups
+//! rotating), and each ratio is taken within one round before the median over rounds is reported, because
+//! this machine's absolute speed drifts between minutes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
@@ -306,10 +307,16 @@ fn main() {
 
     let mut results: BTreeMap<String, Vec<Option<Report>>> = BTreeMap::new();
     for round in 0..args.rounds {
-        let mut order = all.clone();
-        let shift = round * 3 % order.len().max(1);
-        order.rotate_left(shift);
-        for c in &order {
+        // Each row runs next to its baseline, so a ratio compares runs seconds apart, not minutes: the
+        // machine's speed drifts. The groups rotate, and every other round runs each group backwards
+        // (baseline last), so neither side of a ratio always goes first.
+        let mut groups = groups(&all);
+        let shift = round % groups.len().max(1);
+        groups.rotate_left(shift);
+        if round % 2 == 1 {
+            groups.iter_mut().for_each(|g| g.reverse());
+        }
+        for c in groups.iter().flatten() {
             let tag = slug(&c.name);
             let group = format!("fsb{run_id}-{tag}-r{round}");
             let topic = match c.data {
@@ -529,6 +536,34 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 
 fn rate(c: &Contender, r: &Report) -> f64 {
     r.n.min(c.count) as f64 / r.secs
+}
+
+/// The contenders in groups: a row without a baseline, then the rows compared with it, then the rows
+/// compared with those (FastStream's rows are compared with ferrostream's).
+fn groups(all: &[Contender]) -> Vec<Vec<Contender>> {
+    let mut groups: Vec<Vec<Contender>> = Vec::new();
+    let mut group_of: HashMap<String, usize> = HashMap::new();
+    for c in all.iter().filter(|c| c.baseline.is_none()) {
+        group_of.insert(c.name.clone(), groups.len());
+        groups.push(vec![c.clone()]);
+    }
+    let mut rest: Vec<&Contender> = all.iter().filter(|c| c.baseline.is_some()).collect();
+    while !rest.is_empty() {
+        let before = rest.len();
+        rest.retain(|c| {
+            let Some(&g) = c.baseline.as_ref().and_then(|b| group_of.get(b)) else {
+                return true;
+            };
+            group_of.insert(c.name.clone(), g);
+            groups[g].push((*c).clone());
+            false
+        });
+        if rest.len() == before {
+            // A baseline that is not a contender: run those rows on their own.
+            groups.extend(rest.drain(..).map(|c| vec![c.clone()]));
+        }
+    }
+    groups
 }
 
 fn print_table(args: &Args, all: &[Contender], results: &BTreeMap<String, Vec<Option<Report>>>) {
