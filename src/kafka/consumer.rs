@@ -18,7 +18,7 @@ use rdkafka::message::{BorrowedMessage, Headers as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
-use super::fetch_queue::{FetchQueue, Fetched, RawMessage};
+use super::fetch_queue::{FetchQueue, Fetched};
 use super::{KafkaConfig, blocking, client_error};
 use crate::error::BrokerError;
 use crate::message::{Headers, Record};
@@ -239,7 +239,7 @@ impl PollThread {
 }
 
 /// What the poll thread reads of a fetched message, whichever queue it came through.
-trait FetchedMessage {
+pub(super) trait FetchedMessage {
     fn error(&self) -> Option<String>;
     fn topic(&self) -> String;
     fn partition(&self) -> i32;
@@ -279,35 +279,6 @@ impl FetchedMessage for &BorrowedMessage<'_> {
                 headers.insert(header.key, Bytes::copy_from_slice(header.value.unwrap_or_default()));
             }
         }
-        headers
-    }
-}
-
-impl FetchedMessage for RawMessage<'_> {
-    fn error(&self) -> Option<String> {
-        RawMessage::error(self)
-    }
-    fn topic(&self) -> String {
-        RawMessage::topic(self)
-    }
-    fn partition(&self) -> i32 {
-        RawMessage::partition(self)
-    }
-    fn offset(&self) -> i64 {
-        RawMessage::offset(self)
-    }
-    fn key(&self) -> Option<&[u8]> {
-        RawMessage::key(self)
-    }
-    fn payload(&self) -> &[u8] {
-        RawMessage::payload(self)
-    }
-    fn timestamp(&self) -> Option<i64> {
-        RawMessage::timestamp(self)
-    }
-    fn headers(&self) -> Headers {
-        let mut headers = Headers::new();
-        self.for_each_header(|name, value| headers.insert(name, Bytes::copy_from_slice(value)));
         headers
     }
 }

@@ -18,8 +18,12 @@ use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use rdkafka::bindings as rd;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+
+use super::consumer::FetchedMessage;
+use crate::message::Headers;
 
 /// The queue, owned: destroyed once, by whoever drops the last [`FetchQueue`] clone or calls
 /// [`FetchQueue::close`].
@@ -154,9 +158,9 @@ impl Drop for Fetched {
 /// A view of one fetched message.
 pub(crate) struct RawMessage<'a>(&'a rd::rd_kafka_message_t);
 
-impl<'a> RawMessage<'a> {
+impl FetchedMessage for RawMessage<'_> {
     /// The fetch error this message reports instead of data, if it is one.
-    pub(crate) fn error(&self) -> Option<String> {
+    fn error(&self) -> Option<String> {
         if self.0.err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
             return None;
         }
@@ -165,7 +169,7 @@ impl<'a> RawMessage<'a> {
         Some(text.to_string_lossy().into_owned())
     }
 
-    pub(crate) fn topic(&self) -> String {
+    fn topic(&self) -> String {
         if self.0.rkt.is_null() {
             return String::new();
         }
@@ -175,40 +179,40 @@ impl<'a> RawMessage<'a> {
             .into_owned()
     }
 
-    pub(crate) fn partition(&self) -> i32 {
+    fn partition(&self) -> i32 {
         self.0.partition
     }
 
-    pub(crate) fn offset(&self) -> i64 {
+    fn offset(&self) -> i64 {
         self.0.offset
     }
 
-    pub(crate) fn key(&self) -> Option<&'a [u8]> {
+    fn key(&self) -> Option<&[u8]> {
         // SAFETY: librdkafka's key pointer and length describe a buffer the message owns.
         bytes_at(self.0.key, self.0.key_len).map(|p| unsafe { std::slice::from_raw_parts(p, self.0.key_len) })
     }
 
-    pub(crate) fn payload(&self) -> &'a [u8] {
+    fn payload(&self) -> &[u8] {
         // SAFETY: as for the key.
         bytes_at(self.0.payload, self.0.len).map_or(&[], |p| unsafe { std::slice::from_raw_parts(p, self.0.len) })
     }
 
     /// Milliseconds since the Unix epoch, when the message has a timestamp.
-    pub(crate) fn timestamp(&self) -> Option<i64> {
+    fn timestamp(&self) -> Option<i64> {
         let mut kind = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
         // SAFETY: a live message; `kind` is a valid out-pointer.
         let ts = unsafe { rd::rd_kafka_message_timestamp(self.0, &mut kind) };
         (kind != rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE && ts >= 0).then_some(ts)
     }
 
-    /// Calls `f` with each header's name and value, in order.
-    pub(crate) fn for_each_header(&self, mut f: impl FnMut(&str, &[u8])) {
+    fn headers(&self) -> Headers {
+        let mut headers = Headers::new();
         let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
         // SAFETY: a live message; the header list it returns is owned by the message.
         if unsafe { rd::rd_kafka_message_headers(self.0, &mut hdrs) }
             != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
         {
-            return;
+            return headers;
         }
         for idx in 0.. {
             let (mut name, mut value, mut size): (*const c_char, *const c_void, usize) =
@@ -221,8 +225,9 @@ impl<'a> RawMessage<'a> {
             // SAFETY: header names are NUL-terminated; a value is `size` bytes (or null for no value).
             let name = unsafe { CStr::from_ptr(name) }.to_string_lossy();
             let value = bytes_at(value, size).map_or(&[][..], |p| unsafe { std::slice::from_raw_parts(p, size) });
-            f(&name, value);
+            headers.insert(name.into_owned(), Bytes::copy_from_slice(value));
         }
+        headers
     }
 }
 
