@@ -18,8 +18,9 @@ use rdkafka::message::{BorrowedMessage, Headers as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
+use super::commit_queue::CommitQueue;
 use super::fetch_queue::{FetchQueue, Fetched};
-use super::{KafkaConfig, blocking, client_error};
+use super::{KafkaConfig, client_error};
 use crate::error::BrokerError;
 use crate::message::{Headers, Record};
 use crate::offset::TopicPartition;
@@ -123,6 +124,8 @@ fn single(tp: &TopicPartition) -> TopicPartitionList {
 /// A [`ConsumerTransport`] over a Kafka consumer group member.
 pub(crate) struct KafkaConsumer {
     name: Arc<str>,
+    /// Declared before `consumer`, so a drop closes it first: a queue must not outlive its client.
+    commits: CommitQueue,
     consumer: Arc<BaseConsumer<Ctx>>,
     events: mpsc::Receiver<ConsumerEvent>,
     closing: Arc<AtomicBool>,
@@ -158,6 +161,7 @@ impl KafkaConsumer {
         // An event (a rebalance, an error) ends the poll thread's wait on the fetch queue.
         let wake = fetch.clone();
         consumer.set_nonempty_callback(move || wake.wake());
+        let commits = CommitQueue::new(&consumer).ok_or_else(|| client_error("create commit queue", "no queue"))?;
         consumer
             .subscribe(&[&cfg.topic])
             .map_err(|e| client_error("subscribe", e))?;
@@ -181,6 +185,7 @@ impl KafkaConsumer {
             .map_err(|e| client_error("spawn poll thread", e))?;
         Ok(KafkaConsumer {
             name: cfg.name.clone(),
+            commits,
             consumer,
             events: rx,
             closing,
@@ -379,17 +384,13 @@ impl ConsumerTransport for KafkaConsumer {
     }
 
     fn commit(&mut self, commits: Commits) -> BoxFuture<'static, Result<(), BrokerError>> {
-        let consumer = self.consumer.clone();
-        Box::pin(blocking("commit", move || {
-            consumer
-                .commit(&tpl_of(&commits), CommitMode::Sync)
-                .map_err(|e| client_error("commit", e))
-        }))
+        Box::pin(self.commits.commit(&self.consumer, &tpl_of(&commits)))
     }
 
     async fn close(self, final_commits: Commits) -> Result<(), BrokerError> {
         let KafkaConsumer {
             name,
+            commits,
             consumer,
             events,
             closing,
@@ -398,11 +399,7 @@ impl ConsumerTransport for KafkaConsumer {
         } = self;
         let mut result = Ok(());
         if !final_commits.is_empty() {
-            let c = consumer.clone();
-            let commit = blocking("final commit", move || {
-                c.commit(&tpl_of(&final_commits), CommitMode::Sync)
-                    .map_err(|e| client_error("final commit", e))
-            });
+            let commit = commits.commit(&consumer, &tpl_of(&final_commits));
             result = match tokio::time::timeout(CLOSE_TIMEOUT, commit).await {
                 Ok(r) => r,
                 Err(_) => Err(BrokerError::Timeout {
@@ -413,6 +410,7 @@ impl ConsumerTransport for KafkaConsumer {
         }
         closing.store(true, Ordering::Release);
         stop.store(true, Ordering::Release);
+        commits.close();
         drop(consumer);
         drop(events);
         if tokio::time::timeout(CLOSE_TIMEOUT, thread_done).await.is_err() {

@@ -9,8 +9,8 @@
 //! is assigned, so none of its messages go anywhere else), messages are read here in batches, and the
 //! consumer queue keeps only events, which `BaseConsumer::poll` serves as before.
 //!
-//! rdkafka has no safe API for this, hence the one module of the crate that uses `unsafe`: every call is a
-//! plain librdkafka call on a live handle, each justified where it is made.
+//! rdkafka has no safe API for this, hence `unsafe` (the crate's other such module is `commit_queue`): every
+//! call is a plain librdkafka call on a live handle, each justified where it is made.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, c_char, c_void};

@@ -18,6 +18,7 @@
 //! `max.partition.fetch.bytes` per fetch). Lower those to bound memory harder:
 //! `kafka://host:9092?consumer.queued.min.messages=1000`.
 
+mod commit_queue;
 mod consumer;
 mod fetch_queue;
 

@@ -1,0 +1,282 @@
+//! Offset commits whose results come straight back to the waiting engine, with no thread in between.
+//!
+//! Why: rdkafka's only way to wait for a commit's result is a synchronous `commit`, which blocks its
+//! thread, so the engine ran it on tokio's blocking pool. That hop (a thread woken to start the commit,
+//! a task woken when it returns) was about a third of a commit's round trip on a busy two-core machine,
+//! and `AckFirst` waits for a commit before it dispatches a run (SPEC 3.4). Here a commit is sent with
+//! `rd_kafka_commit_queue`, whose result librdkafka posts on a queue of ours; the queue calls back (from
+//! librdkafka's own thread) when that result arrives, which wakes the waiting future, which then takes
+//! the result without blocking.
+//!
+//! rdkafka has no safe API for this, hence `unsafe` (the crate's other such module is `fetch_queue`):
+//! every call is a plain librdkafka call on a live handle, each justified where it is made.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, c_void};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rdkafka::bindings as rd;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::topic_partition_list::TopicPartitionList;
+use tokio::sync::Notify;
+
+use crate::error::BrokerError;
+
+/// The queue, owned: destroyed once, by [`CommitQueue::close`] (or drop).
+struct Handle(NonNull<rd::rd_kafka_queue_t>);
+
+// SAFETY: librdkafka queues are thread-safe (every operation takes the queue's own lock).
+unsafe impl Send for Handle {}
+
+struct Shared {
+    /// `None` once closed.
+    queue: Mutex<Option<Handle>>,
+    /// Woken by librdkafka when a result lands on the (empty) queue, and by `close`.
+    arrived: Notify,
+    /// Tags each commit, so a waiter takes only its own result (an abandoned commit's result is dropped).
+    next_tag: AtomicUsize,
+}
+
+/// Commits on one consumer, each awaited without blocking a thread. Close it (or drop it) before the
+/// consumer is destroyed: a queue must not outlive its client.
+pub(crate) struct CommitQueue {
+    shared: Arc<Shared>,
+    /// The reference the queue's callback holds (released in `close`, after the callback is removed).
+    callback_ref: *const Shared,
+}
+
+// SAFETY: `callback_ref` is an `Arc` reference that is only released once, in `close`, under the lock.
+unsafe impl Send for CommitQueue {}
+unsafe impl Sync for CommitQueue {}
+
+/// Runs on a librdkafka thread, with the queue's lock held, when a result lands on the empty queue: it
+/// only wakes the waiter.
+unsafe extern "C" fn on_result(_rk: *mut rd::rd_kafka_t, opaque: *mut c_void) {
+    // SAFETY: `opaque` is the `Arc<Shared>` reference `CommitQueue::new` leaked for this callback; `close`
+    // removes the callback (under this same queue lock) before it releases that reference.
+    let shared = unsafe { &*opaque.cast::<Shared>() };
+    shared.arrived.notify_one();
+}
+
+impl CommitQueue {
+    /// A new, empty queue on this consumer's client.
+    pub(crate) fn new<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<Self> {
+        // SAFETY: the client handle is live (we hold the consumer); the new queue is ours to destroy.
+        let ptr = NonNull::new(unsafe { rd::rd_kafka_queue_new(consumer.client().native_ptr()) })?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Some(Handle(ptr))),
+            arrived: Notify::new(),
+            next_tag: AtomicUsize::new(1),
+        });
+        let callback_ref = Arc::into_raw(shared.clone());
+        // SAFETY: a live queue; the callback's reference stays valid until `close` removes the callback.
+        unsafe { rd::rd_kafka_queue_cb_event_enable(ptr.as_ptr(), Some(on_result), callback_ref as *mut c_void) };
+        Some(CommitQueue { shared, callback_ref })
+    }
+
+    /// Sends a commit of `offsets` now and returns a future for its result. The consumer must be live for
+    /// this call (it is: the caller holds it).
+    pub(crate) fn commit<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        offsets: &TopicPartitionList,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send + 'static {
+        let shared = self.shared.clone();
+        let tag = shared.next_tag.fetch_add(1, Ordering::Relaxed);
+        let sent = {
+            let guard = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            match guard.as_ref() {
+                // SAFETY: live client and queue (held under the lock); librdkafka copies the list. The
+                // tag is only an integer carried back with the result, never dereferenced.
+                Some(q) => unsafe {
+                    rd::rd_kafka_commit_queue(
+                        consumer.client().native_ptr(),
+                        offsets.ptr(),
+                        q.0.as_ptr(),
+                        None,
+                        tag as *mut c_void,
+                    )
+                },
+                None => rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__DESTROY,
+            }
+        };
+        async move {
+            if sent != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                return Err(commit_error(sent));
+            }
+            loop {
+                // A permit from a wake-up that came before this wait is kept, so none is lost.
+                if let Some(result) = shared.take(tag) {
+                    return result;
+                }
+                shared.arrived.notified().await;
+            }
+        }
+    }
+
+    /// Destroys the queue; a commit still waiting fails. Idempotent.
+    pub(crate) fn close(&self) {
+        let taken = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = taken {
+            // SAFETY: taken out under the lock, so no other call uses it any more. Removing the callback
+            // takes the queue's lock, so no callback is running or can start once it returns; only then is
+            // the callback's reference released.
+            unsafe {
+                rd::rd_kafka_queue_cb_event_enable(h.0.as_ptr(), None, std::ptr::null_mut());
+                rd::rd_kafka_queue_destroy(h.0.as_ptr());
+                drop(Arc::from_raw(self.callback_ref));
+            }
+        }
+        self.shared.arrived.notify_waiters();
+        self.shared.arrived.notify_one();
+    }
+}
+
+impl Drop for CommitQueue {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Shared {
+    /// The result of commit `tag`, if it has arrived (or an error once the queue is closed). Results of
+    /// other commits found on the way are dropped: their waiters are gone.
+    fn take(&self, tag: usize) -> Option<Result<(), BrokerError>> {
+        let guard = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(q) = guard.as_ref() else {
+            return Some(Err(commit_error(rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__DESTROY)));
+        };
+        loop {
+            // SAFETY: a live queue (held under the lock); a zero timeout never blocks. The event is ours
+            // to destroy.
+            let ev = NonNull::new(unsafe { rd::rd_kafka_queue_poll(q.0.as_ptr(), 0) })?;
+            let ev = Event(ev);
+            // SAFETY: `ev` is a live event until it is dropped at the end of this iteration.
+            unsafe {
+                if rd::rd_kafka_event_type(ev.0.as_ptr()) != rd::RD_KAFKA_EVENT_OFFSET_COMMIT
+                    || rd::rd_kafka_event_opaque(ev.0.as_ptr()) as usize != tag
+                {
+                    continue;
+                }
+                return Some(commit_result(ev.0.as_ptr()));
+            }
+        }
+    }
+}
+
+/// An event taken from the queue, destroyed on drop.
+struct Event(NonNull<rd::rd_kafka_event_t>);
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: owned, destroyed once.
+        unsafe { rd::rd_kafka_event_destroy(self.0.as_ptr()) };
+    }
+}
+
+/// The commit's overall error, else the first partition's: a partition whose offset was not stored has
+/// not been committed, whatever the request's outcome.
+///
+/// # Safety
+/// `ev` must be a live offset-commit event.
+unsafe fn commit_result(ev: *mut rd::rd_kafka_event_t) -> Result<(), BrokerError> {
+    // SAFETY: the caller's contract; the partition list belongs to the event.
+    unsafe {
+        let err = rd::rd_kafka_event_error(ev);
+        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return Err(commit_error(err));
+        }
+        let list = rd::rd_kafka_event_topic_partition_list(ev);
+        if !list.is_null() && (*list).cnt > 0 {
+            let elems = std::slice::from_raw_parts((*list).elems, usize::try_from((*list).cnt).unwrap_or(0));
+            if let Some(e) = elems
+                .iter()
+                .find(|e| e.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR)
+            {
+                return Err(commit_error(e.err));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn commit_error(err: rd::rd_kafka_resp_err_t) -> BrokerError {
+    // SAFETY: librdkafka returns a static NUL-terminated string for every error code.
+    let text = unsafe { CStr::from_ptr(rd::rd_kafka_err2str(err)) }
+        .to_string_lossy()
+        .into_owned();
+    super::client_error("commit", text)
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::consumer::DefaultConsumerContext;
+    use rdkafka::topic_partition_list::Offset;
+
+    use super::*;
+    use crate::kafka::{KafkaBackend, KafkaConfig};
+
+    /// The real broker the Kafka tests run against (scripts/test.sh starts one).
+    fn bootstrap() -> String {
+        let url = std::env::var("FERROSTREAM_TEST_BROKER").unwrap_or_default();
+        let Some(hosts) = url.strip_prefix("kafka://") else {
+            panic!(
+                "these tests need a real Kafka-protocol broker: export FERROSTREAM_TEST_BROKER=$(scripts/kafka-broker.sh start)"
+            );
+        };
+        hosts.to_owned()
+    }
+
+    fn offsets(topic: &str, of: &[(i32, i64)]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for &(p, o) in of {
+            tpl.add_partition_offset(topic, p, Offset::Offset(o))
+                .expect("valid offset");
+        }
+        tpl
+    }
+
+    #[tokio::test]
+    async fn each_commit_gets_its_own_result_and_a_closed_queue_fails_commits() {
+        let config = KafkaConfig::new(bootstrap());
+        let backend = KafkaBackend::new(config.clone()).expect("backend");
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos();
+        let (topic, group) = (format!("commit-queue-{nanos}"), format!("commit-queue-{nanos}"));
+        backend.create_topic(&topic, 2).await.expect("topic");
+        let consumer: BaseConsumer<DefaultConsumerContext> = config
+            .consumer_config(&group, crate::OffsetReset::Earliest)
+            .create()
+            .expect("consumer");
+        let queue = CommitQueue::new(&consumer).expect("queue");
+
+        // Sent, then abandoned: its result must not be taken for the next commit's.
+        drop(queue.commit(&consumer, &offsets(&topic, &[(0, 5)])));
+        let deadline = std::time::Duration::from_secs(30);
+        tokio::time::timeout(deadline, queue.commit(&consumer, &offsets(&topic, &[(0, 7), (1, 3)])))
+            .await
+            .expect("the commit's result arrives")
+            .expect("the commit succeeds");
+        tokio::time::timeout(deadline, queue.commit(&consumer, &offsets(&topic, &[(1, 4)])))
+            .await
+            .expect("the commit's result arrives")
+            .expect("the commit succeeds");
+        let committed = backend.committed(&group, &topic).await.expect("committed offsets");
+        assert_eq!(committed, [(0, 7), (1, 4)].into_iter().collect());
+
+        queue.close();
+        let after = queue.commit(&consumer, &offsets(&topic, &[(0, 9)])).await;
+        assert!(
+            matches!(after, Err(BrokerError::Client { op: "commit", .. })),
+            "a commit on a closed queue fails with a typed error, got {after:?}"
+        );
+        assert_eq!(
+            backend.committed(&group, &topic).await.expect("committed offsets")[&0],
+            7
+        );
+    }
+}
