@@ -299,6 +299,35 @@ mod tests {
     }
 
     proptest! {
+        /// Equal partitions hash alike, however their names were built (equality's pointer fast path must
+        /// not leak into the hash), and a map keyed by many partitions finds each.
+        #[test]
+        fn partitions_hash_by_value_and_maps_find_each(
+            names in proptest::collection::btree_set("[a-c]{0,20}", 1..30),
+            partitions in 1i32..4,
+        ) {
+            use std::hash::BuildHasher as _;
+            let state = std::collections::hash_map::RandomState::new();
+            let mut map = std::collections::HashMap::with_hasher(state.clone());
+            for (i, name) in names.iter().enumerate() {
+                for p in 0..partitions {
+                    let tp = TopicPartition::new(name.as_str(), p);
+                    let again = TopicPartition::new(String::from(name.as_str()), p);
+                    prop_assert_eq!(&tp, &again);
+                    prop_assert_eq!(state.hash_one(&tp), state.hash_one(&again));
+                    map.insert(tp, (i, p));
+                }
+            }
+            prop_assert_eq!(map.len(), names.len() * partitions as usize);
+            for (i, name) in names.iter().enumerate() {
+                for p in 0..partitions {
+                    prop_assert_eq!(map.get(&TopicPartition::new(name.as_str(), p)), Some(&(i, p)));
+                }
+            }
+        }
+    }
+
+    proptest! {
         /// Random settle orders with nacks and redelivery: the watermark always equals the SPEC formula,
         /// never passes an unsettled offset, never decreases, and reaches the end once all is settled.
         #[test]
