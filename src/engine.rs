@@ -82,6 +82,15 @@ pub(crate) enum EngineEvent {
     },
 }
 
+/// A settle the engine applies: which delivery of the offset, and how and by whom it was settled.
+#[derive(Clone, Copy)]
+struct Settled {
+    generation: u64,
+    offset: i64,
+    settle: Settle,
+    by: SettledBy,
+}
+
 /// A handler call that ended: its messages and what it returned.
 pub(crate) enum Completion {
     One(Message, Result<(), Error>),
@@ -133,9 +142,9 @@ struct Partition {
     sink: Arc<SettleSink>,
     /// Received, not yet dispatched, in offset order.
     queue: VecDeque<Record>,
-    /// Dispatched and not finished: offset and key (None = no key). At most `max_in_flight` entries, so
-    /// a scan beats a map.
-    in_flight: Vec<(i64, Option<Bytes>)>,
+    /// Dispatched and not finished: offset and key lane ([`lane_of`]). At most `max_in_flight` entries,
+    /// so a scan beats a map.
+    in_flight: Vec<(i64, u64)>,
     /// After a delayed nack: dispatch nothing before this instant.
     hold_until: Option<Instant>,
     paused: bool,
@@ -148,8 +157,8 @@ struct Partition {
 }
 
 impl Partition {
-    fn key_busy(&self, key: &Option<Bytes>) -> bool {
-        self.in_flight.iter().any(|(_, k)| k == key)
+    fn lane_busy(&self, lane: u64) -> bool {
+        self.in_flight.iter().any(|&(_, l)| l == lane)
     }
 
     fn new(generation: u64, sink: Arc<SettleSink>) -> Self {
@@ -501,29 +510,30 @@ impl<T: ConsumerTransport> Engine<T> {
             }
             // The first record whose key is not busy and not held back by an earlier record of its key
             // (records of one key start in offset order).
-            let mut blocked: Vec<&Option<Bytes>> = Vec::new();
+            let mut blocked: Vec<u64> = Vec::new();
             let mut pick = None;
             for (i, rec) in part.queue.iter().enumerate() {
                 if ack_first && confirmed.is_none_or(|c| rec.offset >= c) {
                     break; // its commit is not confirmed yet: at most once means commit first
                 }
-                if part.key_busy(&rec.key) || blocked.contains(&&rec.key) {
+                let lane = lane_of(&rec.key);
+                if part.lane_busy(lane) || blocked.contains(&lane) {
                     if max == 1 {
                         break;
                     }
-                    blocked.push(&rec.key);
+                    blocked.push(lane);
                     continue;
                 }
-                pick = Some(i);
+                pick = Some((i, lane));
                 break;
             }
-            let Some(rec) = pick.and_then(|i| part.queue.remove(i)) else {
+            let Some((rec, lane)) = pick.and_then(|(i, lane)| Some((part.queue.remove(i)?, lane))) else {
                 break;
             };
             part.ack_first_ahead = part.ack_first_ahead.saturating_sub(1);
-            part.in_flight.push((rec.offset, rec.key.clone()));
+            part.in_flight.push((rec.offset, lane));
             let msg = new_message(&self.rt, &part.sink, rec);
-            if let Some(done) = self.start(Call::new(self.rt.clone(), Messages::One(msg))) {
+            if let Some(done) = self.start(Call::new(&self.rt, Messages::One(msg))) {
                 self.on_completed(done);
             }
             budget -= 1;
@@ -646,7 +656,7 @@ impl<T: ConsumerTransport> Engine<T> {
             part.ack_first_ahead = part.ack_first_ahead.saturating_sub(take);
             let records: Vec<Record> = part.queue.drain(..take).collect();
             for rec in records {
-                part.in_flight.push((rec.offset, rec.key.clone()));
+                part.in_flight.push((rec.offset, lane_of(&rec.key)));
                 messages.push(new_message(&self.rt, &part.sink, rec));
             }
             let paused = part.paused;
@@ -657,7 +667,7 @@ impl<T: ConsumerTransport> Engine<T> {
                 break;
             }
         }
-        if let Some(done) = self.start(Call::new(self.rt.clone(), Messages::Batch(messages))) {
+        if let Some(done) = self.start(Call::new(&self.rt, Messages::Batch(messages))) {
             self.on_completed(done);
         }
     }
@@ -670,25 +680,35 @@ impl<T: ConsumerTransport> Engine<T> {
         while let Ok(ev) = self.events_rx.try_recv() {
             self.on_engine_event(ev);
         }
-        let rt = self.rt.clone();
         let (messages, result) = match &done {
             Completion::One(m, r) => (std::slice::from_ref(m), r),
             Completion::Batch(v, r) => (&v[..], r),
         };
-        let verdict = Verdict::of(&rt, messages, result);
+        let verdict = Verdict::of(&self.rt, messages, result);
         for msg in messages {
-            rt.counters.handled(verdict.label);
-            rt.observe(|| Event::Handled {
-                subscriber: rt.cfg.name.clone(),
+            self.rt.counters.handled(verdict.label);
+            self.rt.observe(|| Event::Handled {
+                subscriber: self.rt.cfg.name.clone(),
                 tp: msg.topic_partition().clone(),
                 offset: msg.offset(),
                 payload: String::from_utf8_lossy(msg.payload()).into_owned(),
                 outcome: verdict.outcome.clone(),
             });
             if let Some((s, by)) = verdict.settle
-                && let Ok(ev) = msg.mark_settled(s, by, verdict.reason.clone())
+                && msg.claim(s).is_ok()
             {
-                self.on_settled(ev);
+                let settled = Settled {
+                    generation: msg.generation(),
+                    offset: msg.offset(),
+                    settle: s,
+                    by,
+                };
+                self.apply_settle(
+                    msg.topic_partition(),
+                    settled,
+                    msg.record_for(s),
+                    verdict.reason.clone(),
+                );
             }
         }
         match &done {
@@ -731,6 +751,29 @@ impl<T: ConsumerTransport> Engine<T> {
             record,
             reason,
         } = ev;
+        let settled = Settled {
+            generation,
+            offset,
+            settle,
+            by,
+        };
+        self.apply_settle(&tp, settled, record, reason);
+    }
+
+    /// Applies a settle of the message at `offset` of `tp`, delivered in assignment `generation`.
+    fn apply_settle(
+        &mut self,
+        tp: &TopicPartition,
+        settled: Settled,
+        record: Option<Box<Record>>,
+        reason: Option<String>,
+    ) {
+        let Settled {
+            generation,
+            offset,
+            settle,
+            by,
+        } = settled;
         self.rt.counters.settled(settle);
         self.rt.observe(|| Event::Settled {
             subscriber: self.rt.cfg.name.clone(),
@@ -739,14 +782,14 @@ impl<T: ConsumerTransport> Engine<T> {
             settle,
             by,
         });
-        if self.parts.get(&tp).is_none_or(|p| p.generation != generation) {
+        if self.parts.get(tp).is_none_or(|p| p.generation != generation) {
             tracing::debug!(subscriber = %self.rt.cfg.name, %tp, offset, "settle of a revoked assignment ignored");
             return;
         }
         let non_blocking = self.rt.cfg.retry_topic.is_some() && by == SettledBy::Policy;
         match (settle, record, &self.rt.cfg.dead_letter) {
             (Settle::Reject, Some(record), Some(_)) => self.forward(generation, *record, reason, Forward::DeadLetter),
-            (Settle::Ack | Settle::Reject, _, _) => self.complete(&tp, offset),
+            (Settle::Ack | Settle::Reject, _, _) => self.complete(tp, offset),
             (Settle::Nack { delay }, Some(record), _) if non_blocking => {
                 let delay = delay.unwrap_or_default();
                 self.forward(generation, *record, reason, Forward::Retry { delay })
@@ -1093,7 +1136,9 @@ enum Messages {
 /// its own and, being `Unpin`, can be polled once in place and only then, if it waits, parked in
 /// `running`.
 pub(crate) struct Call {
-    rt: Arc<SubscriberRuntime>,
+    /// Only for a subscriber that publishes its handler's results (most do not, and then a call costs no
+    /// reference count on the runtime).
+    publish: Option<Arc<SubscriberRuntime>>,
     messages: Option<Messages>,
     stage: Stage,
 }
@@ -1107,7 +1152,7 @@ enum Stage {
 
 impl Call {
     /// Extracts the arguments and starts the handler.
-    fn new(rt: Arc<SubscriberRuntime>, messages: Messages) -> Self {
+    fn new(rt: &Arc<SubscriberRuntime>, messages: Messages) -> Self {
         let stage = {
             let cx = match &messages {
                 Messages::One(m) => Some(Context::single(m, &rt.state)),
@@ -1124,7 +1169,7 @@ impl Call {
             }
         };
         Call {
-            rt,
+            publish: (!rt.cfg.publish_to.is_empty()).then(|| rt.clone()),
             messages: Some(messages),
             stage,
         }
@@ -1147,13 +1192,13 @@ impl Future for Call {
             let result = match &mut this.stage {
                 Stage::Handler(fut) => match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
                     Ok(Poll::Pending) => return Poll::Pending,
-                    Ok(Poll::Ready(Ok(Some(payload)))) if !this.rt.cfg.publish_to.is_empty() => {
-                        match this.first().cloned() {
-                            Some(msg) => {
-                                this.stage = Stage::Publishing(Box::pin(publish_result(this.rt.clone(), msg, payload)));
+                    Ok(Poll::Ready(Ok(Some(payload)))) if this.publish.is_some() => {
+                        match (this.first().cloned(), this.publish.clone()) {
+                            (Some(msg), Some(rt)) => {
+                                this.stage = Stage::Publishing(Box::pin(publish_result(rt, msg, payload)));
                                 continue;
                             }
-                            None => Ok(()),
+                            _ => Ok(()),
                         }
                     }
                     Ok(Poll::Ready(r)) => r.map(|_| ()),
@@ -1243,6 +1288,16 @@ impl Verdict {
             reason,
         }
     }
+}
+
+/// The ordering lane of a key (SPEC 3.6): records of one lane never run at once and start in offset order.
+/// A hash, so tracking a running record takes no reference on its key; two keys that share a hash share
+/// a lane, which only orders more than needed, never less.
+fn lane_of(key: &Option<Bytes>) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = rustc_hash::FxHasher::default();
+    key.as_deref().hash(&mut h);
+    h.finish()
 }
 
 /// The handle of a record being dispatched: counts the attempt (continuing the retry topic's count for

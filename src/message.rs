@@ -219,24 +219,32 @@ impl Message {
         by: SettledBy,
         reason: Option<String>,
     ) -> Result<SettleEvent, Settle> {
-        {
-            let mut slot = self.lock();
-            if let Some(prev) = *slot {
-                return Err(prev);
-            }
-            *slot = Some(settle);
-        }
-        let r = &self.inner.record;
+        self.claim(settle)?;
         Ok(SettleEvent {
-            tp: r.tp.clone(),
+            tp: self.inner.record.tp.clone(),
             generation: self.inner.sink.generation,
-            offset: r.offset,
+            offset: self.inner.record.offset,
             settle,
             by,
-            // Nacks need the record to deliver it again; rejects to dead-letter it.
-            record: matches!(settle, Settle::Nack { .. } | Settle::Reject).then(|| Box::new(r.clone())),
+            record: self.record_for(settle),
             reason,
         })
+    }
+
+    /// Marks the message settled if it is not yet (first settle wins), or returns the earlier settle. The
+    /// engine applies its own policy settles with this directly, with no event to build.
+    pub(crate) fn claim(&self, settle: Settle) -> Result<(), Settle> {
+        let mut slot = self.lock();
+        if let Some(prev) = *slot {
+            return Err(prev);
+        }
+        *slot = Some(settle);
+        Ok(())
+    }
+
+    /// The record a settle needs: a nack to deliver it again, a reject to dead-letter it.
+    pub(crate) fn record_for(&self, settle: Settle) -> Option<Box<Record>> {
+        matches!(settle, Settle::Nack { .. } | Settle::Reject).then(|| Box::new(self.inner.record.clone()))
     }
 
     pub(crate) fn generation(&self) -> u64 {
