@@ -62,6 +62,9 @@ const REDELIVERY_FLOOR: Duration = Duration::from_millis(10);
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 /// Wait before retrying a failed commit.
 const COMMIT_RETRY: Duration = Duration::from_millis(200);
+/// How long a drain that ran out of time still waits for the commit in flight (well inside the poll
+/// thread's wait for a revoke's reply, which is the drain timeout plus 5 s).
+const IN_FLIGHT_COMMIT_WAIT: Duration = Duration::from_secs(2);
 
 /// Handler calls of one subscriber member at most run inline before the engine looks at its other work.
 const INLINE_BUDGET: usize = 1024;
@@ -1089,6 +1092,7 @@ impl<T: ConsumerTransport> Engine<T> {
                 }
             }
         }
+        self.finish_commit_in_flight().await;
         let mut commits = self.tracker.watermarks(tps);
         if ack_first {
             // Records whose commit-ahead was never confirmed and that no handler saw: leave them to the
@@ -1108,6 +1112,20 @@ impl<T: ConsumerTransport> Engine<T> {
             commits.retain(|(tp, o)| self.tracker.confirmed(tp).is_none_or(|c| *o > c));
         }
         commits
+    }
+
+    /// A commit still in flight when a drain's deadline passed must land before the drain's final commit,
+    /// or it could move the committed offset back after it. Waits for it, within `IN_FLIGHT_COMMIT_WAIT`.
+    async fn finish_commit_in_flight(&mut self) {
+        let Some(mut c) = self.commit.take() else { return };
+        match tokio::time::timeout(IN_FLIGHT_COMMIT_WAIT, c.future.as_mut()).await {
+            Ok(r) => {
+                self.commit = Some(c);
+                self.on_commit_done(r);
+            }
+            Err(_) => tracing::warn!(subscriber = %self.rt.cfg.name, wait = ?IN_FLIGHT_COMMIT_WAIT,
+                "a commit is still in flight after the drain; the final commit goes out anyway"),
+        }
     }
 
     async fn shutdown(mut self) {
@@ -1336,5 +1354,145 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
         s.clone()
     } else {
         "non-string panic payload".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::sync::{Notify, Semaphore, oneshot};
+
+    use super::*;
+    use crate::handler::Erased;
+    use crate::message::Headers;
+
+    /// A transport the test drives: it pushes the events, and each commit finishes only when the test
+    /// releases it.
+    struct Scripted {
+        events: mpsc::UnboundedReceiver<ConsumerEvent>,
+        log: Arc<Mutex<Vec<String>>>,
+        sent: Arc<Notify>,
+        release: Arc<Semaphore>,
+    }
+
+    impl ConsumerTransport for Scripted {
+        async fn next(&mut self) -> Option<ConsumerEvent> {
+            self.events.recv().await
+        }
+        fn pause(&mut self, _: &TopicPartition) {}
+        fn resume(&mut self, _: &TopicPartition) {}
+        fn commit(&mut self, commits: Commits) -> BoxFuture<'static, Result<(), BrokerError>> {
+            let (log, release) = (self.log.clone(), self.release.clone());
+            self.sent.notify_one();
+            Box::pin(async move {
+                release.acquire().await.expect("never closed").forget();
+                let offsets: Vec<i64> = commits.iter().map(|(_, o)| *o).collect();
+                log.lock().expect("log").push(format!("committed {offsets:?}"));
+                Ok(())
+            })
+        }
+        async fn close(self, _: Commits) -> Result<(), BrokerError> {
+            Ok(())
+        }
+    }
+
+    fn record(tp: &TopicPartition, offset: i64) -> Record {
+        Record {
+            tp: tp.clone(),
+            offset,
+            key: None,
+            payload: Bytes::from_static(b"x"),
+            headers: Headers::new(),
+            timestamp: None,
+            attempts: 0,
+        }
+    }
+
+    /// SPEC 3.7 with a slow broker: a revoke's drain runs out of time while a commit is in flight. The
+    /// engine waits (bounded) for that commit before it hands over the final offsets, so the in-flight
+    /// commit cannot land after the final one and move the committed offset back.
+    #[tokio::test]
+    async fn a_drain_past_its_deadline_lets_the_commit_in_flight_land_before_the_final_offsets() {
+        let broker = Broker::new("memory://").expect("broker");
+        let cfg = broker
+            .subscriber("t")
+            .group_id("g")
+            .ack_policy(AckPolicy::NackOnError)
+            .commit_every(1)
+            .drain_timeout(Duration::from_millis(50))
+            .into_config()
+            .resolve()
+            .expect("valid config");
+        let handler = |_: Bytes| async {};
+        let rt = Arc::new(SubscriberRuntime {
+            cfg,
+            handler: Arc::new(Erased::new(handler)),
+            state: StateMap::default(),
+            broker: broker.clone(),
+            counters: Arc::new(Counters::default()),
+        });
+        let (tx, events) = mpsc::unbounded_channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (sent, release) = (Arc::new(Notify::new()), Arc::new(Semaphore::new(0)));
+        let transport = Scripted {
+            events,
+            log: log.clone(),
+            sent: sent.clone(),
+            release: release.clone(),
+        };
+        let (_stop, stop_rx) = watch::channel(false);
+        let (ready_tx, ready) = oneshot::channel();
+        let engine = tokio::spawn(Engine::new(transport, rt, stop_rx, ready_tx).run());
+        let wait = Duration::from_secs(5);
+
+        let tp = TopicPartition::new("t", 0);
+        assert!(
+            tx.send(ConsumerEvent::Assigned(vec![tp.clone()])).is_ok(),
+            "engine runs"
+        );
+        tokio::time::timeout(wait, ready)
+            .await
+            .expect("assigned")
+            .expect("ready");
+        assert!(
+            tx.send(ConsumerEvent::Records(vec![record(&tp, 0)])).is_ok(),
+            "engine runs"
+        );
+        tokio::time::timeout(wait, sent.notified())
+            .await
+            .expect("the record's commit is sent");
+
+        let (replied_tx, mut replied) = oneshot::channel();
+        let reply_log = log.clone();
+        let reply = Box::new(move |commits: Commits| {
+            let offsets: Vec<i64> = commits.iter().map(|(_, o)| *o).collect();
+            reply_log.lock().expect("log").push(format!("final {offsets:?}"));
+            let _ = replied_tx.send(());
+        });
+        let revoked = ConsumerEvent::Revoked {
+            partitions: vec![tp.clone()],
+            reply,
+        };
+        assert!(tx.send(revoked).is_ok(), "engine runs");
+        // Well past the 50 ms drain deadline, the engine still waits for the commit in flight.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut replied)
+                .await
+                .is_err(),
+            "the final offsets were handed over with a commit still in flight: {:?}",
+            log.lock().expect("log")
+        );
+        release.add_permits(1);
+        tokio::time::timeout(wait, replied)
+            .await
+            .expect("the drain ends")
+            .expect("replied");
+        assert_eq!(*log.lock().expect("log"), ["committed [1]", "final []"]);
+        drop(tx);
+        tokio::time::timeout(wait, engine)
+            .await
+            .expect("the engine stops")
+            .expect("no panic");
     }
 }

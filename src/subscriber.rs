@@ -352,6 +352,12 @@ impl SubscriberBuilder {
         self
     }
 
+    /// The configuration declared so far (for engine tests that run without a broker's registry).
+    #[cfg(test)]
+    pub(crate) fn into_config(self) -> SubscriberConfig {
+        self.config
+    }
+
     /// Registers the subscriber with its handler. Settings are checked when the app starts.
     pub fn handle<H, Args>(self, handler: H)
     where

@@ -12,6 +12,7 @@
 //! every call is a plain librdkafka call on a live handle, each justified where it is made.
 #![allow(unsafe_code)]
 
+use std::collections::HashMap;
 use std::ffi::{CStr, c_void};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,13 +31,29 @@ struct Handle(NonNull<rd::rd_kafka_queue_t>);
 // SAFETY: librdkafka queues are thread-safe (every operation takes the queue's own lock).
 unsafe impl Send for Handle {}
 
-struct Shared {
+type Code = rd::rd_kafka_resp_err_t;
+
+struct State {
     /// `None` once closed.
-    queue: Mutex<Option<Handle>>,
-    /// Woken by librdkafka when a result lands on the (empty) queue, and by `close`.
+    queue: Option<Handle>,
+    /// Each commit whose future is alive, by tag, with its result once that has been taken off the queue
+    /// (by whichever waiter got there first). Results of other commits are dropped: nobody waits for them.
+    waiting: HashMap<usize, Option<Code>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Woken by librdkafka when a result lands on the (empty) queue, and by `close`. Every waiter registers
+    /// before it looks at the queue and every wake-up wakes them all, so none is missed, however many wait.
     arrived: Notify,
-    /// Tags each commit, so a waiter takes only its own result (an abandoned commit's result is dropped).
     next_tag: AtomicUsize,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state is a queue handle and a map, each left whole by any panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Commits on one consumer, each awaited without blocking a thread. Close it (or drop it) before the
@@ -52,12 +69,12 @@ unsafe impl Send for CommitQueue {}
 unsafe impl Sync for CommitQueue {}
 
 /// Runs on a librdkafka thread, with the queue's lock held, when a result lands on the empty queue: it
-/// only wakes the waiter.
+/// only wakes the waiters.
 unsafe extern "C" fn on_result(_rk: *mut rd::rd_kafka_t, opaque: *mut c_void) {
     // SAFETY: `opaque` is the `Arc<Shared>` reference `CommitQueue::new` leaked for this callback; `close`
     // removes the callback (under this same queue lock) before it releases that reference.
     let shared = unsafe { &*opaque.cast::<Shared>() };
-    shared.arrived.notify_one();
+    shared.arrived.notify_waiters();
 }
 
 impl CommitQueue {
@@ -66,7 +83,10 @@ impl CommitQueue {
         // SAFETY: the client handle is live (we hold the consumer); the new queue is ours to destroy.
         let ptr = NonNull::new(unsafe { rd::rd_kafka_queue_new(consumer.client().native_ptr()) })?;
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Some(Handle(ptr))),
+            state: Mutex::new(State {
+                queue: Some(Handle(ptr)),
+                waiting: HashMap::new(),
+            }),
             arrived: Notify::new(),
             next_tag: AtomicUsize::new(1),
         });
@@ -77,17 +97,17 @@ impl CommitQueue {
     }
 
     /// Sends a commit of `offsets` now and returns a future for its result. The consumer must be live for
-    /// this call (it is: the caller holds it).
+    /// this call (it is: the caller holds it). Dropping the future does not cancel the commit.
     pub(crate) fn commit<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
         offsets: &TopicPartitionList,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send + 'static {
-        let shared = self.shared.clone();
-        let tag = shared.next_tag.fetch_add(1, Ordering::Relaxed);
+        let tag = self.shared.next_tag.fetch_add(1, Ordering::Relaxed);
         let sent = {
-            let guard = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-            match guard.as_ref() {
+            let mut state = self.shared.lock();
+            state.waiting.insert(tag, None);
+            match state.queue.as_ref() {
                 // SAFETY: live client and queue (held under the lock); librdkafka copies the list. The
                 // tag is only an integer carried back with the result, never dereferenced.
                 Some(q) => unsafe {
@@ -99,30 +119,39 @@ impl CommitQueue {
                         tag as *mut c_void,
                     )
                 },
-                None => rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__DESTROY,
+                None => Code::RD_KAFKA_RESP_ERR__DESTROY,
             }
         };
+        // Registered before the commit was sent, so its result is kept for it from the start.
+        let waiter = Waiter {
+            shared: self.shared.clone(),
+            tag,
+        };
         async move {
-            if sent != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            if sent != Code::RD_KAFKA_RESP_ERR_NO_ERROR {
                 return Err(commit_error(sent));
             }
             loop {
-                // A permit from a wake-up that came before this wait is kept, so none is lost.
-                if let Some(result) = shared.take(tag) {
+                let arrived = waiter.shared.arrived.notified();
+                let mut arrived = std::pin::pin!(arrived);
+                // Listening before looking: a result that lands after the look wakes this wait.
+                arrived.as_mut().enable();
+                if let Some(result) = waiter.shared.take(waiter.tag) {
                     return result;
                 }
-                shared.arrived.notified().await;
+                arrived.await;
             }
         }
     }
 
     /// Destroys the queue; a commit still waiting fails. Idempotent.
     pub(crate) fn close(&self) {
-        let taken = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let taken = self.shared.lock().queue.take();
         if let Some(h) = taken {
             // SAFETY: taken out under the lock, so no other call uses it any more. Removing the callback
             // takes the queue's lock, so no callback is running or can start once it returns; only then is
-            // the callback's reference released.
+            // the callback's reference released. A result that arrives later finds the queue disabled and
+            // is freed by librdkafka (the pending commit holds its own reference to the queue).
             unsafe {
                 rd::rd_kafka_queue_cb_event_enable(h.0.as_ptr(), None, std::ptr::null_mut());
                 rd::rd_kafka_queue_destroy(h.0.as_ptr());
@@ -130,7 +159,6 @@ impl CommitQueue {
             }
         }
         self.shared.arrived.notify_waiters();
-        self.shared.arrived.notify_one();
     }
 }
 
@@ -140,28 +168,49 @@ impl Drop for CommitQueue {
     }
 }
 
+/// A commit's claim on its result: given up when its future is dropped.
+struct Waiter {
+    shared: Arc<Shared>,
+    tag: usize,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.shared.lock().waiting.remove(&self.tag);
+    }
+}
+
 impl Shared {
-    /// The result of commit `tag`, if it has arrived (or an error once the queue is closed). Results of
-    /// other commits found on the way are dropped: their waiters are gone.
+    /// The result of commit `tag`, if it has arrived (or an error once the queue is closed). Takes every
+    /// result waiting on the queue, keeping those of live commits for their own waiters.
+    ///
+    /// A result librdkafka marks `__DESTROY` (the client terminating) never reaches the queue; the client
+    /// only terminates after `close`, which fails every waiter.
     fn take(&self, tag: usize) -> Option<Result<(), BrokerError>> {
-        let guard = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(q) = guard.as_ref() else {
-            return Some(Err(commit_error(rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__DESTROY)));
-        };
-        loop {
-            // SAFETY: a live queue (held under the lock); a zero timeout never blocks. The event is ours
+        let mut state = self.lock();
+        let State { queue, waiting } = &mut *state;
+        if let Some(q) = queue.as_ref() {
+            // SAFETY: a live queue (held under the lock); a zero timeout never blocks. Each event is ours
             // to destroy.
-            let ev = NonNull::new(unsafe { rd::rd_kafka_queue_poll(q.0.as_ptr(), 0) })?;
-            let ev = Event(ev);
-            // SAFETY: `ev` is a live event until it is dropped at the end of this iteration.
-            unsafe {
-                if rd::rd_kafka_event_type(ev.0.as_ptr()) != rd::RD_KAFKA_EVENT_OFFSET_COMMIT
-                    || rd::rd_kafka_event_opaque(ev.0.as_ptr()) as usize != tag
-                {
-                    continue;
+            while let Some(ev) = NonNull::new(unsafe { rd::rd_kafka_queue_poll(q.0.as_ptr(), 0) }) {
+                let ev = Event(ev);
+                // SAFETY: `ev` is a live event until it is dropped at the end of this iteration.
+                unsafe {
+                    if rd::rd_kafka_event_type(ev.0.as_ptr()) != rd::RD_KAFKA_EVENT_OFFSET_COMMIT {
+                        continue;
+                    }
+                    let of = rd::rd_kafka_event_opaque(ev.0.as_ptr()) as usize;
+                    if let Some(slot) = waiting.get_mut(&of) {
+                        *slot = Some(commit_code(ev.0.as_ptr()));
+                    }
                 }
-                return Some(commit_result(ev.0.as_ptr()));
             }
+        }
+        match waiting.get_mut(&tag).and_then(Option::take) {
+            Some(Code::RD_KAFKA_RESP_ERR_NO_ERROR) => Some(Ok(())),
+            Some(code) => Some(Err(commit_error(code))),
+            None if queue.is_none() => Some(Err(commit_error(Code::RD_KAFKA_RESP_ERR__DESTROY))),
+            None => None,
         }
     }
 }
@@ -177,32 +226,30 @@ impl Drop for Event {
 }
 
 /// The commit's overall error, else the first partition's: a partition whose offset was not stored has
-/// not been committed, whatever the request's outcome.
+/// not been committed, whatever the request's outcome (librdkafka already reports a partition's error as
+/// the overall one; this does not rely on it).
 ///
 /// # Safety
 /// `ev` must be a live offset-commit event.
-unsafe fn commit_result(ev: *mut rd::rd_kafka_event_t) -> Result<(), BrokerError> {
+unsafe fn commit_code(ev: *mut rd::rd_kafka_event_t) -> Code {
     // SAFETY: the caller's contract; the partition list belongs to the event.
     unsafe {
         let err = rd::rd_kafka_event_error(ev);
-        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            return Err(commit_error(err));
+        if err != Code::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return err;
         }
         let list = rd::rd_kafka_event_topic_partition_list(ev);
         if !list.is_null() && (*list).cnt > 0 {
             let elems = std::slice::from_raw_parts((*list).elems, usize::try_from((*list).cnt).unwrap_or(0));
-            if let Some(e) = elems
-                .iter()
-                .find(|e| e.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR)
-            {
-                return Err(commit_error(e.err));
+            if let Some(e) = elems.iter().find(|e| e.err != Code::RD_KAFKA_RESP_ERR_NO_ERROR) {
+                return e.err;
             }
         }
     }
-    Ok(())
+    Code::RD_KAFKA_RESP_ERR_NO_ERROR
 }
 
-fn commit_error(err: rd::rd_kafka_resp_err_t) -> BrokerError {
+fn commit_error(err: Code) -> BrokerError {
     // SAFETY: librdkafka returns a static NUL-terminated string for every error code.
     let text = unsafe { CStr::from_ptr(rd::rd_kafka_err2str(err)) }
         .to_string_lossy()
@@ -239,7 +286,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn each_commit_gets_its_own_result_and_a_closed_queue_fails_commits() {
+    async fn each_commit_gets_its_own_result_even_beside_a_parked_one_and_a_closed_queue_fails_commits() {
         let config = KafkaConfig::new(bootstrap());
         let backend = KafkaBackend::new(config.clone()).expect("backend");
         let nanos = std::time::SystemTime::now()
@@ -256,7 +303,7 @@ mod tests {
 
         // Sent, then abandoned: its result must not be taken for the next commit's.
         drop(queue.commit(&consumer, &offsets(&topic, &[(0, 5)])));
-        let deadline = std::time::Duration::from_secs(30);
+        let deadline = std::time::Duration::from_secs(10);
         tokio::time::timeout(deadline, queue.commit(&consumer, &offsets(&topic, &[(0, 7), (1, 3)])))
             .await
             .expect("the commit's result arrives")
@@ -268,15 +315,30 @@ mod tests {
         let committed = backend.committed(&group, &topic).await.expect("committed offsets");
         assert_eq!(committed, [(0, 7), (1, 4)].into_iter().collect());
 
+        // A commit parked mid-wait (as the engine leaves its in-flight commit when a drain deadline passes)
+        // must not swallow the wake-up of a later commit, nor lose its own result.
+        let mut parked = Box::pin(queue.commit(&consumer, &offsets(&topic, &[(0, 8)])));
+        let _ = futures::poll!(parked.as_mut());
+        tokio::time::timeout(deadline, queue.commit(&consumer, &offsets(&topic, &[(0, 9), (1, 5)])))
+            .await
+            .expect("a later commit's result reaches it while an earlier one is parked")
+            .expect("the commit succeeds");
+        tokio::time::timeout(deadline, parked)
+            .await
+            .expect("the parked commit's result was kept for it")
+            .expect("the commit succeeds");
+        let committed = backend.committed(&group, &topic).await.expect("committed offsets");
+        assert_eq!(committed, [(0, 9), (1, 5)].into_iter().collect());
+
         queue.close();
-        let after = queue.commit(&consumer, &offsets(&topic, &[(0, 9)])).await;
+        let after = queue.commit(&consumer, &offsets(&topic, &[(0, 11)])).await;
         assert!(
             matches!(after, Err(BrokerError::Client { op: "commit", .. })),
             "a commit on a closed queue fails with a typed error, got {after:?}"
         );
         assert_eq!(
             backend.committed(&group, &topic).await.expect("committed offsets")[&0],
-            7
+            9
         );
     }
 }

@@ -161,13 +161,15 @@ impl KafkaConsumer {
         // An event (a rebalance, an error) ends the poll thread's wait on the fetch queue.
         let wake = fetch.clone();
         consumer.set_nonempty_callback(move || wake.wake());
-        let commits = CommitQueue::new(&consumer).ok_or_else(|| client_error("create commit queue", "no queue"))?;
         consumer
             .subscribe(&[&cfg.topic])
             .map_err(|e| client_error("subscribe", e))?;
         let consumer = Arc::new(consumer);
+        // Declared after the consumer, so an early return drops (closes) it first.
+        let commits = CommitQueue::new(&consumer).ok_or_else(|| client_error("create commit queue", "no queue"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = oneshot::channel();
+        let fetch_if_unspawned = fetch.clone();
         let thread = PollThread {
             name: cfg.name.clone(),
             partitions: Partitions::new(&cfg.topic),
@@ -182,7 +184,11 @@ impl KafkaConsumer {
                 thread.run();
                 let _ = done_tx.send(());
             })
-            .map_err(|e| client_error("spawn poll thread", e))?;
+            .map_err(|e| {
+                // No poll thread to close it: close it here, while the client still exists.
+                fetch_if_unspawned.close();
+                client_error("spawn poll thread", e)
+            })?;
         Ok(KafkaConsumer {
             name: cfg.name.clone(),
             commits,
@@ -388,6 +394,19 @@ impl ConsumerTransport for KafkaConsumer {
     }
 
     async fn close(self, final_commits: Commits) -> Result<(), BrokerError> {
+        let mut result = Ok(());
+        // Before taking `self` apart: if this future is dropped while it waits, `self` drops whole, in
+        // field order (the commit queue before the consumer).
+        if !final_commits.is_empty() {
+            let commit = self.commits.commit(&self.consumer, &tpl_of(&final_commits));
+            result = match tokio::time::timeout(CLOSE_TIMEOUT, commit).await {
+                Ok(r) => r,
+                Err(_) => Err(BrokerError::Timeout {
+                    op: "final commit",
+                    timeout: CLOSE_TIMEOUT,
+                }),
+            };
+        }
         let KafkaConsumer {
             name,
             commits,
@@ -397,17 +416,6 @@ impl ConsumerTransport for KafkaConsumer {
             stop,
             thread_done,
         } = self;
-        let mut result = Ok(());
-        if !final_commits.is_empty() {
-            let commit = commits.commit(&consumer, &tpl_of(&final_commits));
-            result = match tokio::time::timeout(CLOSE_TIMEOUT, commit).await {
-                Ok(r) => r,
-                Err(_) => Err(BrokerError::Timeout {
-                    op: "final commit",
-                    timeout: CLOSE_TIMEOUT,
-                }),
-            };
-        }
         closing.store(true, Ordering::Release);
         stop.store(true, Ordering::Release);
         commits.close();
