@@ -1211,9 +1211,9 @@ impl Future for Call {
                 Stage::Handler(fut) => match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
                     Ok(Poll::Pending) => return Poll::Pending,
                     Ok(Poll::Ready(Ok(Some(payload)))) if this.publish.is_some() => {
-                        match (this.first().cloned(), this.publish.clone()) {
+                        match (this.first().cloned(), &this.publish) {
                             (Some(msg), Some(rt)) => {
-                                this.stage = Stage::Publishing(Box::pin(publish_result(rt, msg, payload)));
+                                this.stage = Stage::Publishing(Box::pin(publish_result(rt.clone(), msg, payload)));
                                 continue;
                             }
                             _ => Ok(()),

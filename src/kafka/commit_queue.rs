@@ -59,20 +59,16 @@ impl Shared {
 /// Commits on one consumer, each awaited without blocking a thread. Close it (or drop it) before the
 /// consumer is destroyed: a queue must not outlive its client.
 pub(crate) struct CommitQueue {
+    /// Also what the queue's callback points at: `close` (at the latest, from `Drop`, before this field is
+    /// dropped) removes the callback first.
     shared: Arc<Shared>,
-    /// The reference the queue's callback holds (released in `close`, after the callback is removed).
-    callback_ref: *const Shared,
 }
-
-// SAFETY: `callback_ref` is an `Arc` reference that is only released once, in `close`, under the lock.
-unsafe impl Send for CommitQueue {}
-unsafe impl Sync for CommitQueue {}
 
 /// Runs on a librdkafka thread, with the queue's lock held, when a result lands on the empty queue: it
 /// only wakes the waiters.
 unsafe extern "C" fn on_result(_rk: *mut rd::rd_kafka_t, opaque: *mut c_void) {
-    // SAFETY: `opaque` is the `Arc<Shared>` reference `CommitQueue::new` leaked for this callback; `close`
-    // removes the callback (under this same queue lock) before it releases that reference.
+    // SAFETY: `opaque` points at the `Shared` its `CommitQueue` owns; `close` removes this callback (under
+    // this same queue lock) before that `CommitQueue` can drop its reference.
     let shared = unsafe { &*opaque.cast::<Shared>() };
     shared.arrived.notify_waiters();
 }
@@ -90,10 +86,10 @@ impl CommitQueue {
             arrived: Notify::new(),
             next_tag: AtomicUsize::new(1),
         });
-        let callback_ref = Arc::into_raw(shared.clone());
-        // SAFETY: a live queue; the callback's reference stays valid until `close` removes the callback.
-        unsafe { rd::rd_kafka_queue_cb_event_enable(ptr.as_ptr(), Some(on_result), callback_ref as *mut c_void) };
-        Some(CommitQueue { shared, callback_ref })
+        let opaque = Arc::as_ptr(&shared).cast_mut().cast::<c_void>();
+        // SAFETY: a live queue; `opaque` stays valid until `close` removes the callback (see `on_result`).
+        unsafe { rd::rd_kafka_queue_cb_event_enable(ptr.as_ptr(), Some(on_result), opaque) };
+        Some(CommitQueue { shared })
     }
 
     /// Sends a commit of `offsets` now and returns a future for its result. The consumer must be live for
@@ -149,13 +145,12 @@ impl CommitQueue {
         let taken = self.shared.lock().queue.take();
         if let Some(h) = taken {
             // SAFETY: taken out under the lock, so no other call uses it any more. Removing the callback
-            // takes the queue's lock, so no callback is running or can start once it returns; only then is
-            // the callback's reference released. A result that arrives later finds the queue disabled and
-            // is freed by librdkafka (the pending commit holds its own reference to the queue).
+            // takes the queue's lock, so no callback is running or can start once it returns. A result
+            // that arrives later finds the queue disabled and is freed by librdkafka (the pending commit
+            // holds its own reference to the queue).
             unsafe {
                 rd::rd_kafka_queue_cb_event_enable(h.0.as_ptr(), None, std::ptr::null_mut());
                 rd::rd_kafka_queue_destroy(h.0.as_ptr());
-                drop(Arc::from_raw(self.callback_ref));
             }
         }
         self.shared.arrived.notify_waiters();
