@@ -343,6 +343,10 @@ fn main() {
             results.entry(c.name.clone()).or_default().push(report.ok());
         }
     }
+    // The data too: a broker with memory storage (nisshi's) would otherwise keep every run's topics.
+    for topic in data.values() {
+        admin.delete(topic);
+    }
     print_table(&args, &all, &results);
 }
 
@@ -404,7 +408,7 @@ fn run_contender(args: &Args, bootstrap: &str, c: &Contender, topic: &str, group
     };
     for l in String::from_utf8_lossy(&out.stderr)
         .lines()
-        .filter(|l| l.starts_with("thread "))
+        .filter(|l| l.starts_with("thread ") || l.starts_with("machine: "))
     {
         eprintln!("  {}: {l}", c.name);
     }
@@ -697,6 +701,17 @@ fn run_child(args: &Args, name: &str) {
         cpu_secs,
         peak_rss_kb: peak_rss_kb(),
     };
+    if let (Some(s0), Some(s1)) = (SYSTEM_START.get(), SYSTEM_END.get()) {
+        let per_msg = |secs: f64| secs / n.max(1) as f64 * 1e6;
+        eprintln!(
+            "machine: busy {:.3} us/msg (this process {:.3}, broker {:.3}, others {:.3}), idle {:.3} us/msg",
+            per_msg(s1.0 - s0.0),
+            per_msg(cpu_secs),
+            per_msg(s1.2 - s0.2),
+            per_msg(s1.0 - s0.0 - cpu_secs - (s1.2 - s0.2)),
+            per_msg(s1.1 - s0.1)
+        );
+    }
     if let Some(rows) = THREADS.get() {
         for (name, secs) in rows {
             eprintln!(
@@ -736,10 +751,14 @@ impl Window {
         let before = self.seen.fetch_add(k, Ordering::Relaxed);
         if before == 0 {
             self.start.get_or_init(|| (Instant::now(), process_cpu_secs()));
+            if std::env::var_os("FERROSTREAM_BENCH_THREADS").is_some() {
+                SYSTEM_START.get_or_init(system_cpu);
+            }
         }
         if before < self.count && before + k >= self.count {
             self.end.get_or_init(|| (Instant::now(), process_cpu_secs()));
             if std::env::var_os("FERROSTREAM_BENCH_THREADS").is_some() {
+                SYSTEM_END.get_or_init(system_cpu);
                 THREADS.get_or_init(thread_cpu);
             }
             self.done.notify_one();
@@ -795,6 +814,46 @@ fn thread_cpu() -> Vec<(String, f64)> {
     rows.retain(|r| r.1 > 0.0);
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
     rows
+}
+
+/// Diagnostics (`FERROSTREAM_BENCH_THREADS=1`): the machine's busy and idle CPU time (`/proc/stat`, all
+/// cores) and the broker's, at the clock's start and end: what the contender costs the broker (its
+/// fetches, its commits) counts too when both share the machine's cores.
+static SYSTEM_START: OnceLock<(f64, f64, f64)> = OnceLock::new();
+static SYSTEM_END: OnceLock<(f64, f64, f64)> = OnceLock::new();
+
+/// The CPU seconds the broker process has used, when it runs on this machine as `nisshi`.
+fn broker_cpu() -> f64 {
+    static PID: OnceLock<Option<String>> = OnceLock::new();
+    let pid = PID.get_or_init(|| {
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (comm.trim() == "nisshi").then(|| e.file_name().to_string_lossy().into_owned())
+        })
+    });
+    let Some(pid) = pid else { return 0.0 };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// (busy, idle, broker) CPU seconds of the whole machine since boot, and of the broker.
+fn system_cpu() -> (f64, f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already inside user).
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    let busy = ticks.iter().take(8).sum::<f64>() - idle;
+    (busy / 100.0, idle / 100.0, broker_cpu())
 }
 
 fn peak_rss_kb() -> u64 {
@@ -897,6 +956,7 @@ async fn ferro(url: &str, runner: Runner, topic: &str, group: &str, count: usize
     let sub = || {
         broker
             .subscriber(topic)
+            .name("bench")
             .group_id(group)
             .auto_offset_reset(OffsetReset::Earliest)
     };
@@ -981,5 +1041,12 @@ async fn ferro(url: &str, runner: Runner, topic: &str, group: &str, count: usize
         notified.await;
     }
     app.shutdown().await.expect("shutdown");
+    if std::env::var_os("FERROSTREAM_BENCH_THREADS").is_some() {
+        let m = broker.metrics().get("bench");
+        eprintln!(
+            "machine: this process made {} commits ({} failed)",
+            m.commits, m.commit_errors
+        );
+    }
     w.seen()
 }

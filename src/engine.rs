@@ -139,12 +139,42 @@ impl SubscriberRuntime {
     }
 }
 
+/// A received record waiting for its handler call. Its message handle is made on receipt, where the engine
+/// reads the record first (it comes from the poll thread's core), so that dispatch moves a pointer instead
+/// of the record; offset and lane are kept beside it, so that scanning the queue touches no record.
+struct Queued {
+    offset: i64,
+    /// [`lane_of`] its key.
+    lane: u64,
+    msg: Message,
+}
+
+impl Queued {
+    /// Counts the attempt (continuing the retry topic's count for records read from it) and wires the
+    /// handle's settles back to this engine.
+    fn new(rt: &SubscriberRuntime, sink: &Arc<SettleSink>, mut rec: Record) -> Self {
+        let pre = (rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
+        let base = if rt.cfg.retry_consumer {
+            header_attempts(&rec)
+        } else {
+            0
+        };
+        rec.attempts += 1;
+        let attempt = base + rec.attempts;
+        Queued {
+            offset: rec.offset,
+            lane: lane_of(&rec.key),
+            msg: Message::new(rec, sink.clone(), pre, attempt),
+        }
+    }
+}
+
 struct Partition {
     generation: u64,
     /// Where this assignment's messages send their settles.
     sink: Arc<SettleSink>,
     /// Received, not yet dispatched, in offset order.
-    queue: VecDeque<Record>,
+    queue: VecDeque<Queued>,
     /// Dispatched and not finished: offset and key lane ([`lane_of`]). At most `max_in_flight` entries,
     /// so a scan beats a map.
     in_flight: Vec<(i64, u64)>,
@@ -413,7 +443,7 @@ impl<T: ConsumerTransport> Engine<T> {
                     }
                     Delivery::Settled | Delivery::Stale => continue,
                 }
-                part.queue.push_back(rec);
+                part.queue.push_back(Queued::new(&self.rt, &part.sink, rec));
             }
             if !part.paused {
                 self.flow_control(&tp);
@@ -440,13 +470,13 @@ impl<T: ConsumerTransport> Engine<T> {
         while part.ack_first_ahead <= run && part.ack_first_ahead < part.queue.len() {
             let start = part.ack_first_ahead;
             let end = part.queue.len().min(start + run);
-            for rec in part.queue.range(start..end) {
-                offsets.settle(rec.offset);
+            for q in part.queue.range(start..end) {
+                offsets.settle(q.offset);
                 self.rt.counters.settled(Settle::Ack);
                 self.rt.observe(|| Event::Settled {
                     subscriber: self.rt.cfg.name.clone(),
-                    tp: rec.tp.clone(),
-                    offset: rec.offset,
+                    tp: q.msg.topic_partition().clone(),
+                    offset: q.offset,
                     settle: Settle::Ack,
                     by: SettledBy::Receipt,
                 });
@@ -505,7 +535,7 @@ impl<T: ConsumerTransport> Engine<T> {
             part.hold_until = None;
             // The retry topic's records wait until they are due (they are roughly in due order).
             if self.rt.cfg.retry_consumer
-                && let Some(due) = part.queue.front().and_then(header_due)
+                && let Some(due) = part.queue.front().and_then(|q| header_due(q.msg.record()))
                 && let Ok(wait) = due.duration_since(std::time::SystemTime::now())
             {
                 part.hold_until = Some(now + wait);
@@ -515,27 +545,25 @@ impl<T: ConsumerTransport> Engine<T> {
             // (records of one key start in offset order).
             let mut blocked: Vec<u64> = Vec::new();
             let mut pick = None;
-            for (i, rec) in part.queue.iter().enumerate() {
-                if ack_first && confirmed.is_none_or(|c| rec.offset >= c) {
+            for (i, q) in part.queue.iter().enumerate() {
+                if ack_first && confirmed.is_none_or(|c| q.offset >= c) {
                     break; // its commit is not confirmed yet: at most once means commit first
                 }
-                let lane = lane_of(&rec.key);
-                if part.lane_busy(lane) || blocked.contains(&lane) {
+                if part.lane_busy(q.lane) || blocked.contains(&q.lane) {
                     if max == 1 {
                         break;
                     }
-                    blocked.push(lane);
+                    blocked.push(q.lane);
                     continue;
                 }
-                pick = Some((i, lane));
+                pick = Some(i);
                 break;
             }
-            let Some((rec, lane)) = pick.and_then(|(i, lane)| Some((part.queue.remove(i)?, lane))) else {
+            let Some(Queued { offset, lane, msg }) = pick.and_then(|i| part.queue.remove(i)) else {
                 break;
             };
             part.ack_first_ahead = part.ack_first_ahead.saturating_sub(1);
-            part.in_flight.push((rec.offset, lane));
-            let msg = new_message(&self.rt, &part.sink, rec);
+            part.in_flight.push((offset, lane));
             if let Some(done) = self.start(Call::new(&self.rt, Messages::One(msg))) {
                 self.on_completed(done);
             }
@@ -597,7 +625,7 @@ impl<T: ConsumerTransport> Engine<T> {
         let Some(part) = self.parts.get(tp) else { return 0 };
         if self.policy() == AckPolicy::AckFirst && self.commits_enabled {
             let confirmed = self.tracker.confirmed(tp);
-            part.queue.partition_point(|r| confirmed.is_some_and(|c| r.offset < c))
+            part.queue.partition_point(|q| confirmed.is_some_and(|c| q.offset < c))
         } else {
             part.queue.len()
         }
@@ -631,7 +659,7 @@ impl<T: ConsumerTransport> Engine<T> {
             let n = if ack_first {
                 part.queue
                     .iter()
-                    .take_while(|r| confirmed.is_some_and(|c| r.offset < c))
+                    .take_while(|q| confirmed.is_some_and(|c| q.offset < c))
                     .count()
             } else {
                 part.queue.len()
@@ -657,10 +685,9 @@ impl<T: ConsumerTransport> Engine<T> {
             part.hold_until = None;
             let take = n.min(batch.max_records - messages.len());
             part.ack_first_ahead = part.ack_first_ahead.saturating_sub(take);
-            let records: Vec<Record> = part.queue.drain(..take).collect();
-            for rec in records {
-                part.in_flight.push((rec.offset, lane_of(&rec.key)));
-                messages.push(new_message(&self.rt, &part.sink, rec));
+            for q in part.queue.drain(..take) {
+                part.in_flight.push((q.offset, q.lane));
+                messages.push(q.msg);
             }
             let paused = part.paused;
             if paused {
@@ -940,9 +967,9 @@ impl<T: ConsumerTransport> Engine<T> {
         let Some(part) = self.parts.get_mut(&record.tp) else {
             return;
         };
-        let at = part.queue.partition_point(|r| r.offset < record.offset);
-        if part.queue.get(at).is_none_or(|r| r.offset != record.offset) {
-            part.queue.insert(at, record);
+        let at = part.queue.partition_point(|q| q.offset < record.offset);
+        if part.queue.get(at).is_none_or(|q| q.offset != record.offset) {
+            part.queue.insert(at, Queued::new(&self.rt, &part.sink, record));
         }
         // A floor on every redelivery: no configuration can make a failing message loop hot (SPEC 3.12).
         let until = Instant::now() + delay.unwrap_or_default().max(REDELIVERY_FLOOR);
@@ -1102,7 +1129,7 @@ impl<T: ConsumerTransport> Engine<T> {
                 let unseen = self.parts.get(tp).and_then(|p| {
                     p.queue
                         .iter()
-                        .map(|r| r.offset)
+                        .map(|q| q.offset)
                         .find(|o| confirmed.is_none_or(|c| *o >= c))
                 });
                 if let Some(first) = unseen {
@@ -1316,20 +1343,6 @@ fn lane_of(key: &Option<Bytes>) -> u64 {
     let mut h = rustc_hash::FxHasher::default();
     key.as_deref().hash(&mut h);
     h.finish()
-}
-
-/// The handle of a record being dispatched: counts the attempt (continuing the retry topic's count for
-/// records read from it) and wires settles back to this engine.
-fn new_message(rt: &SubscriberRuntime, sink: &Arc<SettleSink>, mut rec: Record) -> Message {
-    let pre = (rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
-    let base = if rt.cfg.retry_consumer {
-        header_attempts(&rec)
-    } else {
-        0
-    };
-    rec.attempts += 1;
-    let attempt = base + rec.attempts;
-    Message::new(rec, sink.clone(), pre, attempt)
 }
 
 /// SPEC 3.11: the result is published (and acknowledged) before the incoming message is settled.

@@ -247,6 +247,11 @@ impl Message {
         matches!(settle, Settle::Nack { .. } | Settle::Reject).then(|| Box::new(self.inner.record.clone()))
     }
 
+    /// The record it was made of.
+    pub(crate) fn record(&self) -> &Record {
+        &self.inner.record
+    }
+
     pub(crate) fn generation(&self) -> u64 {
         self.inner.sink.generation
     }

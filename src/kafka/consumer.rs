@@ -40,6 +40,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
 
 struct Ctx {
     name: Arc<str>,
+    /// The subscribed topic's name, shared with the poll thread's records ([`Partitions`]): the engine
+    /// finds a record's partition by pointer equality of the names, not by comparing them.
+    topic: Arc<str>,
     events: mpsc::Sender<ConsumerEvent>,
     /// Set once the engine has made its final commit: later revocations need no drain.
     closing: Arc<AtomicBool>,
@@ -64,7 +67,7 @@ impl ConsumerContext for Ctx {
             return;
         }
         let Rebalance::Revoke(tpl) = rebalance else { return };
-        let partitions = partitions_of(tpl);
+        let partitions = partitions_of(tpl, &self.topic);
         if partitions.is_empty() || self.closing.load(Ordering::Acquire) {
             return;
         }
@@ -94,15 +97,21 @@ impl ConsumerContext for Ctx {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let _ = self.events.blocking_send(ConsumerEvent::Assigned(partitions_of(tpl)));
+            let _ = self
+                .events
+                .blocking_send(ConsumerEvent::Assigned(partitions_of(tpl, &self.topic)));
         }
     }
 }
 
-fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+/// The partitions of a list, named by `topic` itself where it is theirs.
+fn partitions_of(tpl: &TopicPartitionList, topic: &Arc<str>) -> Vec<TopicPartition> {
     tpl.elements()
         .iter()
-        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+        .map(|e| match e.topic() {
+            t if t == &**topic => TopicPartition::new(topic.clone(), e.partition()),
+            t => TopicPartition::new(t, e.partition()),
+        })
         .collect()
 }
 
@@ -145,8 +154,10 @@ impl KafkaConsumer {
         };
         let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
         let closing = Arc::new(AtomicBool::new(false));
+        let topic: Arc<str> = cfg.topic.as_str().into();
         let ctx = Ctx {
             name: cfg.name.clone(),
+            topic: topic.clone(),
             events: tx.clone(),
             closing: closing.clone(),
             revoke_wait: cfg.drain_timeout + Duration::from_secs(5),
@@ -172,7 +183,7 @@ impl KafkaConsumer {
         let fetch_if_unspawned = fetch.clone();
         let thread = PollThread {
             name: cfg.name.clone(),
-            partitions: Partitions::new(&cfg.topic),
+            partitions: Partitions::new(topic),
             consumer: consumer.clone(),
             fetch,
             events: tx,
@@ -304,10 +315,10 @@ struct Partitions {
 }
 
 impl Partitions {
-    fn new(topic: &str) -> Self {
+    fn new(topic: Arc<str>) -> Self {
         Partitions {
-            topic: topic.into(),
             pattern: topic.starts_with('^'),
+            topic,
             by_partition: Vec::new(),
         }
     }
@@ -425,5 +436,25 @@ impl ConsumerTransport for KafkaConsumer {
             tracing::warn!(subscriber = %name, "consumer did not close within {CLOSE_TIMEOUT:?}; abandoning its thread");
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assigned_partitions_share_the_subscribed_topics_name() {
+        let topic: Arc<str> = "orders".into();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("orders", 0);
+        tpl.add_partition("audit", 1);
+        let tps = partitions_of(&tpl, &topic);
+        assert_eq!(tps, [TopicPartition::new("orders", 0), TopicPartition::new("audit", 1)]);
+        assert!(
+            Arc::ptr_eq(&tps[0].topic, &topic),
+            "the engine's lookups compare names by pointer first"
+        );
+        assert!(!Arc::ptr_eq(&tps[1].topic, &topic));
     }
 }
