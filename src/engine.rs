@@ -24,6 +24,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
+use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -42,7 +43,7 @@ use crate::broker::Broker;
 use crate::error::{BrokerError, Error};
 use crate::extract::{Context, StateMap};
 use crate::handler::ErasedHandler;
-use crate::message::{CORRELATION_ID, Message, Record, SettleEvent, SettleSink, SettledBy};
+use crate::message::{Arrival, CORRELATION_ID, Message, Record, SettleEvent, SettleSink, SettledBy, Slot};
 use crate::metrics::Counters;
 use crate::observe::{Event, Outcome};
 use crate::offset::{Delivery, OffsetTracker, TopicPartition};
@@ -139,9 +140,9 @@ impl SubscriberRuntime {
     }
 }
 
-/// A received record waiting for its handler call. Its message handle is made on receipt, where the engine
-/// reads the record first (it comes from the poll thread's core), so that dispatch moves a pointer instead
-/// of the record; offset and lane are kept beside it, so that scanning the queue touches no record.
+/// A received record waiting for its handler call. Its message handle (into the [`Arrival`] it came with)
+/// is made on receipt, so that dispatch moves a pointer and nothing moves the record; offset and lane are
+/// kept beside it, so that scanning the queue touches no record.
 struct Queued {
     offset: i64,
     /// [`lane_of`] its key.
@@ -150,23 +151,22 @@ struct Queued {
 }
 
 impl Queued {
-    /// Counts the attempt (continuing the retry topic's count for records read from it) and wires the
-    /// handle's settles back to this engine.
-    fn new(rt: &SubscriberRuntime, sink: &Arc<SettleSink>, mut rec: Record) -> Self {
-        let pre = (rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
-        let base = if rt.cfg.retry_consumer {
-            header_attempts(&rec)
-        } else {
-            0
-        };
-        rec.attempts += 1;
-        let attempt = base + rec.attempts;
+    fn of(msg: Message) -> Self {
         Queued {
-            offset: rec.offset,
-            lane: lane_of(&rec.key),
-            msg: Message::new(rec, sink.clone(), pre, attempt),
+            offset: msg.offset(),
+            lane: lane_of(&msg.record().key),
+            msg,
         }
     }
+}
+
+/// Admits `rec`, the `index`-th record of its arrival, for a handler: counts the attempt (continuing the
+/// retry topic's count for records read from it) and wires its handle's settles back to this engine.
+fn admit(rt: &SubscriberRuntime, sink: &Arc<SettleSink>, rec: &mut Record, index: usize) -> Slot {
+    let pre = (rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
+    let base = if rt.cfg.retry_consumer { header_attempts(rec) } else { 0 };
+    rec.attempts += 1;
+    Slot::new(index, base + rec.attempts, sink.clone(), pre)
 }
 
 struct Partition {
@@ -417,23 +417,25 @@ impl<T: ConsumerTransport> Engine<T> {
         }
     }
 
-    fn on_records(&mut self, records: Vec<Record>) {
+    fn on_records(&mut self, mut records: Vec<Record>) {
         // Records come in runs of one partition: look the partition up once per run.
-        let mut runs: Vec<(TopicPartition, usize)> = Vec::new();
-        for rec in &records {
+        let mut runs: Vec<(TopicPartition, Range<usize>)> = Vec::new();
+        for (i, rec) in records.iter().enumerate() {
             match runs.last_mut() {
-                Some((tp, n)) if *tp == rec.tp => *n += 1,
-                _ => runs.push((rec.tp.clone(), 1)),
+                Some((tp, run)) if *tp == rec.tp => run.end = i + 1,
+                _ => runs.push((rec.tp.clone(), i..i + 1)),
             }
         }
-        let mut records = records.into_iter();
-        for (tp, n) in runs {
-            let run = records.by_ref().take(n);
+        // Admit what each run brings that is new, then queue the handles of one shared arrival.
+        let mut slots = Vec::with_capacity(records.len());
+        let mut admitted: Vec<(TopicPartition, usize)> = Vec::with_capacity(runs.len());
+        for (tp, run) in runs {
             let (Some(part), Some(offsets)) = (self.parts.get_mut(&tp), self.tracker.partition(&tp)) else {
-                run.for_each(drop); // not ours (revoked meanwhile)
-                continue;
+                continue; // not ours (revoked meanwhile)
             };
-            for rec in run {
+            let before = slots.len();
+            for i in run {
+                let rec = &mut records[i];
                 match offsets.deliver(rec.offset) {
                     Delivery::Fresh => {}
                     Delivery::Unsettled => {
@@ -443,8 +445,15 @@ impl<T: ConsumerTransport> Engine<T> {
                     }
                     Delivery::Settled | Delivery::Stale => continue,
                 }
-                part.queue.push_back(Queued::new(&self.rt, &part.sink, rec));
+                slots.push(admit(&self.rt, &part.sink, rec, i));
             }
+            admitted.push((tp, slots.len() - before));
+        }
+        let arrival = Arrival::new(records, slots);
+        let mut messages = arrival.messages();
+        for (tp, n) in admitted {
+            let Some(part) = self.parts.get_mut(&tp) else { continue };
+            part.queue.extend(messages.by_ref().take(n).map(Queued::of));
             if !part.paused {
                 self.flow_control(&tp);
             } else {
@@ -969,7 +978,9 @@ impl<T: ConsumerTransport> Engine<T> {
         };
         let at = part.queue.partition_point(|q| q.offset < record.offset);
         if part.queue.get(at).is_none_or(|q| q.offset != record.offset) {
-            part.queue.insert(at, Queued::new(&self.rt, &part.sink, record));
+            let mut record = record;
+            let slot = admit(&self.rt, &part.sink, &mut record, 0);
+            part.queue.insert(at, Queued::of(Arrival::single(record, slot)));
         }
         // A floor on every redelivery: no configuration can make a failing message loop hot (SPEC 3.12).
         let until = Instant::now() + delay.unwrap_or_default().max(REDELIVERY_FLOOR);

@@ -116,11 +116,66 @@ pub enum SettledBy {
     Policy,
 }
 
-struct Inner {
-    record: Record,
+/// Records that arrived together, and the settle state of each one the engine admitted for a handler.
+/// The handles of those records share it: one allocation per arrival instead of one per message, and no
+/// record is moved once the transport made it. A handle kept alive keeps its whole arrival alive, as its
+/// payload already keeps the arrival's byte buffer (the Kafka transport copies a fetched batch into one).
+pub(crate) struct Arrival {
+    records: Vec<Record>,
+    slots: Vec<Slot>,
+}
+
+/// One admitted record of an [`Arrival`]: which one, its attempt, and its settle state.
+pub(crate) struct Slot {
+    record: usize,
     attempt: u32,
     settled: Mutex<Option<Settle>>,
     sink: Arc<SettleSink>,
+}
+
+impl Slot {
+    /// Admits `arrival.records[record]`, delivered for the `attempt`-th time, settled already when
+    /// `pre_settled` says so (`AckFirst`), its settles going to `sink`.
+    pub(crate) fn new(record: usize, attempt: u32, sink: Arc<SettleSink>, pre_settled: Option<Settle>) -> Self {
+        Slot {
+            record,
+            attempt,
+            settled: Mutex::new(pre_settled),
+            sink,
+        }
+    }
+}
+
+impl Arrival {
+    /// The records and their admitted slots; every slot names a record of `records`.
+    pub(crate) fn new(records: Vec<Record>, slots: Vec<Slot>) -> Arc<Self> {
+        assert!(
+            slots.iter().all(|s| s.record < records.len()),
+            "a slot names a record of its arrival"
+        );
+        Arc::new(Arrival { records, slots })
+    }
+
+    /// The record of a slot.
+    pub(crate) fn record(&self, slot: usize) -> &Record {
+        &self.records[self.slots[slot].record]
+    }
+
+    /// The handle of a record on its own: an arrival of one, whose `slot` names it (record 0).
+    pub(crate) fn single(record: Record, slot: Slot) -> Message {
+        Message {
+            arrival: Arrival::new(vec![record], vec![slot]),
+            slot: 0,
+        }
+    }
+
+    /// The handles of every slot, in slot order.
+    pub(crate) fn messages(self: &Arc<Self>) -> impl Iterator<Item = Message> + '_ {
+        (0..self.slots.len()).map(|slot| Message {
+            arrival: self.clone(),
+            slot,
+        })
+    }
 }
 
 /// One delivered message and its settle calls (SPEC 2.1). Cheap to clone; clones share the settle state.
@@ -135,13 +190,15 @@ struct Inner {
 /// ```
 #[derive(Clone)]
 pub struct Message {
-    inner: Arc<Inner>,
+    arrival: Arc<Arrival>,
+    /// Which slot of the arrival (always one it has: see [`Arrival::new`]).
+    slot: usize,
 }
 
 impl std::fmt::Debug for Message {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Message")
-            .field("subscriber", &self.inner.sink.subscriber)
+            .field("subscriber", &self.slot().sink.subscriber)
             .field("topic", &self.topic())
             .field("partition", &self.partition())
             .field("offset", &self.offset())
@@ -151,15 +208,13 @@ impl std::fmt::Debug for Message {
 }
 
 impl Message {
-    pub(crate) fn new(record: Record, sink: Arc<SettleSink>, pre_settled: Option<Settle>, attempt: u32) -> Self {
-        Message {
-            inner: Arc::new(Inner {
-                record,
-                attempt,
-                settled: Mutex::new(pre_settled),
-                sink,
-            }),
-        }
+    fn slot(&self) -> &Slot {
+        &self.arrival.slots[self.slot]
+    }
+
+    /// The record it was made of.
+    pub(crate) fn record(&self) -> &Record {
+        self.arrival.record(self.slot)
     }
 
     /// Acks the message: it counts as processed.
@@ -189,7 +244,7 @@ impl Message {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Settle>> {
         // The guarded value is a plain Option: a panic elsewhere cannot leave it half-written.
-        self.inner.settled.lock().unwrap_or_else(|p| p.into_inner())
+        self.slot().settled.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The single place a settle takes effect: first settle wins.
@@ -203,7 +258,7 @@ impl Message {
             Ok(event) => {
                 // The engine may be gone (shutdown past its deadline); the settle then has no effect on
                 // commits, which is the documented at-least-once outcome.
-                let _ = self.inner.sink.events.send(EngineEvent::Settled(event));
+                let _ = self.slot().sink.events.send(EngineEvent::Settled(event));
                 SettleOutcome::Settled(settle)
             }
             Err(prev) => SettleOutcome::AlreadySettled(prev),
@@ -221,9 +276,9 @@ impl Message {
     ) -> Result<SettleEvent, Settle> {
         self.claim(settle)?;
         Ok(SettleEvent {
-            tp: self.inner.record.tp.clone(),
-            generation: self.inner.sink.generation,
-            offset: self.inner.record.offset,
+            tp: self.record().tp.clone(),
+            generation: self.generation(),
+            offset: self.offset(),
             settle,
             by,
             record: self.record_for(settle),
@@ -244,62 +299,57 @@ impl Message {
 
     /// The record a settle needs: a nack to deliver it again, a reject to dead-letter it.
     pub(crate) fn record_for(&self, settle: Settle) -> Option<Box<Record>> {
-        matches!(settle, Settle::Nack { .. } | Settle::Reject).then(|| Box::new(self.inner.record.clone()))
-    }
-
-    /// The record it was made of.
-    pub(crate) fn record(&self) -> &Record {
-        &self.inner.record
+        matches!(settle, Settle::Nack { .. } | Settle::Reject).then(|| Box::new(self.record().clone()))
     }
 
     pub(crate) fn generation(&self) -> u64 {
-        self.inner.sink.generation
+        self.slot().sink.generation
     }
 
     /// Which delivery of this message to this subscriber this is: 1 the first time, 2 after one
     /// redelivery... (counted while the partition stays assigned to this member).
     pub fn attempt(&self) -> u32 {
-        self.inner.attempt
+        self.slot().attempt
     }
 
     /// The subscriber that received it.
     pub fn subscriber(&self) -> &str {
-        &self.inner.sink.subscriber
+        &self.slot().sink.subscriber
     }
     /// Its topic.
     pub fn topic(&self) -> &str {
-        &self.inner.record.tp.topic
+        &self.record().tp.topic
     }
     /// Its partition.
     pub fn partition(&self) -> i32 {
-        self.inner.record.tp.partition
+        self.record().tp.partition
     }
     /// Its topic and partition.
     pub fn topic_partition(&self) -> &TopicPartition {
-        &self.inner.record.tp
+        &self.record().tp
     }
     /// Its offset in the partition.
     pub fn offset(&self) -> i64 {
-        self.inner.record.offset
+        self.record().offset
     }
     /// Its key.
     pub fn key(&self) -> Option<&Bytes> {
-        self.inner.record.key.as_ref()
+        self.record().key.as_ref()
     }
     /// Its raw payload.
     pub fn payload(&self) -> &Bytes {
-        &self.inner.record.payload
+        &self.record().payload
     }
     /// Its headers.
     pub fn headers(&self) -> &Headers {
-        &self.inner.record.headers
+        &self.record().headers
     }
     /// Its timestamp, in milliseconds since the Unix epoch.
     pub fn timestamp(&self) -> Option<i64> {
-        self.inner.record.timestamp
+        self.record().timestamp
     }
     /// Its correlation id header.
     pub fn correlation_id(&self) -> Option<&str> {
-        self.inner.record.headers.get_str(CORRELATION_ID)
+        self.record().headers.get_str(CORRELATION_ID)
     }
 }
