@@ -568,7 +568,12 @@ impl<T: ConsumerTransport> Engine<T> {
                 pick = Some(i);
                 break;
             }
-            let Some(Queued { offset, lane, msg }) = pick.and_then(|i| part.queue.remove(i)) else {
+            let picked = match pick {
+                Some(0) => part.queue.pop_front(),
+                Some(i) => part.queue.remove(i),
+                None => None,
+            };
+            let Some(Queued { offset, lane, msg }) = picked else {
                 break;
             };
             part.ack_first_ahead = part.ack_first_ahead.saturating_sub(1);
@@ -716,15 +721,30 @@ impl<T: ConsumerTransport> Engine<T> {
     /// A handler call ended. Settles its code made were sent before it returned: they are applied first,
     /// then the policy's settle for its outcome, then its in-flight slots are freed.
     fn on_completed(&mut self, done: Completion) {
-        while let Ok(ev) = self.events_rx.try_recv() {
-            self.on_engine_event(ev);
-        }
         let (messages, result) = match &done {
             Completion::One(m, r) => (std::slice::from_ref(m), r),
             Completion::Batch(v, r) => (&v[..], r),
         };
         let verdict = Verdict::of(&self.rt, messages, result);
-        for msg in messages {
+        // The first settle wins (SPEC 2.1): the policy's settle takes effect on each message that code did
+        // not settle first. Only a message settled by code can have a settle waiting in the channel, and
+        // only when the policy did not settle it on receipt (`AckFirst` takes no settle from code).
+        let (mut one, mut many) = ([false], Vec::new());
+        let claimed: &mut [bool] = if messages.len() == 1 {
+            &mut one
+        } else {
+            many.resize(messages.len(), false);
+            &mut many
+        };
+        for (msg, claimed) in messages.iter().zip(claimed.iter_mut()) {
+            *claimed = verdict.settle.is_some_and(|(s, _)| msg.claim(s).is_ok());
+        }
+        if self.policy() != AckPolicy::AckFirst && claimed.iter().any(|c| !c) {
+            while let Ok(ev) = self.events_rx.try_recv() {
+                self.on_engine_event(ev);
+            }
+        }
+        for (msg, claimed) in messages.iter().zip(claimed.iter()) {
             self.rt.counters.handled(verdict.label);
             self.rt.observe(|| Event::Handled {
                 subscriber: self.rt.cfg.name.clone(),
@@ -734,7 +754,7 @@ impl<T: ConsumerTransport> Engine<T> {
                 outcome: verdict.outcome.clone(),
             });
             if let Some((s, by)) = verdict.settle
-                && msg.claim(s).is_ok()
+                && *claimed
             {
                 let settled = Settled {
                     generation: msg.generation(),

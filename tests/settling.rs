@@ -114,6 +114,46 @@ async fn manual_nack_redelivers_and_manual_ack_commits() {
     );
 }
 
+/// A nack made by handler code reaches the engine through a channel, while the handler's return frees its
+/// slot at once: the nack must be applied first, or the next message of the lane starts before the nacked
+/// one is back in the queue. The backlog is there before the app starts, so the next message is always
+/// ready when the nack is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_from_handler_code_requeues_before_the_next_message_starts() {
+    for policy in [AckPolicy::Manual, AckPolicy::NackOnError] {
+        common::init_tracing();
+        let broker = common::broker();
+        let topic = common::topic(&broker, "settle", 1).await;
+        for body in ["nack-me", "b", "c"] {
+            broker.publish(body, &topic).await.unwrap();
+        }
+        let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        common::member(&broker, &topic, "sub", &common::unique("g"))
+            .ack_policy(policy)
+            .handle(move |msg: Message| {
+                let first = first.clone();
+                async move {
+                    let outcome = if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        msg.nack().await
+                    } else {
+                        msg.ack().await
+                    };
+                    assert!(outcome.took_effect());
+                }
+            });
+        let observer = broker.observer();
+        let app = common::start(&broker).await;
+        observer.wait_settled("sub", 4, common::WAIT).await.unwrap();
+        app.shutdown().await.unwrap();
+        let order: Vec<i64> = observer.handled("sub").iter().map(|h| h.1).collect();
+        assert_eq!(
+            order,
+            vec![0, 0, 1, 2],
+            "{policy:?}: the nacked offset comes back before the next one"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_reject_settles_without_redelivery() {
     let (broker, topic, group, app) = setup(AckPolicy::Manual, |msg: Message| async move {
