@@ -179,6 +179,8 @@ impl Arrival {
 }
 
 /// One delivered message and its settle calls (SPEC 2.1). Cheap to clone; clones share the settle state.
+/// A handle keeps the records that arrived with its own (up to one fetched batch) in memory until it is
+/// dropped: hold on to handles only as long as you need them.
 ///
 /// ```
 /// # async fn demo(msg: ferrostream::Message) {
