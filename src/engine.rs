@@ -24,7 +24,6 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
-use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -418,47 +417,49 @@ impl<T: ConsumerTransport> Engine<T> {
     }
 
     fn on_records(&mut self, mut records: Vec<Record>) {
-        // Records come in runs of one partition: look the partition up once per run.
-        let mut runs: Vec<(TopicPartition, Range<usize>)> = Vec::new();
-        for (i, rec) in records.iter().enumerate() {
-            match runs.last_mut() {
-                Some((tp, run)) if *tp == rec.tp => run.end = i + 1,
-                _ => runs.push((rec.tp.clone(), i..i + 1)),
-            }
+        // Records come in runs of one partition, and each run becomes an arrival of its own: a handle then
+        // keeps alive only records of its own partition, queued after it or handled before it in its run
+        // (per partition at most `max_buffered` queued records, plus one run per handle still held). The
+        // last run is split off first, so the first one (on a one-partition topic, all of them) stays
+        // where the transport put it.
+        let mut runs: Vec<Vec<Record>> = Vec::new();
+        while let Some(last) = records.last() {
+            let start = records.iter().rposition(|r| r.tp != last.tp).map_or(0, |i| i + 1);
+            runs.push(records.split_off(start));
         }
-        // Admit what each run brings that is new, then queue the handles of one shared arrival.
-        let mut slots = Vec::with_capacity(records.len());
-        let mut admitted: Vec<(TopicPartition, usize)> = Vec::with_capacity(runs.len());
-        for (tp, run) in runs {
-            let (Some(part), Some(offsets)) = (self.parts.get_mut(&tp), self.tracker.partition(&tp)) else {
-                continue; // not ours (revoked meanwhile)
-            };
-            let before = slots.len();
-            for i in run {
-                let rec = &mut records[i];
-                match offsets.deliver(rec.offset) {
-                    Delivery::Fresh => {}
-                    Delivery::Unsettled => {
-                        if part.in_flight.iter().any(|(o, _)| *o == rec.offset) {
-                            continue; // still running; its own settle decides
-                        }
+        for run in runs.into_iter().rev() {
+            self.on_run(run);
+        }
+    }
+
+    /// One partition's run of records: admits what it brings that is new and queues their handles.
+    fn on_run(&mut self, mut run: Vec<Record>) {
+        let Some(tp) = run.first().map(|r| r.tp.clone()) else {
+            return;
+        };
+        let (Some(part), Some(offsets)) = (self.parts.get_mut(&tp), self.tracker.partition(&tp)) else {
+            return; // not ours (revoked meanwhile)
+        };
+        let mut slots = Vec::with_capacity(run.len());
+        for (i, rec) in run.iter_mut().enumerate() {
+            match offsets.deliver(rec.offset) {
+                Delivery::Fresh => {}
+                Delivery::Unsettled => {
+                    if part.in_flight.iter().any(|(o, _)| *o == rec.offset) {
+                        continue; // still running; its own settle decides
                     }
-                    Delivery::Settled | Delivery::Stale => continue,
                 }
-                slots.push(admit(&self.rt, &part.sink, rec, i));
+                Delivery::Settled | Delivery::Stale => continue,
             }
-            admitted.push((tp, slots.len() - before));
+            slots.push(admit(&self.rt, &part.sink, rec, i));
         }
-        let arrival = Arrival::new(records, slots);
-        let mut messages = arrival.messages();
-        for (tp, n) in admitted {
-            let Some(part) = self.parts.get_mut(&tp) else { continue };
-            part.queue.extend(messages.by_ref().take(n).map(Queued::of));
-            if !part.paused {
-                self.flow_control(&tp);
-            } else {
-                self.rt.counters.buffered(part.queue.len());
-            }
+        if !slots.is_empty() {
+            part.queue.extend(Arrival::new(run, slots).messages().map(Queued::of));
+        }
+        if !part.paused {
+            self.flow_control(&tp);
+        } else {
+            self.rt.counters.buffered(part.queue.len());
         }
     }
 
@@ -721,30 +722,20 @@ impl<T: ConsumerTransport> Engine<T> {
     /// A handler call ended. Settles its code made were sent before it returned: they are applied first,
     /// then the policy's settle for its outcome, then its in-flight slots are freed.
     fn on_completed(&mut self, done: Completion) {
+        // Code may have settled any message it holds a handle of, not only this call's: every settle waiting
+        // in the channel is applied before this call's slots are freed. Under `AckFirst` code settles
+        // nothing (every message is settled on receipt), so nothing can be waiting.
+        if self.policy() != AckPolicy::AckFirst {
+            while let Ok(ev) = self.events_rx.try_recv() {
+                self.on_engine_event(ev);
+            }
+        }
         let (messages, result) = match &done {
             Completion::One(m, r) => (std::slice::from_ref(m), r),
             Completion::Batch(v, r) => (&v[..], r),
         };
         let verdict = Verdict::of(&self.rt, messages, result);
-        // The first settle wins (SPEC 2.1): the policy's settle takes effect on each message that code did
-        // not settle first. Only a message settled by code can have a settle waiting in the channel, and
-        // only when the policy did not settle it on receipt (`AckFirst` takes no settle from code).
-        let (mut one, mut many) = ([false], Vec::new());
-        let claimed: &mut [bool] = if messages.len() == 1 {
-            &mut one
-        } else {
-            many.resize(messages.len(), false);
-            &mut many
-        };
-        for (msg, claimed) in messages.iter().zip(claimed.iter_mut()) {
-            *claimed = verdict.settle.is_some_and(|(s, _)| msg.claim(s).is_ok());
-        }
-        if self.policy() != AckPolicy::AckFirst && claimed.iter().any(|c| !c) {
-            while let Ok(ev) = self.events_rx.try_recv() {
-                self.on_engine_event(ev);
-            }
-        }
-        for (msg, claimed) in messages.iter().zip(claimed.iter()) {
+        for msg in messages {
             self.rt.counters.handled(verdict.label);
             self.rt.observe(|| Event::Handled {
                 subscriber: self.rt.cfg.name.clone(),
@@ -754,7 +745,7 @@ impl<T: ConsumerTransport> Engine<T> {
                 outcome: verdict.outcome.clone(),
             });
             if let Some((s, by)) = verdict.settle
-                && *claimed
+                && msg.claim(s).is_ok()
             {
                 let settled = Settled {
                     generation: msg.generation(),

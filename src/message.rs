@@ -116,10 +116,11 @@ pub enum SettledBy {
     Policy,
 }
 
-/// Records that arrived together, and the settle state of each one the engine admitted for a handler.
-/// The handles of those records share it: one allocation per arrival instead of one per message, and no
-/// record is moved once the transport made it. A handle kept alive keeps its whole arrival alive, as its
-/// payload already keeps the arrival's byte buffer (the Kafka transport copies a fetched batch into one).
+/// A run of one partition's records that arrived together, and the settle state of each one the engine
+/// admitted for a handler. The handles of those records share it: one allocation per run instead of one
+/// per message, and no record is moved once the transport made it. A handle kept alive keeps its whole
+/// run alive, as its payload already keeps the fetched batch's byte buffer (the Kafka transport copies a
+/// fetched batch into one).
 pub(crate) struct Arrival {
     records: Vec<Record>,
     slots: Vec<Slot>,
@@ -179,8 +180,8 @@ impl Arrival {
 }
 
 /// One delivered message and its settle calls (SPEC 2.1). Cheap to clone; clones share the settle state.
-/// A handle keeps the records that arrived with its own (up to one fetched batch) in memory until it is
-/// dropped: hold on to handles only as long as you need them.
+/// A handle keeps the records of its partition that arrived with its own (up to one fetched batch) in
+/// memory until it is dropped: hold on to handles only as long as you need them.
 ///
 /// ```
 /// # async fn demo(msg: ferrostream::Message) {

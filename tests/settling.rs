@@ -154,6 +154,47 @@ async fn a_nack_from_handler_code_requeues_before_the_next_message_starts() {
     }
 }
 
+/// The same through a handle kept from an earlier call: under `Manual` a call may end with its message
+/// unsettled, and a later call may nack it while its own message is settled by the policy (here by an
+/// `AckMessage` interrupt). That nack, too, is back in the queue before the next message starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_through_a_kept_handle_requeues_before_the_next_message_starts() {
+    common::init_tracing();
+    let broker = common::broker();
+    let topic = common::topic(&broker, "settle", 1).await;
+    for body in ["kept", "nacks-the-kept-one", "c", "d"] {
+        broker.publish(body, &topic).await.unwrap();
+    }
+    let kept: Arc<Mutex<Option<Message>>> = Arc::default();
+    common::member(&broker, &topic, "sub", &common::unique("g"))
+        .ack_policy(AckPolicy::Manual)
+        .handle(move |msg: Message| {
+            let kept = kept.clone();
+            async move {
+                match (msg.offset(), msg.attempt()) {
+                    (0, 1) => *kept.lock().unwrap() = Some(msg), // left unsettled for the next call
+                    (1, _) => {
+                        let earlier = kept.lock().unwrap().take().expect("offset 0 came first");
+                        assert!(earlier.nack().await.took_effect());
+                        Err(AckMessage)?
+                    }
+                    _ => assert!(msg.ack().await.took_effect()),
+                }
+                Ok::<(), ferrostream::Error>(())
+            }
+        });
+    let observer = broker.observer();
+    let app = common::start(&broker).await;
+    observer.wait_settled("sub", 5, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    let order: Vec<i64> = observer.handled("sub").iter().map(|h| h.1).collect();
+    assert_eq!(
+        order,
+        vec![0, 1, 0, 2, 3],
+        "the nacked offset comes back before the next one"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_reject_settles_without_redelivery() {
     let (broker, topic, group, app) = setup(AckPolicy::Manual, |msg: Message| async move {
