@@ -719,8 +719,8 @@ impl<T: ConsumerTransport> Engine<T> {
 
     // ---- settles -------------------------------------------------------------------------------------
 
-    /// A handler call ended. Settles its code made were sent before it returned: they are applied first,
-    /// then the policy's settle for its outcome, then its in-flight slots are freed.
+    /// A handler call ended. Settles made by code (of its messages or of others it holds) are applied
+    /// first, then the policy's settle for its outcome, then its in-flight slots are freed.
     fn on_completed(&mut self, done: Completion) {
         // Code may have settled any message it holds a handle of, not only this call's: every settle waiting
         // in the channel is applied before this call's slots are freed. Under `AckFirst` code settles
@@ -983,13 +983,12 @@ impl<T: ConsumerTransport> Engine<T> {
 
     /// SPEC 3.2: nothing at or after the nacked offset is committed until it is settled (the tracker keeps
     /// it unsettled); it is delivered again from the queue, before the later records of its lane.
-    fn redeliver(&mut self, record: Record, delay: Option<Duration>) {
+    fn redeliver(&mut self, mut record: Record, delay: Option<Duration>) {
         let Some(part) = self.parts.get_mut(&record.tp) else {
             return;
         };
         let at = part.queue.partition_point(|q| q.offset < record.offset);
         if part.queue.get(at).is_none_or(|q| q.offset != record.offset) {
-            let mut record = record;
             let slot = admit(&self.rt, &part.sink, &mut record, 0);
             part.queue.insert(at, Queued::of(Arrival::single(record, slot)));
         }

@@ -257,28 +257,10 @@ impl Message {
 
     /// Settles, saying why (for a reject: the text a dead-letter record carries), and tells the engine.
     pub(crate) fn settle_because(&self, settle: Settle, by: SettledBy, reason: Option<String>) -> SettleOutcome {
-        match self.mark_settled(settle, by, reason) {
-            Ok(event) => {
-                // The engine may be gone (shutdown past its deadline); the settle then has no effect on
-                // commits, which is the documented at-least-once outcome.
-                let _ = self.slot().sink.events.send(EngineEvent::Settled(event));
-                SettleOutcome::Settled(settle)
-            }
-            Err(prev) => SettleOutcome::AlreadySettled(prev),
+        if let Err(prev) = self.claim(settle) {
+            return SettleOutcome::AlreadySettled(prev);
         }
-    }
-
-    /// The single place a settle takes effect (first settle wins): marks the message settled and returns
-    /// what the engine must apply, or the earlier settle. The engine calls this directly for the policy's
-    /// settle after the handler returned; user settles go through [`settle_because`](Self::settle_because).
-    pub(crate) fn mark_settled(
-        &self,
-        settle: Settle,
-        by: SettledBy,
-        reason: Option<String>,
-    ) -> Result<SettleEvent, Settle> {
-        self.claim(settle)?;
-        Ok(SettleEvent {
+        let event = SettleEvent {
             tp: self.record().tp.clone(),
             generation: self.generation(),
             offset: self.offset(),
@@ -286,11 +268,16 @@ impl Message {
             by,
             record: self.record_for(settle),
             reason,
-        })
+        };
+        // The engine may be gone (shutdown past its deadline); the settle then has no effect on commits,
+        // which is the documented at-least-once outcome.
+        let _ = self.slot().sink.events.send(EngineEvent::Settled(event));
+        SettleOutcome::Settled(settle)
     }
 
-    /// Marks the message settled if it is not yet (first settle wins), or returns the earlier settle. The
-    /// engine applies its own policy settles with this directly, with no event to build.
+    /// The single place a settle takes effect (first settle wins): marks the message settled if it is not
+    /// yet, or returns the earlier settle. Code's settles then go to the engine as an event
+    /// ([`settle_because`](Self::settle_because)); the engine applies its own policy settles directly.
     pub(crate) fn claim(&self, settle: Settle) -> Result<(), Settle> {
         let mut slot = self.lock();
         if let Some(prev) = *slot {

@@ -114,6 +114,34 @@ async fn manual_nack_redelivers_and_manual_ack_commits() {
     );
 }
 
+/// Subscribes `handler` as "sub" on a fresh one-partition topic that already holds `bodies`, starts the
+/// app, waits for `settles` settles and returns the offsets in the order the handler got them.
+async fn handled_order_over_a_backlog<H, A>(
+    policy: AckPolicy,
+    bodies: &[&'static str],
+    settles: usize,
+    handler: H,
+) -> Vec<i64>
+where
+    H: ferrostream::Handler<A>,
+    A: 'static,
+{
+    common::init_tracing();
+    let broker = common::broker();
+    let topic = common::topic(&broker, "settle", 1).await;
+    for body in bodies {
+        broker.publish(*body, &topic).await.unwrap();
+    }
+    common::member(&broker, &topic, "sub", &common::unique("g"))
+        .ack_policy(policy)
+        .handle(handler);
+    let observer = broker.observer();
+    let app = common::start(&broker).await;
+    observer.wait_settled("sub", settles, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    observer.handled("sub").iter().map(|h| h.1).collect()
+}
+
 /// A nack made by handler code reaches the engine through a channel, while the handler's return frees its
 /// slot at once: the nack must be applied first, or the next message of the lane starts before the nacked
 /// one is back in the queue. The backlog is there before the app starts, so the next message is always
@@ -121,31 +149,19 @@ async fn manual_nack_redelivers_and_manual_ack_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nack_from_handler_code_requeues_before_the_next_message_starts() {
     for policy in [AckPolicy::Manual, AckPolicy::NackOnError] {
-        common::init_tracing();
-        let broker = common::broker();
-        let topic = common::topic(&broker, "settle", 1).await;
-        for body in ["nack-me", "b", "c"] {
-            broker.publish(body, &topic).await.unwrap();
-        }
         let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        common::member(&broker, &topic, "sub", &common::unique("g"))
-            .ack_policy(policy)
-            .handle(move |msg: Message| {
-                let first = first.clone();
-                async move {
-                    let outcome = if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                        msg.nack().await
-                    } else {
-                        msg.ack().await
-                    };
-                    assert!(outcome.took_effect());
-                }
-            });
-        let observer = broker.observer();
-        let app = common::start(&broker).await;
-        observer.wait_settled("sub", 4, common::WAIT).await.unwrap();
-        app.shutdown().await.unwrap();
-        let order: Vec<i64> = observer.handled("sub").iter().map(|h| h.1).collect();
+        let order = handled_order_over_a_backlog(policy, &["nack-me", "b", "c"], 4, move |msg: Message| {
+            let first = first.clone();
+            async move {
+                let outcome = if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    msg.nack().await
+                } else {
+                    msg.ack().await
+                };
+                assert!(outcome.took_effect());
+            }
+        })
+        .await;
         assert_eq!(
             order,
             vec![0, 0, 1, 2],
@@ -159,35 +175,24 @@ async fn a_nack_from_handler_code_requeues_before_the_next_message_starts() {
 /// `AckMessage` interrupt). That nack, too, is back in the queue before the next message starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nack_through_a_kept_handle_requeues_before_the_next_message_starts() {
-    common::init_tracing();
-    let broker = common::broker();
-    let topic = common::topic(&broker, "settle", 1).await;
-    for body in ["kept", "nacks-the-kept-one", "c", "d"] {
-        broker.publish(body, &topic).await.unwrap();
-    }
     let kept: Arc<Mutex<Option<Message>>> = Arc::default();
-    common::member(&broker, &topic, "sub", &common::unique("g"))
-        .ack_policy(AckPolicy::Manual)
-        .handle(move |msg: Message| {
-            let kept = kept.clone();
-            async move {
-                match (msg.offset(), msg.attempt()) {
-                    (0, 1) => *kept.lock().unwrap() = Some(msg), // left unsettled for the next call
-                    (1, _) => {
-                        let earlier = kept.lock().unwrap().take().expect("offset 0 came first");
-                        assert!(earlier.nack().await.took_effect());
-                        Err(AckMessage)?
-                    }
-                    _ => assert!(msg.ack().await.took_effect()),
+    let bodies = ["kept", "nacks-the-kept-one", "c", "d"];
+    let order = handled_order_over_a_backlog(AckPolicy::Manual, &bodies, 5, move |msg: Message| {
+        let kept = kept.clone();
+        async move {
+            match (msg.offset(), msg.attempt()) {
+                (0, 1) => *kept.lock().unwrap() = Some(msg), // left unsettled for the next call
+                (1, _) => {
+                    let earlier = kept.lock().unwrap().take().expect("offset 0 came first");
+                    assert!(earlier.nack().await.took_effect());
+                    Err(AckMessage)?
                 }
-                Ok::<(), ferrostream::Error>(())
+                _ => assert!(msg.ack().await.took_effect()),
             }
-        });
-    let observer = broker.observer();
-    let app = common::start(&broker).await;
-    observer.wait_settled("sub", 5, common::WAIT).await.unwrap();
-    app.shutdown().await.unwrap();
-    let order: Vec<i64> = observer.handled("sub").iter().map(|h| h.1).collect();
+            Ok::<(), ferrostream::Error>(())
+        }
+    })
+    .await;
     assert_eq!(
         order,
         vec![0, 1, 0, 2, 3],
