@@ -1,0 +1,239 @@
+//! Dispatch: which queued records start a handler call now (in-flight limit, key lanes, holds, batches), and flow control.
+
+use super::*;
+
+impl<T: ConsumerTransport> Engine<T> {
+    // ---- dispatch ----------------------------------------------------------------------------------
+
+    /// Dispatches what every partition's rules allow. Returns true when the inline budget ran out with
+    /// work left, so the loop comes back to it after looking at its other inputs.
+    pub(super) fn dispatch_all(&mut self) -> bool {
+        if self.rt.cfg.commit_sync_each && (self.commit.is_some() || self.commit_due.is_some()) {
+            return false; // the previous settle is not committed yet
+        }
+        if let Some(batch) = self.rt.cfg.batch {
+            self.dispatch_batch(batch);
+            return false;
+        }
+        let now = Instant::now();
+        let mut budget = INLINE_BUDGET;
+        for i in 0..self.order.len() {
+            let tp = self.order[i].clone();
+            budget = self.dispatch_partition(&tp, now, budget);
+        }
+        budget == 0
+    }
+
+    /// Dispatches the records of one partition its rules allow. A handler call that finishes on its first
+    /// poll is completed right here (no task, no channel), which frees its slot for the next record; one
+    /// that waits joins `running`. Returns the budget left.
+    pub(super) fn dispatch_partition(&mut self, tp: &TopicPartition, now: Instant, mut budget: usize) -> usize {
+        self.ack_first_advance(tp);
+        let max = self.rt.cfg.max_in_flight;
+        let ack_first = self.policy() == AckPolicy::AckFirst && self.commits_enabled;
+        // Only a finished commit moves it, and none finishes during this loop.
+        let confirmed = if ack_first { self.tracker.confirmed(tp) } else { None };
+        while budget > 0 {
+            if self.rt.cfg.commit_sync_each && (self.commit.is_some() || self.commit_due.is_some()) {
+                break; // the previous settle is not committed yet
+            }
+            let Some(part) = self.parts.get_mut(tp) else {
+                return budget;
+            };
+            if part.in_flight.len() >= max || part.queue.is_empty() {
+                break;
+            }
+            if part.hold_until.is_some_and(|h| h > now) || !part.dead_lettering.is_empty() {
+                return budget; // retries are blocking: nothing passes a message being retried or dead-lettered
+            }
+            part.hold_until = None;
+            // The retry topic's records wait until they are due (they are roughly in due order).
+            if self.rt.cfg.retry_consumer
+                && let Some(due) = part.queue.front().and_then(|q| header_due(q.msg.record()))
+                && let Ok(wait) = due.duration_since(std::time::SystemTime::now())
+            {
+                part.hold_until = Some(now + wait);
+                return budget;
+            }
+            // The first record whose key is not busy and not held back by an earlier record of its key
+            // (records of one key start in offset order).
+            let mut blocked: Vec<u64> = Vec::new();
+            let mut pick = None;
+            for (i, q) in part.queue.iter().enumerate() {
+                if ack_first && confirmed.is_none_or(|c| q.offset >= c) {
+                    break; // its commit is not confirmed yet: at most once means commit first
+                }
+                if part.lane_busy(q.lane) || blocked.contains(&q.lane) {
+                    if max == 1 {
+                        break;
+                    }
+                    blocked.push(q.lane);
+                    continue;
+                }
+                pick = Some(i);
+                break;
+            }
+            let picked = match pick {
+                Some(0) => part.queue.pop_front(),
+                Some(i) => part.queue.remove(i),
+                None => None,
+            };
+            let Some(Queued { offset, lane, msg }) = picked else {
+                break;
+            };
+            part.ack_first_ahead = part.ack_first_ahead.saturating_sub(1);
+            part.in_flight.push((offset, lane));
+            if let Some(done) = self.start(Call::new(&self.rt, Messages::One(msg))) {
+                self.on_completed(done);
+            }
+            budget -= 1;
+        }
+        if self.parts.get(tp).is_some_and(|p| p.paused) {
+            self.flow_control(tp);
+        }
+        budget
+    }
+
+    /// Polls a new handler call once, here. Most calls of a fast handler finish on that poll, and then
+    /// cost no task, no wake-up and no message to the engine. The first poll uses a no-op waker: a call
+    /// that is not finished goes to `running`, whose next poll registers the real one (a future must
+    /// wake the waker of its latest poll, so nothing is lost).
+    pub(super) fn start(&mut self, mut call: Call) -> Option<Completion> {
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        match Pin::new(&mut call).poll(&mut cx) {
+            Poll::Ready(done) => Some(done),
+            Poll::Pending => {
+                self.running.push(call);
+                None
+            }
+        }
+    }
+
+    /// Bounded memory (SPEC 3.6): a partition whose queue reaches `max_buffered` records waiting behind its
+    /// in-flight limit stops fetching; it fetches again once the queue is down to a quarter of that.
+    /// Under `AckFirst` only records whose commit is confirmed count: the others wait for their commit,
+    /// not for a handler, and `next_step` bounds them by taking no more records while they fill the queue.
+    /// (Pausing is not free: librdkafka drops what it prefetched for the partition and fetches it again on
+    /// resume, so a pause must mean a handler that cannot keep up, not a commit round trip.)
+    pub(super) fn flow_control(&mut self, tp: &TopicPartition) {
+        let max = self.rt.cfg.max_buffered;
+        let buffered = self.waiting(tp);
+        let Some(part) = self.parts.get_mut(tp) else { return };
+        self.rt.counters.buffered(part.queue.len());
+        let paused = if !part.paused && buffered >= max {
+            self.transport.pause(tp);
+            true
+        } else if part.paused && buffered <= max / 4 {
+            self.transport.resume(tp);
+            false
+        } else {
+            return;
+        };
+        part.paused = paused;
+        tracing::debug!(subscriber = %self.rt.cfg.name, %tp, buffered, paused, "flow control");
+        self.rt.observe(|| Event::FlowControl {
+            subscriber: self.rt.cfg.name.clone(),
+            tp: tp.clone(),
+            paused,
+            buffered,
+        });
+    }
+
+    /// Records of a partition waiting for a handler slot.
+    pub(super) fn waiting(&self, tp: &TopicPartition) -> usize {
+        let Some(part) = self.parts.get(tp) else { return 0 };
+        if self.policy() == AckPolicy::AckFirst && self.commits_enabled {
+            let confirmed = self.tracker.confirmed(tp);
+            part.queue.partition_point(|q| confirmed.is_some_and(|c| q.offset < c))
+        } else {
+            part.queue.len()
+        }
+    }
+
+    /// Batch mode (SPEC 3.10): one batch in flight at a time, so per-partition order holds; a batch
+    /// starts when `max_records` are ready or the oldest ready record has waited `timeout`.
+    pub(super) fn dispatch_batch(&mut self, batch: BatchConfig) {
+        if self.parts.values().any(|p| !p.in_flight.is_empty()) {
+            return;
+        }
+        let waiting: Vec<TopicPartition> = self
+            .parts
+            .iter()
+            .filter(|(_, p)| !p.queue.is_empty())
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in &waiting {
+            self.ack_first_advance(tp);
+        }
+        let now = Instant::now();
+        let ack_first = self.policy() == AckPolicy::AckFirst && self.commits_enabled;
+        // How many records of each partition may go now: held partitions none; under AckFirst only
+        // those whose commit is confirmed.
+        let mut ready: Vec<(TopicPartition, usize)> = Vec::new();
+        for (tp, part) in &self.parts {
+            if part.hold_until.is_some_and(|h| h > now) || !part.dead_lettering.is_empty() {
+                continue;
+            }
+            let confirmed = self.tracker.confirmed(tp);
+            let n = if ack_first {
+                part.queue
+                    .iter()
+                    .take_while(|q| confirmed.is_some_and(|c| q.offset < c))
+                    .count()
+            } else {
+                part.queue.len()
+            };
+            if n > 0 {
+                ready.push((tp.clone(), n));
+            }
+        }
+        let available: usize = ready.iter().map(|(_, n)| n).sum();
+        if available == 0 {
+            self.batch_since = None;
+            return;
+        }
+        let since = *self.batch_since.get_or_insert(now);
+        if available < batch.max_records && now < since + batch.timeout {
+            return; // the timer wakes us at since + timeout
+        }
+        self.batch_since = None;
+        ready.sort();
+        let mut messages = Vec::with_capacity(available.min(batch.max_records));
+        for (tp, n) in ready {
+            let Some(part) = self.parts.get_mut(&tp) else { continue };
+            part.hold_until = None;
+            let take = n.min(batch.max_records - messages.len());
+            part.ack_first_ahead = part.ack_first_ahead.saturating_sub(take);
+            for q in part.queue.drain(..take) {
+                part.in_flight.push((q.offset, q.lane));
+                messages.push(q.msg);
+            }
+            let paused = part.paused;
+            if paused {
+                self.flow_control(&tp);
+            }
+            if messages.len() == batch.max_records {
+                break;
+            }
+        }
+        if let Some(done) = self.start(Call::new(&self.rt, Messages::Batch(messages))) {
+            self.on_completed(done);
+        }
+    }
+}
+
+/// When a record from the retry topic is due.
+pub(super) fn header_due(record: &Record) -> Option<std::time::SystemTime> {
+    let millis: u64 = record.headers.get_str(headers::RETRY_DUE)?.parse().ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_millis(millis))
+}
+
+/// The ordering lane of a key (SPEC 3.6): records of one lane never run at once and start in offset order.
+/// A hash, so tracking a running record takes no reference on its key; two keys that share a hash share
+/// a lane, which only orders more than needed, never less.
+pub(super) fn lane_of(key: &Option<Bytes>) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = rustc_hash::FxHasher::default();
+    key.as_deref().hash(&mut h);
+    h.finish()
+}

@@ -1,0 +1,92 @@
+//! Forwarding: dead-letter and retry-topic publishes, with the headers that say where a record came from and why.
+
+use super::*;
+
+/// Where a record is published before its offset is settled.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Forward {
+    DeadLetter,
+    Retry { delay: Duration },
+}
+
+impl<T: ConsumerTransport> Engine<T> {
+    /// SPEC 3.3 / 3.12: a record given up on goes to the dead-letter topic, and a record retried
+    /// non-blocking goes to the retry topic; either way its offset is settled only once the broker has
+    /// acknowledged that publish. Until then its partition dispatches nothing more (blocking), except
+    /// for non-blocking retries, whose whole point is that the partition moves on.
+    pub(super) fn forward(&mut self, generation: u64, record: Record, reason: Option<String>, to: Forward) {
+        let cfg = &self.rt.cfg;
+        let topic = match to {
+            Forward::DeadLetter => cfg.dead_letter.clone(),
+            Forward::Retry { .. } => cfg.retry_topic.clone(),
+        };
+        let Some(topic) = topic else { return };
+        let base = if cfg.retry_consumer {
+            header_attempts(&record)
+        } else {
+            0
+        };
+        let Some(part) = self.parts.get_mut(&record.tp) else {
+            return;
+        };
+        let attempts = base + record.attempts.max(1);
+        match to {
+            Forward::DeadLetter => part.dead_lettering.insert(record.offset),
+            Forward::Retry { .. } => part.retrying.insert(record.offset),
+        };
+        let mut out = Outgoing::new(topic, record.payload.clone());
+        out.key = record.key.clone();
+        out.headers = record.headers.clone();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let mut set = |name: &str, value: String| out.headers.set(name, value.into_bytes());
+        set(
+            headers::ERROR,
+            reason.unwrap_or_else(|| "rejected by the handler".to_owned()),
+        );
+        set(headers::ATTEMPTS, attempts.to_string());
+        set(headers::SUBSCRIBER, cfg.name.trim_end_matches(".retry").to_owned());
+        set(headers::GROUP, cfg.group_id.clone().unwrap_or_default());
+        match to {
+            Forward::DeadLetter => set(headers::DEAD_LETTERED_AT, now.to_string()),
+            Forward::Retry { delay } => {
+                // Rounded up to the millisecond, so the retry never comes before its backoff.
+                let due = std::time::SystemTime::now() + delay;
+                let due = due
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros().div_ceil(1000));
+                set(headers::RETRY_DUE, due.to_string())
+            }
+        }
+        // The original coordinates: kept from the first hop when the record comes from the retry topic.
+        let original = [
+            (headers::SOURCE_TOPIC, record.tp.topic.to_string()),
+            (headers::SOURCE_PARTITION, record.tp.partition.to_string()),
+            (headers::SOURCE_OFFSET, record.offset.to_string()),
+            (
+                headers::SOURCE_TIMESTAMP,
+                record.timestamp.map(|t| t.to_string()).unwrap_or_default(),
+            ),
+            (headers::FIRST_FAILURE, now.to_string()),
+        ];
+        for (name, value) in original {
+            if out.headers.get(name).is_none() && !value.is_empty() {
+                out.headers.set(name, value.into_bytes());
+            }
+        }
+        let broker = self.rt.broker.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = broker.send(out).await.map(|_| ()).map_err(|e| e.to_string());
+            let _ = events.send(EngineEvent::Forwarded {
+                tp: record.tp.clone(),
+                generation,
+                offset: record.offset,
+                record: Box::new(record),
+                to,
+                result,
+            });
+        });
+    }
+}

@@ -1,0 +1,158 @@
+//! Intake: assignments, revocations and records from the transport, admitted into partition queues.
+
+use super::*;
+
+impl<T: ConsumerTransport> Engine<T> {
+    // ---- consumer events -------------------------------------------------------------------------
+
+    pub(super) async fn on_consumer_event(&mut self, ev: ConsumerEvent) {
+        match ev {
+            ConsumerEvent::Records(records) => self.on_records(records),
+            ConsumerEvent::Assigned(tps) => {
+                for tp in &tps {
+                    self.next_generation += 1;
+                    if self
+                        .parts
+                        .insert(
+                            tp.clone(),
+                            Partition::new(self.next_generation, self.sink(self.next_generation)),
+                        )
+                        .is_none()
+                    {
+                        self.order.push(tp.clone());
+                    }
+                    self.tracker.assign(tp.clone());
+                    // librdkafka keeps an application pause across unassign/assign: a partition paused by
+                    // flow control before a rebalance would otherwise never fetch again.
+                    self.transport.resume(tp);
+                }
+                tracing::info!(subscriber = %self.rt.cfg.name, partitions = ?tps, "partitions assigned");
+                self.rt.observe(|| Event::Assigned {
+                    subscriber: self.rt.cfg.name.clone(),
+                    partitions: tps,
+                });
+                if let Some(ready) = self.ready.take() {
+                    let _ = ready.send(());
+                }
+            }
+            ConsumerEvent::Revoked { partitions, reply } => {
+                let commits = self.drain(&partitions, self.rt.cfg.drain_timeout).await;
+                for tp in &partitions {
+                    self.parts.remove(tp);
+                    self.tracker.revoke(tp);
+                }
+                self.order.retain(|tp| self.parts.contains_key(tp));
+                tracing::info!(subscriber = %self.rt.cfg.name, partitions = ?partitions, final_commits = ?commits, "partitions revoked");
+                if self.commits_enabled {
+                    self.observe_commits(&commits);
+                }
+                reply(if self.commits_enabled { commits } else { Vec::new() });
+                self.rt.observe(|| Event::Revoked {
+                    subscriber: self.rt.cfg.name.clone(),
+                    partitions,
+                });
+            }
+        }
+    }
+
+    pub(super) fn on_records(&mut self, mut records: Vec<Record>) {
+        // Records come in runs of one partition, and each run becomes an arrival of its own: a handle then
+        // keeps alive only records of its own partition, queued after it or handled before it in its run
+        // (per partition at most `max_buffered` queued records, plus one run per handle still held). The
+        // last run is split off first, so the first one (on a one-partition topic, all of them) stays
+        // where the transport put it.
+        let mut runs: Vec<Vec<Record>> = Vec::new();
+        while let Some(last) = records.last() {
+            let start = records.iter().rposition(|r| r.tp != last.tp).map_or(0, |i| i + 1);
+            runs.push(records.split_off(start));
+        }
+        for run in runs.into_iter().rev() {
+            self.on_run(run);
+        }
+    }
+
+    /// One partition's run of records: admits what it brings that is new and queues their handles.
+    pub(super) fn on_run(&mut self, mut run: Vec<Record>) {
+        let Some(tp) = run.first().map(|r| r.tp.clone()) else {
+            return;
+        };
+        let (Some(part), Some(offsets)) = (self.parts.get_mut(&tp), self.tracker.partition(&tp)) else {
+            return; // not ours (revoked meanwhile)
+        };
+        let mut slots = Vec::with_capacity(run.len());
+        for (i, rec) in run.iter_mut().enumerate() {
+            match offsets.deliver(rec.offset) {
+                Delivery::Fresh => {}
+                Delivery::Unsettled => {
+                    if part.in_flight.iter().any(|(o, _)| *o == rec.offset) {
+                        continue; // still running; its own settle decides
+                    }
+                }
+                Delivery::Settled | Delivery::Stale => continue,
+            }
+            slots.push(admit(&self.rt, &part.sink, rec, i));
+        }
+        if !slots.is_empty() {
+            part.queue.extend(Arrival::new(run, slots).messages().map(Queued::of));
+        }
+        if !part.paused {
+            self.flow_control(&tp);
+        } else {
+            self.rt.counters.buffered(part.queue.len());
+        }
+    }
+
+    /// `AckFirst` (SPEC 3.4): settles (and asks to commit) the queue in runs of `ACK_FIRST_RUN` records,
+    /// at most two runs ahead of dispatch: the run being handled and the next one, whose commit is in
+    /// flight meanwhile. A crash loses at most those two runs (plus what is in flight), never more, and
+    /// nothing is dispatched before its commit is confirmed.
+    pub(super) fn ack_first_advance(&mut self, tp: &TopicPartition) {
+        if self.policy() != AckPolicy::AckFirst {
+            return;
+        }
+        let run = self.ack_first_run();
+        let Some(part) = self.parts.get_mut(tp) else { return };
+        let Some(offsets) = self.tracker.partition(tp) else {
+            return;
+        };
+        let mut settled = 0;
+        while part.ack_first_ahead <= run && part.ack_first_ahead < part.queue.len() {
+            let start = part.ack_first_ahead;
+            let end = part.queue.len().min(start + run);
+            for q in part.queue.range(start..end) {
+                offsets.settle(q.offset);
+                self.rt.counters.settled(Settle::Ack);
+                self.rt.observe(|| Event::Settled {
+                    subscriber: self.rt.cfg.name.clone(),
+                    tp: q.msg.topic_partition().clone(),
+                    offset: q.offset,
+                    settle: Settle::Ack,
+                    by: SettledBy::Receipt,
+                });
+            }
+            settled += end - start;
+            part.ack_first_ahead = end;
+        }
+        if settled > 0 {
+            self.note_settles(settled, true);
+        }
+    }
+}
+
+/// The attempts a record from the retry topic has already had.
+pub(super) fn header_attempts(record: &Record) -> u32 {
+    record
+        .headers
+        .get_str(headers::ATTEMPTS)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Admits `rec`, the `index`-th record of its arrival, for a handler: counts the attempt (continuing the
+/// retry topic's count for records read from it) and wires its handle's settles back to this engine.
+pub(super) fn admit(rt: &SubscriberRuntime, sink: &Arc<SettleSink>, rec: &mut Record, index: usize) -> Slot {
+    let pre = (rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
+    let base = if rt.cfg.retry_consumer { header_attempts(rec) } else { 0 };
+    rec.attempts += 1;
+    Slot::new(index, base + rec.attempts, sink.clone(), pre)
+}

@@ -1,0 +1,220 @@
+//! Settling: a call's verdict and code's settles taking effect on offsets, redelivery of nacks.
+
+use super::*;
+
+pub(super) const REDELIVERY_FLOOR: Duration = Duration::from_millis(10);
+/// Wait before a message whose dead-letter publish failed comes back.
+pub(super) const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
+/// Wait before retrying a failed commit.
+
+impl<T: ConsumerTransport> Engine<T> {
+    // ---- settles -------------------------------------------------------------------------------------
+
+    /// A handler call ended. Settles made by code (of its messages or of others it holds) are applied
+    /// first, then the policy's settle for its outcome, then its in-flight slots are freed.
+    pub(super) fn on_completed(&mut self, done: Completion) {
+        // Code may have settled any message it holds a handle of, not only this call's: every settle waiting
+        // in the channel is applied before this call's slots are freed. Under `AckFirst` code settles
+        // nothing (every message is settled on receipt), so nothing can be waiting.
+        if self.policy() != AckPolicy::AckFirst {
+            while let Ok(ev) = self.events_rx.try_recv() {
+                self.on_engine_event(ev);
+            }
+        }
+        let (messages, result) = match &done {
+            Completion::One(m, r) => (std::slice::from_ref(m), r),
+            Completion::Batch(v, r) => (&v[..], r),
+        };
+        let verdict = Verdict::of(&self.rt, messages, result);
+        for msg in messages {
+            self.rt.counters.handled(verdict.label);
+            self.rt.observe(|| Event::Handled {
+                subscriber: self.rt.cfg.name.clone(),
+                tp: msg.topic_partition().clone(),
+                offset: msg.offset(),
+                payload: String::from_utf8_lossy(msg.payload()).into_owned(),
+                outcome: verdict.outcome.clone(),
+            });
+            if let Some((s, by)) = verdict.settle
+                && msg.claim(s).is_ok()
+            {
+                let settled = Settled {
+                    generation: msg.generation(),
+                    offset: msg.offset(),
+                    settle: s,
+                    by,
+                };
+                self.apply_settle(
+                    msg.topic_partition(),
+                    settled,
+                    msg.record_for(s),
+                    verdict.reason.clone(),
+                );
+            }
+        }
+        match &done {
+            Completion::One(m, _) => {
+                if let Some(part) = self
+                    .parts
+                    .get_mut(m.topic_partition())
+                    .filter(|p| p.generation == m.generation())
+                    && let Some(i) = part.in_flight.iter().position(|(o, _)| *o == m.offset())
+                {
+                    part.in_flight.swap_remove(i);
+                }
+            }
+            // One batch runs at a time: its end frees every slot of the partitions it came from.
+            Completion::Batch(v, _) => {
+                let mut freed: Vec<(&TopicPartition, u64)> = Vec::new();
+                for m in v {
+                    let from = (m.topic_partition(), m.generation());
+                    if freed.contains(&from) {
+                        continue;
+                    }
+                    freed.push(from);
+                    if let Some(part) = self.parts.get_mut(from.0).filter(|p| p.generation == from.1) {
+                        part.in_flight.clear();
+                    }
+                }
+            }
+        }
+    }
+
+    /// A settle takes effect on the offsets (SPEC 3.1-3.3): acks complete, nacks re-queue, rejects complete
+    /// or go to the dead-letter topic first.
+    pub(super) fn on_settled(&mut self, ev: SettleEvent) {
+        let SettleEvent {
+            tp,
+            generation,
+            offset,
+            settle,
+            by,
+            record,
+            reason,
+        } = ev;
+        let settled = Settled {
+            generation,
+            offset,
+            settle,
+            by,
+        };
+        self.apply_settle(&tp, settled, record, reason);
+    }
+
+    /// Applies a settle of the message at `offset` of `tp`, delivered in assignment `generation`.
+    pub(super) fn apply_settle(
+        &mut self,
+        tp: &TopicPartition,
+        settled: Settled,
+        record: Option<Box<Record>>,
+        reason: Option<String>,
+    ) {
+        let Settled {
+            generation,
+            offset,
+            settle,
+            by,
+        } = settled;
+        self.rt.counters.settled(settle);
+        self.rt.observe(|| Event::Settled {
+            subscriber: self.rt.cfg.name.clone(),
+            tp: tp.clone(),
+            offset,
+            settle,
+            by,
+        });
+        if self.parts.get(tp).is_none_or(|p| p.generation != generation) {
+            tracing::debug!(subscriber = %self.rt.cfg.name, %tp, offset, "settle of a revoked assignment ignored");
+            return;
+        }
+        let non_blocking = self.rt.cfg.retry_topic.is_some() && by == SettledBy::Policy;
+        match (settle, record, &self.rt.cfg.dead_letter) {
+            (Settle::Reject, Some(record), Some(_)) => self.forward(generation, *record, reason, Forward::DeadLetter),
+            (Settle::Ack | Settle::Reject, _, _) => self.complete(tp, offset),
+            (Settle::Nack { delay }, Some(record), _) if non_blocking => {
+                let delay = delay.unwrap_or_default();
+                self.forward(generation, *record, reason, Forward::Retry { delay })
+            }
+            (Settle::Nack { delay }, Some(record), _) => self.redeliver(*record, delay),
+            (Settle::Nack { .. }, None, _) => {}
+        }
+    }
+
+    pub(super) fn on_engine_event(&mut self, ev: EngineEvent) {
+        match ev {
+            EngineEvent::Settled(ev) => self.on_settled(ev),
+            EngineEvent::Forwarded {
+                tp,
+                generation,
+                offset,
+                record,
+                to,
+                result,
+            } => {
+                let Some(part) = self.parts.get_mut(&tp).filter(|p| p.generation == generation) else {
+                    return; // revoked meanwhile: the offset stayed uncommitted, the next owner retries
+                };
+                part.dead_lettering.remove(&offset);
+                part.retrying.remove(&offset);
+                match result {
+                    Ok(()) => {
+                        let subscriber = self.rt.cfg.name.clone();
+                        self.rt.observe(|| match to {
+                            Forward::DeadLetter => Event::DeadLettered {
+                                subscriber,
+                                tp: tp.clone(),
+                                offset,
+                            },
+                            Forward::Retry { delay } => Event::RetryScheduled {
+                                subscriber,
+                                tp: tp.clone(),
+                                offset,
+                                delay,
+                            },
+                        });
+                        self.complete(&tp, offset);
+                    }
+                    Err(e) => {
+                        tracing::error!(subscriber = %self.rt.cfg.name, %tp, offset, error = %e,
+                            "dead-letter or retry publish failed; the message stays unsettled and comes back");
+                        self.redeliver(*record, Some(DEAD_LETTER_RETRY));
+                    }
+                }
+            }
+        }
+    }
+
+    /// An ack, or a reject that needs no (more) dead-lettering: the offset counts as settled.
+    pub(super) fn complete(&mut self, tp: &TopicPartition, offset: i64) {
+        if let Some(p) = self.tracker.partition(tp) {
+            p.settle(offset);
+        }
+        self.note_settles(1, false);
+    }
+
+    /// SPEC 3.2: nothing at or after the nacked offset is committed until it is settled (the tracker keeps
+    /// it unsettled); it is delivered again from the queue, before the later records of its lane.
+    pub(super) fn redeliver(&mut self, mut record: Record, delay: Option<Duration>) {
+        let Some(part) = self.parts.get_mut(&record.tp) else {
+            return;
+        };
+        let at = part.queue.partition_point(|q| q.offset < record.offset);
+        if part.queue.get(at).is_none_or(|q| q.offset != record.offset) {
+            let slot = admit(&self.rt, &part.sink, &mut record, 0);
+            part.queue.insert(at, Queued::of(Arrival::single(record, slot)));
+        }
+        // A floor on every redelivery: no configuration can make a failing message loop hot (SPEC 3.12).
+        let until = Instant::now() + delay.unwrap_or_default().max(REDELIVERY_FLOOR);
+        part.hold_until = Some(part.hold_until.map_or(until, |h| h.max(until)));
+    }
+
+    pub(super) fn on_tick(&mut self) {
+        let now = Instant::now();
+        for part in self.parts.values_mut() {
+            if part.hold_until.is_some_and(|h| h <= now) {
+                part.hold_until = None;
+            }
+        }
+        // A due commit is started by `maybe_commit` right after this.
+    }
+}

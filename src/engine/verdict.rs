@@ -1,0 +1,73 @@
+//! The verdict: what a handler call's outcome means under the policy and the retry budget.
+
+use super::*;
+
+/// What a handler call's outcome means: how it is recorded and how the policy settles its messages.
+pub(super) struct Verdict {
+    pub(super) outcome: Outcome,
+    /// The failure kind, for the counters.
+    pub(super) label: Option<&'static str>,
+    pub(super) settle: Option<(Settle, SettledBy)>,
+    pub(super) reason: Option<String>,
+}
+
+impl Verdict {
+    /// Reads the outcome (logging a failure) and applies the policy and the retry budget to it.
+    pub(super) fn of(rt: &SubscriberRuntime, messages: &[Message], result: &Result<(), Error>) -> Self {
+        let cfg = &rt.cfg;
+        let outcome = match result {
+            Ok(()) => Outcome::Ok,
+            Err(e) => match e.interrupt() {
+                Some(s) => Outcome::Interrupted(s),
+                None => Outcome::Failed {
+                    kind: e.label(),
+                    message: e.to_string(),
+                },
+            },
+        };
+        let label = match &outcome {
+            Outcome::Failed { kind, .. } => Some(*kind),
+            _ => None,
+        };
+        if let (Err(e), Some(_), Some(first)) = (result, label, messages.first()) {
+            tracing::error!(
+                subscriber = %cfg.name, topic = first.topic(), partition = first.partition(), offset = first.offset(),
+                attempt = first.attempt(), batch = messages.len(), kind = e.label(), error = %e, "handler failed"
+            );
+        }
+        let (settle, reason) = match &outcome {
+            Outcome::Interrupted(s) => (
+                Some((*s, SettledBy::Interrupt)),
+                (*s == Settle::Reject).then(|| "rejected with RejectMessage".to_owned()),
+            ),
+            Outcome::Ok => (cfg.policy.after_handler(true).map(|s| (s, SettledBy::Policy)), None),
+            Outcome::Failed { kind, message } => {
+                let settle = match &cfg.retry {
+                    // SPEC 3.12: with a retry budget, a failure is retried after a backoff until the budget
+                    // is spent or the failure cannot succeed; then the message is rejected.
+                    Some(retry) => {
+                        let attempt = messages.iter().map(Message::attempt).max().unwrap_or(1);
+                        Some(if retry.retries(kind) && attempt < retry.max_attempts {
+                            Settle::Nack {
+                                delay: Some(retry.delay(attempt)),
+                            }
+                        } else {
+                            Settle::Reject
+                        })
+                    }
+                    None => cfg.policy.after_handler(false),
+                };
+                (
+                    settle.map(|s| (s, SettledBy::Policy)),
+                    Some(format!("{kind} error: {message}")),
+                )
+            }
+        };
+        Verdict {
+            outcome,
+            label,
+            settle,
+            reason,
+        }
+    }
+}
