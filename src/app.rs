@@ -62,12 +62,12 @@ impl App {
                 Some(topic) => Some(self.retry_consumer(&cfg, topic).await?),
                 None => None,
             };
-            let (task, r) = self.broker.start_subscriber(cfg, &spec, rx.clone())?;
+            let (task, r) = self.broker.start_subscriber(cfg, &spec, rx.clone()).await?;
             tasks.push(task);
             ready.push((name, r));
             if let Some(rc) = retry_consumer {
                 let name = rc.name.clone();
-                let (task, r) = self.broker.start_subscriber(rc, &spec, rx.clone())?;
+                let (task, r) = self.broker.start_subscriber(rc, &spec, rx.clone()).await?;
                 tasks.push(task);
                 ready.push((name, r));
             }
@@ -97,9 +97,9 @@ impl App {
     /// subscriber that consumes it.
     async fn retry_consumer(
         &self,
-        cfg: &crate::subscriber::ResolvedSubscriber,
+        cfg: &crate::config::ResolvedSubscriber,
         topic: &str,
-    ) -> Result<crate::subscriber::ResolvedSubscriber, StartError> {
+    ) -> Result<crate::config::ResolvedSubscriber, StartError> {
         let partitions = self.broker.end_offsets(&cfg.topic).await.map_or(1, |m| m.len().max(1));
         self.broker.create_topic(topic, partitions as i32).await?;
         let mut rc = cfg.clone();

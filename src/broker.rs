@@ -1,34 +1,31 @@
 //! The broker handle: chosen by URL, it declares subscribers, publishes, and answers admin questions.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::engine::{Engine, SubscriberRuntime};
+use crate::brokers::{self, Backend, LogAdmin};
+use crate::config::ResolvedSubscriber;
+use crate::engine::{Launch, SubscriberRuntime};
 use crate::error::{BrokerError, ConfigError, StartError};
 use crate::extract::StateMap;
 use crate::handler::IntoPayload;
-use crate::memory::MemoryBroker;
+use crate::hooks::{Hook, Hooks};
 use crate::metrics::Metrics;
 use crate::observe::Observer;
-use crate::publish::{Outgoing, Publish, PublishAck};
-use crate::subscriber::{ResolvedSubscriber, SubscriberBuilder, SubscriberSpec};
-
-#[derive(Clone)]
-pub(crate) enum Backend {
-    Memory(MemoryBroker),
-    #[cfg(feature = "kafka")]
-    Kafka(crate::kafka::KafkaBackend),
-}
+use crate::publish::Publish;
+use crate::subscriber::{SubscriberBuilder, SubscriberSpec};
+use crate::transport::{Outgoing, PublishAck};
 
 struct Inner {
     url: String,
-    backend: Backend,
+    backend: Arc<dyn Backend>,
     subscribers: Mutex<Vec<SubscriberSpec>>,
     state: Mutex<StateMap>,
-    observer: std::sync::OnceLock<Observer>,
+    observer: Arc<OnceLock<Observer>>,
+    hooks: Mutex<Vec<Arc<dyn Hook>>>,
     default_retry: Mutex<Option<crate::RetryPolicy>>,
     metrics: Metrics,
 }
@@ -61,51 +58,10 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    /// Connects to the broker named by `url` (connections are made lazily).
+    /// Connects to the broker named by `url` (connections are made lazily). The scheme chooses the
+    /// broker: `memory://`, `kafka://` (feature `kafka`), `amqp://` (feature `amqp`).
     pub fn new(url: &str) -> Result<Self, ConfigError> {
-        let invalid = |reason: &str| ConfigError::InvalidUrl {
-            url: url.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let backend = if let Some(rest) = url.strip_prefix("memory://") {
-            let mut partitions = 1;
-            if let Some(query) = rest.strip_prefix('?') {
-                for kv in query.split('&') {
-                    match kv.split_once('=') {
-                        Some(("partitions", n)) => {
-                            partitions = n
-                                .parse::<i32>()
-                                .ok()
-                                .filter(|n| *n > 0)
-                                .ok_or_else(|| invalid("`partitions` must be a positive integer"))?;
-                        }
-                        _ => return Err(invalid("the only memory:// option is `partitions=N`")),
-                    }
-                }
-            } else if !rest.is_empty() {
-                return Err(invalid("write `memory://` or `memory://?partitions=N`"));
-            }
-            Backend::Memory(MemoryBroker::new(partitions))
-        } else if let Some(rest) = url.strip_prefix("kafka://") {
-            Self::kafka_backend(url, rest)?
-        } else {
-            return Err(invalid("the scheme must be `memory://` or `kafka://`"));
-        };
-        Ok(Self::with_backend(url, backend))
-    }
-
-    #[cfg(feature = "kafka")]
-    fn kafka_backend(url: &str, rest: &str) -> Result<Backend, ConfigError> {
-        let config = crate::kafka::KafkaConfig::from_url(url, rest)?;
-        Ok(Backend::Kafka(crate::kafka::KafkaBackend::new(config)?))
-    }
-
-    #[cfg(not(feature = "kafka"))]
-    fn kafka_backend(url: &str, _rest: &str) -> Result<Backend, ConfigError> {
-        Err(ConfigError::InvalidUrl {
-            url: url.to_owned(),
-            reason: "this build has no Kafka support: enable the `kafka` feature of ferrostream".to_owned(),
-        })
+        Ok(Self::with_backend(url, brokers::open(url)?))
     }
 
     /// Connects to Kafka with explicit client settings (security, SASL, timeouts...).
@@ -123,18 +79,19 @@ impl Broker {
         let url = format!("kafka://{}", config.bootstrap_servers());
         Ok(Self::with_backend(
             &url,
-            Backend::Kafka(crate::kafka::KafkaBackend::new(config)?),
+            Arc::new(crate::kafka::KafkaBackend::new(config)?),
         ))
     }
 
-    fn with_backend(url: &str, backend: Backend) -> Self {
+    fn with_backend(url: &str, backend: Arc<dyn Backend>) -> Self {
         Broker {
             inner: Arc::new(Inner {
                 url: url.to_owned(),
                 backend,
                 subscribers: Mutex::new(Vec::new()),
                 state: Mutex::new(StateMap::default()),
-                observer: std::sync::OnceLock::new(),
+                observer: Arc::new(OnceLock::new()),
+                hooks: Mutex::new(Vec::new()),
                 default_retry: Mutex::new(None),
                 metrics: Metrics::default(),
             }),
@@ -199,8 +156,18 @@ impl Broker {
         self.inner.observer.get_or_init(Observer::default).clone()
     }
 
-    pub(crate) fn observer_if_any(&self) -> Option<&Observer> {
-        self.inner.observer.get()
+    /// Adds a hook that sees every event of this broker's subscribers started from now on (see
+    /// [`hooks`](crate::hooks)).
+    pub fn with_hook(self, hook: impl Hook) -> Self {
+        lock(&self.inner.hooks).push(Arc::new(hook));
+        self
+    }
+
+    fn log_admin(&self, op: &'static str) -> Result<&dyn LogAdmin, BrokerError> {
+        self.inner.backend.log_admin().ok_or_else(|| BrokerError::Unsupported {
+            op,
+            url: self.inner.url.clone(),
+        })
     }
 
     /// The counters of this broker's subscribers.
@@ -209,38 +176,35 @@ impl Broker {
     }
 
     /// Creates a topic with this many partitions (or grows an in-memory one); existing topics are kept.
+    /// On RabbitMQ it declares a durable classic queue of that name (one partition only).
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), BrokerError> {
-        match &self.inner.backend {
-            Backend::Memory(m) => m.create_topic(topic, partitions),
-            #[cfg(feature = "kafka")]
-            Backend::Kafka(k) => k.create_topic(topic, partitions).await,
+        self.inner.backend.declare_topic(topic, partitions).await
+    }
+
+    /// How many messages wait in a queue (RabbitMQ; ready ones, not those delivered and unacked). Log
+    /// brokers answer [`BrokerError::Unsupported`]: ask [`committed_offsets`](Self::committed_offsets).
+    pub async fn queue_depth(&self, queue: &str) -> Result<u64, BrokerError> {
+        match self.inner.backend.queue_depth(queue) {
+            Some(depth) => depth.await,
+            None => Err(BrokerError::Unsupported {
+                op: "queue_depth",
+                url: self.inner.url.clone(),
+            }),
         }
     }
 
     /// The offsets a consumer group has committed for a topic, by partition.
     pub async fn committed_offsets(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>, BrokerError> {
-        match &self.inner.backend {
-            Backend::Memory(m) => Ok(m.committed(group, topic)),
-            #[cfg(feature = "kafka")]
-            Backend::Kafka(k) => k.committed(group, topic).await,
-        }
+        self.log_admin("committed_offsets")?.committed(group, topic).await
     }
 
     /// The next offset to be written in each partition of a topic (the high watermarks).
     pub async fn end_offsets(&self, topic: &str) -> Result<BTreeMap<i32, i64>, BrokerError> {
-        match &self.inner.backend {
-            Backend::Memory(m) => Ok(m.end_offsets(topic)),
-            #[cfg(feature = "kafka")]
-            Backend::Kafka(k) => k.end_offsets(topic).await,
-        }
+        self.log_admin("end_offsets")?.end_offsets(topic).await
     }
 
     pub(crate) async fn send(&self, out: Outgoing) -> Result<PublishAck, BrokerError> {
-        match &self.inner.backend {
-            Backend::Memory(m) => m.send(out),
-            #[cfg(feature = "kafka")]
-            Backend::Kafka(k) => k.send(out).await,
-        }
+        self.inner.backend.send(out).await
     }
 
     pub(crate) fn register(&self, spec: SubscriberSpec) {
@@ -253,6 +217,7 @@ impl Broker {
     pub(crate) fn take_subscribers(&self) -> Result<Vec<(ResolvedSubscriber, SubscriberSpec)>, ConfigError> {
         let specs = std::mem::take(&mut *lock(&self.inner.subscribers));
         let default_retry = *lock(&self.inner.default_retry);
+        let backend = &self.inner.backend;
         specs
             .into_iter()
             .map(|mut s| {
@@ -260,13 +225,15 @@ impl Broker {
                 if s.config.retry.is_none() && s.config.policy() != crate::AckPolicy::AckFirst {
                     s.config.retry = default_retry;
                 }
-                Ok((s.config.resolve()?, s))
+                let cfg = s.config.resolve(backend.has_groups())?;
+                backend.check(&cfg)?;
+                Ok((cfg, s))
             })
             .collect()
     }
 
     /// Starts one subscriber's engine; the receiver fires on its first assignment.
-    pub(crate) fn start_subscriber(
+    pub(crate) async fn start_subscriber(
         &self,
         cfg: ResolvedSubscriber,
         spec: &SubscriberSpec,
@@ -277,26 +244,11 @@ impl Broker {
             cfg,
             handler: spec.handler.clone(),
             state: lock(&self.inner.state).clone(),
-            broker: self.clone(),
+            publisher: self.inner.backend.clone(),
+            hooks: Hooks::new(lock(&self.inner.hooks).clone(), self.inner.observer.clone()),
         });
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let task = match &self.inner.backend {
-            Backend::Memory(m) => {
-                let cfg = &rt.cfg;
-                let consumer = m.join(
-                    cfg.group_id.as_deref(),
-                    &cfg.topic,
-                    cfg.auto_offset_reset,
-                    cfg.drain_timeout,
-                );
-                tokio::spawn(Engine::new(consumer, rt, shutdown, ready_tx).run())
-            }
-            #[cfg(feature = "kafka")]
-            Backend::Kafka(k) => {
-                let consumer = k.consumer(&rt.cfg)?;
-                tokio::spawn(Engine::new(consumer, rt, shutdown, ready_tx).run())
-            }
-        };
+        let (ready, ready_rx) = oneshot::channel();
+        let task = self.inner.backend.start(Launch { rt, shutdown, ready }).await?;
         Ok((task, ready_rx))
     }
 }

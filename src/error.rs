@@ -358,6 +358,26 @@ pub enum BrokerError {
     /// The broker handle was shut down.
     #[error("the broker connection is closed")]
     Closed,
+    /// The broker could not route a published record to any queue (RabbitMQ's `basic.return`).
+    #[error(
+        "no queue is bound to exchange `{exchange}` with routing key `{routing_key}` ({reason}); declare the queue (a subscriber does at start) or fix the exchange or topic"
+    )]
+    Unroutable {
+        /// The exchange (empty: the default exchange).
+        exchange: String,
+        /// The routing key (the topic).
+        routing_key: String,
+        /// The broker's reply text.
+        reason: String,
+    },
+    /// This broker has no such operation (a RabbitMQ broker has no partitioned topics or committed offsets).
+    #[error("`{op}` is not supported by the broker at `{url}`")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
+        /// The broker's URL.
+        url: String,
+    },
 }
 
 /// Why an [`App`](crate::App) could not start.

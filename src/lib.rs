@@ -44,22 +44,28 @@ pub struct ReadmeDoctests;
 
 mod app;
 mod broker;
+mod brokers;
+mod config;
 mod engine;
 mod error;
 pub mod extract;
 mod handler;
-#[cfg(feature = "kafka")]
-pub mod kafka;
-mod memory;
+pub mod hooks;
+mod log;
 mod message;
 mod metrics;
 pub mod observe;
-pub mod offset;
 mod publish;
 pub mod retry;
 mod settle;
 mod subscriber;
 mod transport;
+
+#[cfg(feature = "amqp")]
+pub use brokers::amqp;
+#[cfg(feature = "kafka")]
+pub use brokers::kafka;
+pub use log::offset;
 
 pub use app::{App, RunningApp, ShutdownHandle};
 pub use broker::Broker;
@@ -69,7 +75,7 @@ pub use error::{
 };
 pub use extract::{Attempt, Batch, Json, Key, State};
 pub use handler::{Handler, HandlerReturn, IntoPayload};
-pub use message::{CORRELATION_ID, Headers, Message, SettledBy};
+pub use message::{CORRELATION_ID, Headers, Message, REPLY_TO, SettledBy};
 pub use metrics::{Metrics, SubscriberMetrics};
 pub use observe::{Event, Observer, Outcome};
 pub use offset::TopicPartition;

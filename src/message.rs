@@ -5,12 +5,14 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::engine::EngineEvent;
 use crate::offset::TopicPartition;
 use crate::settle::{Settle, SettleOutcome};
 
-/// Name of the header that carries a correlation id.
+/// Name of the header that carries a correlation id (on RabbitMQ also the `correlation_id` property).
 pub const CORRELATION_ID: &str = "correlation_id";
+
+/// Name of the header that says where a reply goes (on RabbitMQ also the `reply_to` property).
+pub const REPLY_TO: &str = "reply_to";
 
 /// Message headers, in the order they were sent. Names may repeat.
 ///
@@ -75,6 +77,9 @@ pub(crate) struct Record {
     pub(crate) headers: Headers,
     /// Milliseconds since the Unix epoch.
     pub(crate) timestamp: Option<i64>,
+    /// Deliveries of this record before this one that the broker counted (a quorum queue's delivery
+    /// count); 0 where the broker keeps no count (a log: the engine counts its own redeliveries).
+    pub(crate) prior_attempts: u32,
     /// Handler calls this record has had in this assignment (the engine counts them; the record carries
     /// the count through nacks and re-queues).
     pub(crate) attempts: u32,
@@ -98,7 +103,7 @@ pub(crate) struct SettleEvent {
 /// partition. Shared by all the messages of that assignment (one reference count per message, not three).
 #[derive(Debug)]
 pub(crate) struct SettleSink {
-    pub(crate) events: mpsc::UnboundedSender<EngineEvent>,
+    pub(crate) events: mpsc::UnboundedSender<SettleEvent>,
     pub(crate) generation: u64,
     pub(crate) subscriber: Arc<str>,
 }
@@ -271,7 +276,7 @@ impl Message {
         };
         // The engine may be gone (shutdown past its deadline); the settle then has no effect on commits,
         // which is the documented at-least-once outcome.
-        let _ = self.slot().sink.events.send(EngineEvent::Settled(event));
+        let _ = self.slot().sink.events.send(event);
         SettleOutcome::Settled(settle)
     }
 
@@ -337,6 +342,10 @@ impl Message {
     /// Its timestamp, in milliseconds since the Unix epoch.
     pub fn timestamp(&self) -> Option<i64> {
         self.record().timestamp
+    }
+    /// Its reply-to header: where a reply should go.
+    pub fn reply_to(&self) -> Option<&str> {
+        self.record().headers.get_str(REPLY_TO)
     }
     /// Its correlation id header.
     pub fn correlation_id(&self) -> Option<&str> {

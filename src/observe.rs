@@ -10,25 +10,12 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::hooks::{Hook, HookEvent};
 use crate::message::SettledBy;
 use crate::offset::TopicPartition;
 use crate::settle::Settle;
 
-/// How a handler call ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// It returned successfully.
-    Ok,
-    /// It returned an interrupt (`AckMessage`, `NackMessage`, `RejectMessage`).
-    Interrupted(Settle),
-    /// It failed: `kind` is `handler`, `decode` or `panic`; `message` the error's text.
-    Failed {
-        /// Error kind label.
-        kind: &'static str,
-        /// The error, as displayed.
-        message: String,
-    },
-}
+pub use crate::hooks::Outcome;
 
 /// Something the framework did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,8 +175,80 @@ pub struct Observer {
     log: Arc<Log>,
 }
 
+impl Hook for Observer {
+    fn on_event(&self, event: &HookEvent<'_>) {
+        let event = match *event {
+            HookEvent::Assigned { subscriber, sources } => Event::Assigned {
+                subscriber: subscriber.clone(),
+                partitions: sources.to_vec(),
+            },
+            HookEvent::Revoked { subscriber, sources } => Event::Revoked {
+                subscriber: subscriber.clone(),
+                partitions: sources.to_vec(),
+            },
+            HookEvent::Handled {
+                subscriber,
+                message,
+                outcome,
+            } => Event::Handled {
+                subscriber: subscriber.clone(),
+                tp: message.topic_partition().clone(),
+                offset: message.offset(),
+                payload: String::from_utf8_lossy(message.payload()).into_owned(),
+                outcome: outcome.clone(),
+            },
+            HookEvent::Settled {
+                subscriber,
+                tp,
+                offset,
+                settle,
+                by,
+            } => Event::Settled {
+                subscriber: subscriber.clone(),
+                tp: tp.clone(),
+                offset,
+                settle,
+                by,
+            },
+            HookEvent::DeadLettered { subscriber, tp, offset } => Event::DeadLettered {
+                subscriber: subscriber.clone(),
+                tp: tp.clone(),
+                offset,
+            },
+            HookEvent::RetryScheduled {
+                subscriber,
+                tp,
+                offset,
+                delay,
+            } => Event::RetryScheduled {
+                subscriber: subscriber.clone(),
+                tp: tp.clone(),
+                offset,
+                delay,
+            },
+            HookEvent::FlowControl {
+                subscriber,
+                tp,
+                paused,
+                buffered,
+            } => Event::FlowControl {
+                subscriber: subscriber.clone(),
+                tp: tp.clone(),
+                paused,
+                buffered,
+            },
+            HookEvent::Committed { subscriber, tp, offset } => Event::Committed {
+                subscriber: subscriber.clone(),
+                tp: tp.clone(),
+                offset,
+            },
+        };
+        self.record(event);
+    }
+}
+
 impl Observer {
-    pub(crate) fn record(&self, event: Event) {
+    fn record(&self, event: Event) {
         self.lock().push(event);
         self.log.changed.notify_waiters();
     }

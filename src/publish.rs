@@ -9,42 +9,9 @@ use bytes::Bytes;
 use crate::broker::Broker;
 use crate::error::{BrokerError, Error};
 use crate::handler::IntoPayload;
-use crate::message::{CORRELATION_ID, Headers};
-
-/// A record to publish.
-#[derive(Debug, Clone)]
-pub(crate) struct Outgoing {
-    pub(crate) topic: String,
-    pub(crate) partition: Option<i32>,
-    pub(crate) key: Option<Bytes>,
-    pub(crate) payload: Bytes,
-    pub(crate) headers: Headers,
-    pub(crate) timestamp: Option<i64>,
-}
-
-impl Outgoing {
-    pub(crate) fn new(topic: String, payload: Bytes) -> Self {
-        Outgoing {
-            topic,
-            partition: None,
-            key: None,
-            payload,
-            headers: Headers::new(),
-            timestamp: None,
-        }
-    }
-}
-
-/// Where the broker stored a published record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublishAck {
-    /// The topic.
-    pub topic: String,
-    /// The partition it landed in.
-    pub partition: i32,
-    /// Its offset there.
-    pub offset: i64,
-}
+use crate::message::{CORRELATION_ID, REPLY_TO};
+use crate::transport::Outgoing;
+pub use crate::transport::PublishAck;
 
 /// A publish being built; `.await` it to send.
 ///
@@ -95,6 +62,20 @@ impl Publish {
     /// Sets the timestamp (milliseconds since the Unix epoch; default: now).
     pub fn timestamp(self, millis: i64) -> Self {
         self.edit(|r| r.timestamp = Some(millis))
+    }
+
+    /// RabbitMQ: publishes to this exchange, with the topic as routing key (without it, to the default
+    /// exchange, which routes to the queue the topic names). Log brokers refuse it with
+    /// [`BrokerError::Unsupported`].
+    pub fn exchange(self, exchange: impl Into<String>) -> Self {
+        let exchange = exchange.into();
+        self.edit(|r| r.exchange = Some(exchange))
+    }
+
+    /// Sets the reply-to header: where a reply to this message should go.
+    pub fn reply_to(self, topic: impl Into<String>) -> Self {
+        let topic = topic.into();
+        self.edit(|r| r.headers.set(REPLY_TO, topic.into_bytes()))
     }
 
     /// Sets the correlation id header.

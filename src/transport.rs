@@ -1,53 +1,173 @@
-//! The contract between the broker-agnostic engine and one broker's consumer.
+//! The contract between the broker-agnostic engine and one broker: a consumer [`Transport`] that delivers
+//! records and realises settles, and a [`Publisher`] that sends records.
 //!
-//! A backend implements [`ConsumerTransport`]; the engine ([`crate::engine`]) drives it. The engine
-//! decides what is dispatched, settled and committed; the transport only moves records and offsets.
+//! The engine decides; the transport realises. Each record arrives from a *source* (a Kafka partition, an
+//! AMQP consumer's queue) with a *sequence* (a Kafka offset, an AMQP delivery tag): together they are the
+//! record's settle token. The engine tells the transport the one final decision for a token
+//! ([`Transport::settle`]) and the transport makes the broker do it: on a log (Kafka, the in-memory broker)
+//! the offset machinery of [`crate::log`] turns settles into watermark commits on a cadence; on RabbitMQ a
+//! settle is a `basic.ack` / `basic.nack` / `basic.reject` of that delivery, so one slow message never holds
+//! back the acks of later ones. [`Capabilities`] say what the broker does itself, so the engine never asks
+//! which broker it runs on.
 
 use std::future::Future;
+use std::time::Duration;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
+use tokio::time::Instant;
 
 use crate::error::BrokerError;
-use crate::message::Record;
-use crate::offset::TopicPartition;
+use crate::message::{Headers, Record};
+use crate::offset::{Delivery, TopicPartition};
+use crate::settle::Settle;
 
-/// Offsets to commit: the next offset to consume, per partition (Kafka's convention).
-pub(crate) type Commits = Vec<(TopicPartition, i64)>;
-
-/// Called once by the engine when it has drained revoked partitions, with the offsets to commit
-/// before the partitions are released.
-pub(crate) type RevokeReply = Box<dyn FnOnce(Commits) + Send>;
-
-/// What a consumer transport tells the engine.
-pub(crate) enum ConsumerEvent {
-    /// Records, in offset order per partition.
-    Records(Vec<Record>),
-    /// Partitions now owned, positioned at the committed offset (or the reset policy).
-    Assigned(Vec<TopicPartition>),
-    /// Partitions being taken away. Nothing more arrives for them; the engine drains them and calls
-    /// `reply` with the final offsets, which the transport commits before it releases the partitions.
-    Revoked {
-        partitions: Vec<TopicPartition>,
-        reply: RevokeReply,
-    },
+/// What a broker does itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Capabilities {
+    /// The broker delivers a nacked record again itself (AMQP `basic.nack(requeue)`), honouring a nack's
+    /// delay. Otherwise the engine keeps the record and delivers it again in process (a log cannot take
+    /// one record back without rewinding everything after it).
+    pub(crate) redelivers: bool,
+    /// A source's records are an ordered log with keys (Kafka partitions): records of one key never run
+    /// at once and start in order, and a record being retried or dead-lettered holds its source back.
+    /// Otherwise every record is its own lane (a queue keeps no order across redeliveries anyway).
+    pub(crate) ordered: bool,
 }
 
-/// One consumer-group member of one subscriber, as a broker backend provides it.
-pub(crate) trait ConsumerTransport: Send + 'static {
-    /// The next event. Must be cancel-safe: the engine drops this future whenever another event wins.
-    /// `None` means the transport has failed for good or was closed.
-    fn next(&mut self) -> impl Future<Output = Option<ConsumerEvent>> + Send;
+/// Whether settles are waiting for the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pending {
+    /// Everything settled has reached the broker.
+    None,
+    /// Settles are waiting to be sent (on a cadence).
+    Due,
+    /// Settles are on their way and not confirmed yet.
+    InFlight,
+}
 
-    /// Stops fetching a partition (records already fetched may still arrive).
-    fn pause(&mut self, tp: &TopicPartition);
+/// What a transport tells the engine.
+pub(crate) enum TransportEvent<R> {
+    /// Records, in sequence order per source.
+    Records(Vec<Record>),
+    /// Sources now owned (Kafka partitions assigned, positioned at the committed offset; a queue consumed).
+    Assigned(Vec<TopicPartition>),
+    /// Sources being taken away. Nothing more arrives from them; the engine drains them and then hands
+    /// `release` back through [`Transport::release`].
+    Revoked { sources: Vec<TopicPartition>, release: R },
+    /// Settles reached the broker (a commit was confirmed): what waited for them may go on.
+    Settled,
+}
 
-    /// Fetches a paused partition again.
-    fn resume(&mut self, tp: &TopicPartition);
+/// One consumer of one subscriber, as a broker backend provides it.
+pub(crate) trait Transport: Send + 'static {
+    /// What a revocation hands back once the engine has drained the revoked sources.
+    type Release: Send + 'static;
 
-    /// Commits offsets; the future resolves when the broker has acknowledged them. The engine keeps at
-    /// most one commit in flight per consumer, so commits land in order.
-    fn commit(&mut self, commits: Commits) -> BoxFuture<'static, Result<(), BrokerError>>;
+    /// What the broker does itself.
+    fn capabilities(&self) -> Capabilities;
 
-    /// Commits `final_commits` synchronously, then leaves the group and releases every resource.
-    fn close(self, final_commits: Commits) -> impl Future<Output = Result<(), BrokerError>> + Send;
+    /// The next event. Records only come when `intake` is true (the engine is not full and not draining);
+    /// settles in flight make progress either way. Must be cancel-safe: the engine drops this future
+    /// whenever another input wins. `None` means the transport has failed for good or was closed.
+    fn next(&mut self, intake: bool) -> impl Future<Output = Option<TransportEvent<Self::Release>>> + Send;
+
+    /// Records of `source` were received, in order: `each` learns, per sequence, whether the record is new
+    /// to this consumer. A log filters what it fetched again after a rewind; a queue's records are all new.
+    fn receive(&mut self, source: &TopicPartition, seqs: impl Iterator<Item = i64>, each: impl FnMut(Delivery));
+
+    /// The final decision about one record: ack or reject (a nack only when the broker redelivers).
+    fn settle(&mut self, source: &TopicPartition, seq: i64, settle: Settle);
+
+    /// Where the broker redelivers ([`Capabilities::redelivers`]): a nacked record goes back to the broker,
+    /// to be delivered again no earlier than `delay`.
+    fn nack(&mut self, record: Record, delay: Duration);
+
+    /// `AckFirst`: acks these received records before their handlers run, and asks the broker to confirm
+    /// at once.
+    fn settle_on_receipt(&mut self, source: &TopicPartition, seqs: impl Iterator<Item = i64>);
+
+    /// Records of `source` below this sequence have their receipt acks confirmed by the broker (`AckFirst`
+    /// dispatches nothing else: at most once means settled first).
+    fn confirmed(&self, source: &TopicPartition) -> Option<i64>;
+
+    /// Whether settles are waiting for the broker.
+    fn pending(&self) -> Pending;
+
+    /// When settles waiting on a cadence are due (the engine wakes then and calls [`flush`](Self::flush)).
+    fn due(&self) -> Option<Instant>;
+
+    /// Sends the settles that are due. Called by the engine after every step.
+    fn flush(&mut self);
+
+    /// Stops (`open == false`) or restarts taking records from a source.
+    fn flow(&mut self, source: &TopicPartition, open: bool);
+
+    /// The engine has drained revoked sources: makes what was settled of them final (held back from each
+    /// `holdback` sequence on: records settled on receipt that no handler saw), then lets them go.
+    fn release(
+        &mut self,
+        sources: &[TopicPartition],
+        holdback: &[(TopicPartition, i64)],
+        release: Self::Release,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// Makes every settle final (with `holdback` as in [`release`](Self::release)), then leaves and releases
+    /// every resource.
+    fn close(self, holdback: Vec<(TopicPartition, i64)>) -> impl Future<Output = Result<(), BrokerError>> + Send;
+}
+
+/// A record to publish.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    /// The topic; on RabbitMQ the routing key (the queue's name on the default exchange).
+    pub(crate) topic: String,
+    /// RabbitMQ: the exchange to publish to (None: the default exchange). Log brokers refuse one.
+    pub(crate) exchange: Option<String>,
+    pub(crate) partition: Option<i32>,
+    pub(crate) key: Option<Bytes>,
+    pub(crate) payload: Bytes,
+    pub(crate) headers: Headers,
+    pub(crate) timestamp: Option<i64>,
+}
+
+impl Outgoing {
+    pub(crate) fn new(topic: String, payload: Bytes) -> Self {
+        Outgoing {
+            topic,
+            exchange: None,
+            partition: None,
+            key: None,
+            payload,
+            headers: Headers::new(),
+            timestamp: None,
+        }
+    }
+}
+
+/// Where the broker stored a published record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishAck {
+    /// The topic (on RabbitMQ: the routing key).
+    pub topic: String,
+    /// The partition it landed in (0 on brokers without partitions).
+    pub partition: i32,
+    /// Its offset there (-1 on brokers that do not number records).
+    pub offset: i64,
+}
+
+/// A log broker's answer to a publish that names an exchange.
+pub(crate) fn no_exchanges(out: &Outgoing) -> Result<(), BrokerError> {
+    match &out.exchange {
+        Some(_) => Err(BrokerError::Unsupported {
+            op: "publish to an exchange",
+            url: "a log broker (exchanges are RabbitMQ's)".to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Sends records; resolves once the broker has acknowledged each one.
+pub(crate) trait Publisher: Send + Sync + 'static {
+    fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, BrokerError>>;
 }

@@ -1,6 +1,18 @@
 //! One handler call: the handler future (panics caught), then the publish of its result.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::Poll;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
 use super::*;
+use crate::error::Error;
+use crate::extract::Context;
+use crate::message::CORRELATION_ID;
+use crate::transport::Outgoing;
 
 /// A handler call that ended: its messages and what it returned.
 pub(crate) enum Completion {
@@ -113,7 +125,7 @@ pub(super) async fn publish_result(rt: Arc<SubscriberRuntime>, msg: Message, pay
         let mut out = Outgoing::new(topic.clone(), payload.clone());
         out.key = msg.key().cloned();
         out.headers.set(CORRELATION_ID, correlation.clone().into_bytes());
-        rt.broker.send(out).await.map_err(Error::handler)?;
+        rt.publisher.send(out).await.map_err(Error::handler)?;
     }
     Ok(())
 }

@@ -1,14 +1,25 @@
 //! Dispatch: which queued records start a handler call now (in-flight limit, key lanes, holds, batches), and flow control.
 
-use super::*;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
 
-impl<T: ConsumerTransport> Engine<T> {
+use bytes::Bytes;
+
+use super::*;
+use crate::config::BatchConfig;
+use crate::hooks::HookEvent;
+use crate::message::Record;
+use crate::retry::headers;
+use call::Messages;
+
+impl<T: Transport> Engine<T> {
     // ---- dispatch ----------------------------------------------------------------------------------
 
     /// Dispatches what every partition's rules allow. Returns true when the inline budget ran out with
     /// work left, so the loop comes back to it after looking at its other inputs.
     pub(super) fn dispatch_all(&mut self) -> bool {
-        if self.rt.cfg.commit_sync_each && (self.commit.is_some() || self.commit_due.is_some()) {
+        if self.sync_settle_pending() {
             return false; // the previous settle is not committed yet
         }
         if let Some(batch) = self.rt.cfg.batch {
@@ -30,11 +41,12 @@ impl<T: ConsumerTransport> Engine<T> {
     pub(super) fn dispatch_partition(&mut self, tp: &TopicPartition, now: Instant, mut budget: usize) -> usize {
         self.ack_first_advance(tp);
         let max = self.rt.cfg.max_in_flight;
-        let ack_first = self.policy() == AckPolicy::AckFirst && self.commits_enabled;
+        let ack_first = self.policy() == AckPolicy::AckFirst;
         // Only a finished commit moves it, and none finishes during this loop.
-        let confirmed = if ack_first { self.tracker.confirmed(tp) } else { None };
+        let confirmed = if ack_first { self.transport.confirmed(tp) } else { None };
+        let ordered = self.caps.ordered;
         while budget > 0 {
-            if self.rt.cfg.commit_sync_each && (self.commit.is_some() || self.commit_due.is_some()) {
+            if self.sync_settle_pending() {
                 break; // the previous settle is not committed yet
             }
             let Some(part) = self.parts.get_mut(tp) else {
@@ -43,7 +55,7 @@ impl<T: ConsumerTransport> Engine<T> {
             if part.in_flight.len() >= max || part.queue.is_empty() {
                 break;
             }
-            if part.hold_until.is_some_and(|h| h > now) || !part.dead_lettering.is_empty() {
+            if part.hold_until.is_some_and(|h| h > now) || (ordered && !part.dead_lettering.is_empty()) {
                 return budget; // retries are blocking: nothing passes a message being retried or dead-lettered
             }
             part.hold_until = None;
@@ -121,19 +133,18 @@ impl<T: ConsumerTransport> Engine<T> {
         let Some(part) = self.parts.get_mut(tp) else { return };
         self.rt.counters.buffered(part.queue.len());
         let paused = if !part.paused && buffered >= max {
-            self.transport.pause(tp);
             true
         } else if part.paused && buffered <= max / 4 {
-            self.transport.resume(tp);
             false
         } else {
             return;
         };
+        self.transport.flow(tp, !paused);
         part.paused = paused;
         tracing::debug!(subscriber = %self.rt.cfg.name, %tp, buffered, paused, "flow control");
-        self.rt.observe(|| Event::FlowControl {
-            subscriber: self.rt.cfg.name.clone(),
-            tp: tp.clone(),
+        self.rt.hooks.emit(|| HookEvent::FlowControl {
+            subscriber: &self.rt.cfg.name,
+            tp,
             paused,
             buffered,
         });
@@ -142,8 +153,8 @@ impl<T: ConsumerTransport> Engine<T> {
     /// Records of a partition waiting for a handler slot.
     pub(super) fn waiting(&self, tp: &TopicPartition) -> usize {
         let Some(part) = self.parts.get(tp) else { return 0 };
-        if self.policy() == AckPolicy::AckFirst && self.commits_enabled {
-            let confirmed = self.tracker.confirmed(tp);
+        if self.policy() == AckPolicy::AckFirst {
+            let confirmed = self.transport.confirmed(tp);
             part.queue.partition_point(|q| confirmed.is_some_and(|c| q.offset < c))
         } else {
             part.queue.len()
@@ -166,15 +177,15 @@ impl<T: ConsumerTransport> Engine<T> {
             self.ack_first_advance(tp);
         }
         let now = Instant::now();
-        let ack_first = self.policy() == AckPolicy::AckFirst && self.commits_enabled;
+        let ack_first = self.policy() == AckPolicy::AckFirst;
         // How many records of each partition may go now: held partitions none; under AckFirst only
         // those whose commit is confirmed.
         let mut ready: Vec<(TopicPartition, usize)> = Vec::new();
         for (tp, part) in &self.parts {
-            if part.hold_until.is_some_and(|h| h > now) || !part.dead_lettering.is_empty() {
+            if part.hold_until.is_some_and(|h| h > now) || (self.caps.ordered && !part.dead_lettering.is_empty()) {
                 continue;
             }
-            let confirmed = self.tracker.confirmed(tp);
+            let confirmed = self.transport.confirmed(tp);
             let n = if ack_first {
                 part.queue
                     .iter()

@@ -1,17 +1,13 @@
 //! Drain and shutdown: revoked partitions and the subscriber's end (SPEC 3.7, 3.8).
 
+use std::time::Duration;
+
 use super::*;
 
-/// How long a drain that ran out of time still waits for the commit in flight (well inside the poll
-/// thread's wait for a revoke's reply, which is the drain timeout plus 5 s).
-pub(super) const IN_FLIGHT_COMMIT_WAIT: Duration = Duration::from_secs(2);
-
-impl<T: ConsumerTransport> Engine<T> {
-    // ---- revoke and shutdown -----------------------------------------------------------------------
-
-    /// Stops dispatching `tps`, waits for their in-flight handlers up to the drain timeout, and returns
-    /// the final offsets to commit for them (SPEC 3.7).
-    pub(super) async fn drain(&mut self, tps: &[TopicPartition], timeout: Duration) -> Commits {
+impl<T: Transport> Engine<T> {
+    /// Stops dispatching `tps`, and waits for their in-flight handlers and for the settles in flight, up
+    /// to the drain timeout (SPEC 3.7). The transport then makes the settles final.
+    pub(super) async fn drain(&mut self, tps: &[TopicPartition], timeout: Duration) {
         // Unsettled queued records are simply not dispatched: they stay uncommitted and the next owner
         // (or the next run) gets them. Under AckFirst the records committed ahead are already settled:
         // dropping them would lose them without a crash, so they are still handled, up to the deadline.
@@ -35,7 +31,7 @@ impl<T: ConsumerTransport> Engine<T> {
                     }
                 }
             }
-            self.maybe_commit();
+            self.transport.flush();
             let busy = tps.iter().any(|tp| {
                 self.parts.get(tp).is_some_and(|p| {
                     !p.in_flight.is_empty()
@@ -44,24 +40,15 @@ impl<T: ConsumerTransport> Engine<T> {
                         || (ack_first && !p.queue.is_empty())
                 })
             });
-            if !busy && self.commit.is_none() {
+            if !busy && self.transport.pending() != Pending::InFlight {
                 break;
             }
             let timer = self.next_timer().map_or(deadline, |t| t.min(deadline));
-            let commit = &mut self.commit;
-            let rx = &mut self.events_rx;
-            let running = &mut self.running;
-            let step = tokio::select! {
-                biased;
-                ev = rx.recv() => match ev { Some(ev) => Step::Engine(ev), None => Step::Shutdown },
-                Some(c) = running.next(), if !running.is_empty() => Step::Completed(c),
-                r = async { commit.as_mut().map(|c| c.future.as_mut()).expect("guarded").await }, if commit.is_some() => Step::Committed(r),
-                _ = tokio::time::sleep_until(timer) => Step::Tick,
-            };
-            match step {
-                Step::Engine(ev) => self.on_engine_event(ev),
+            match self.next_input(Some(timer), false, false).await {
+                Step::Settle(ev) => self.on_settled(ev),
+                Step::Forwarded(f) => self.on_forwarded(f),
                 Step::Completed(c) => self.on_completed(c),
-                Step::Committed(r) => self.on_commit_done(r),
+                Step::Transport(Some(_)) => {} // settles reached the broker
                 _ if Instant::now() < deadline => self.on_tick(),
                 _ => {
                     let (running, queued) = tps
@@ -74,51 +61,35 @@ impl<T: ConsumerTransport> Engine<T> {
                 }
             }
         }
-        self.finish_commit_in_flight().await;
-        let mut commits = self.tracker.watermarks(tps);
-        if ack_first {
-            // Records whose commit-ahead was never confirmed and that no handler saw: leave them to the
-            // next owner rather than commit them now.
-            for (tp, offset) in &mut commits {
-                let confirmed = self.tracker.confirmed(tp);
-                let unseen = self.parts.get(tp).and_then(|p| {
-                    p.queue
-                        .iter()
-                        .map(|q| q.offset)
-                        .find(|o| confirmed.is_none_or(|c| *o >= c))
-                });
-                if let Some(first) = unseen {
-                    *offset = (*offset).min(first);
-                }
-            }
-            commits.retain(|(tp, o)| self.tracker.confirmed(tp).is_none_or(|c| *o > c));
-        }
-        commits
     }
 
-    /// A commit still in flight when a drain's deadline passed must land before the drain's final commit,
-    /// or it could move the committed offset back after it. Waits for it, within `IN_FLIGHT_COMMIT_WAIT`.
-    pub(super) async fn finish_commit_in_flight(&mut self) {
-        let Some(mut c) = self.commit.take() else { return };
-        match tokio::time::timeout(IN_FLIGHT_COMMIT_WAIT, c.future.as_mut()).await {
-            Ok(r) => {
-                self.commit = Some(c);
-                self.on_commit_done(r);
-            }
-            Err(_) => tracing::warn!(subscriber = %self.rt.cfg.name, wait = ?IN_FLIGHT_COMMIT_WAIT,
-                "a commit is still in flight after the drain; the final commit goes out anyway"),
+    /// `AckFirst`: records settled on receipt whose settle was never confirmed and that no handler saw
+    /// are left to the next owner rather than made final now: the first such offset per source.
+    pub(super) fn holdback(&self, tps: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
+        if self.policy() != AckPolicy::AckFirst {
+            return Vec::new();
         }
+        tps.iter()
+            .filter_map(|tp| {
+                let confirmed = self.transport.confirmed(tp);
+                let first = self
+                    .parts
+                    .get(tp)?
+                    .queue
+                    .iter()
+                    .map(|q| q.offset)
+                    .find(|o| confirmed.is_none_or(|c| *o >= c))?;
+                Some((tp.clone(), first))
+            })
+            .collect()
     }
 
     pub(super) async fn shutdown(mut self) {
         let tps: Vec<TopicPartition> = self.parts.keys().cloned().collect();
-        let commits = self.drain(&tps, self.rt.cfg.shutdown_timeout).await;
-        if self.commits_enabled {
-            self.observe_commits(&commits);
-        }
+        self.drain(&tps, self.rt.cfg.shutdown_timeout).await;
+        let holdback = self.holdback(&tps);
         let name = self.rt.cfg.name.clone();
-        let commits = if self.commits_enabled { commits } else { Vec::new() };
-        if let Err(e) = self.transport.close(commits).await {
+        if let Err(e) = self.transport.close(holdback).await {
             tracing::error!(subscriber = %name, error = %e, "final commit or close failed");
         }
         tracing::info!(subscriber = %name, "subscriber stopped");

@@ -1,15 +1,32 @@
 //! Forwarding: dead-letter and retry-topic publishes, with the headers that say where a record came from and why.
 
+use std::time::Duration;
+
 use super::*;
+use crate::message::Record;
+use crate::retry::headers;
+use crate::transport::Outgoing;
+use intake::header_attempts;
 
 /// Where a record is published before its offset is settled.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Forward {
+pub(super) enum Forward {
     DeadLetter,
     Retry { delay: Duration },
 }
 
-impl<T: ConsumerTransport> Engine<T> {
+/// The dead-letter or retry-topic publish of a record ended.
+#[derive(Debug)]
+pub(super) struct Forwarded {
+    pub(super) tp: TopicPartition,
+    pub(super) generation: u64,
+    pub(super) offset: i64,
+    pub(super) record: Box<Record>,
+    pub(super) to: Forward,
+    pub(super) result: Result<(), String>,
+}
+
+impl<T: Transport> Engine<T> {
     /// SPEC 3.3 / 3.12: a record given up on goes to the dead-letter topic, and a record retried
     /// non-blocking goes to the retry topic; either way its offset is settled only once the broker has
     /// acknowledged that publish. Until then its partition dispatches nothing more (blocking), except
@@ -24,7 +41,7 @@ impl<T: ConsumerTransport> Engine<T> {
         let base = if cfg.retry_consumer {
             header_attempts(&record)
         } else {
-            0
+            record.prior_attempts
         };
         let Some(part) = self.parts.get_mut(&record.tp) else {
             return;
@@ -75,11 +92,11 @@ impl<T: ConsumerTransport> Engine<T> {
                 out.headers.set(name, value.into_bytes());
             }
         }
-        let broker = self.rt.broker.clone();
-        let events = self.events_tx.clone();
+        let send = self.rt.publisher.send(out);
+        let events = self.forwards_tx.clone();
         tokio::spawn(async move {
-            let result = broker.send(out).await.map(|_| ()).map_err(|e| e.to_string());
-            let _ = events.send(EngineEvent::Forwarded {
+            let result = send.await.map(|_| ()).map_err(|e| e.to_string());
+            let _ = events.send(Forwarded {
                 tp: record.tp.clone(),
                 generation,
                 offset: record.offset,

@@ -1,14 +1,17 @@
 //! Intake: assignments, revocations and records from the transport, admitted into partition queues.
 
 use super::*;
+use crate::hooks::HookEvent;
+use crate::message::{Arrival, Record, Slot};
+use crate::offset::Delivery;
+use crate::retry::headers;
 
-impl<T: ConsumerTransport> Engine<T> {
-    // ---- consumer events -------------------------------------------------------------------------
-
-    pub(super) async fn on_consumer_event(&mut self, ev: ConsumerEvent) {
+impl<T: Transport> Engine<T> {
+    pub(super) async fn on_transport_event(&mut self, ev: TransportEvent<T::Release>) {
         match ev {
-            ConsumerEvent::Records(records) => self.on_records(records),
-            ConsumerEvent::Assigned(tps) => {
+            TransportEvent::Records(records) => self.on_records(records),
+            TransportEvent::Settled => {} // what waited for it is dispatched by the loop
+            TransportEvent::Assigned(tps) => {
                 for tp in &tps {
                     self.next_generation += 1;
                     if self
@@ -21,35 +24,27 @@ impl<T: ConsumerTransport> Engine<T> {
                     {
                         self.order.push(tp.clone());
                     }
-                    self.tracker.assign(tp.clone());
-                    // librdkafka keeps an application pause across unassign/assign: a partition paused by
-                    // flow control before a rebalance would otherwise never fetch again.
-                    self.transport.resume(tp);
                 }
                 tracing::info!(subscriber = %self.rt.cfg.name, partitions = ?tps, "partitions assigned");
-                self.rt.observe(|| Event::Assigned {
-                    subscriber: self.rt.cfg.name.clone(),
-                    partitions: tps,
+                self.rt.hooks.emit(|| HookEvent::Assigned {
+                    subscriber: &self.rt.cfg.name,
+                    sources: &tps,
                 });
                 if let Some(ready) = self.ready.take() {
                     let _ = ready.send(());
                 }
             }
-            ConsumerEvent::Revoked { partitions, reply } => {
-                let commits = self.drain(&partitions, self.rt.cfg.drain_timeout).await;
-                for tp in &partitions {
+            TransportEvent::Revoked { sources, release } => {
+                self.drain(&sources, self.rt.cfg.drain_timeout).await;
+                let holdback = self.holdback(&sources);
+                self.transport.release(&sources, &holdback, release).await;
+                for tp in &sources {
                     self.parts.remove(tp);
-                    self.tracker.revoke(tp);
                 }
                 self.order.retain(|tp| self.parts.contains_key(tp));
-                tracing::info!(subscriber = %self.rt.cfg.name, partitions = ?partitions, final_commits = ?commits, "partitions revoked");
-                if self.commits_enabled {
-                    self.observe_commits(&commits);
-                }
-                reply(if self.commits_enabled { commits } else { Vec::new() });
-                self.rt.observe(|| Event::Revoked {
-                    subscriber: self.rt.cfg.name.clone(),
-                    partitions,
+                self.rt.hooks.emit(|| HookEvent::Revoked {
+                    subscriber: &self.rt.cfg.name,
+                    sources: &sources,
                 });
             }
         }
@@ -76,12 +71,15 @@ impl<T: ConsumerTransport> Engine<T> {
         let Some(tp) = run.first().map(|r| r.tp.clone()) else {
             return;
         };
-        let (Some(part), Some(offsets)) = (self.parts.get_mut(&tp), self.tracker.partition(&tp)) else {
+        let Some(part) = self.parts.get_mut(&tp) else {
             return; // not ours (revoked meanwhile)
         };
+        let mut deliveries = Vec::with_capacity(run.len());
+        self.transport
+            .receive(&tp, run.iter().map(|r| r.offset), |d| deliveries.push(d));
         let mut slots = Vec::with_capacity(run.len());
-        for (i, rec) in run.iter_mut().enumerate() {
-            match offsets.deliver(rec.offset) {
+        for ((i, rec), delivery) in run.iter_mut().enumerate().zip(deliveries) {
+            match delivery {
                 Delivery::Fresh => {}
                 Delivery::Unsettled => {
                     if part.in_flight.iter().any(|(o, _)| *o == rec.offset) {
@@ -93,7 +91,9 @@ impl<T: ConsumerTransport> Engine<T> {
             slots.push(admit(&self.rt, &part.sink, rec, i));
         }
         if !slots.is_empty() {
-            part.queue.extend(Arrival::new(run, slots).messages().map(Queued::of));
+            let caps = self.caps;
+            part.queue
+                .extend(Arrival::new(run, slots).messages().map(|m| Queued::of(m, caps)));
         }
         if !part.paused {
             self.flow_control(&tp);
@@ -112,29 +112,22 @@ impl<T: ConsumerTransport> Engine<T> {
         }
         let run = self.ack_first_run();
         let Some(part) = self.parts.get_mut(tp) else { return };
-        let Some(offsets) = self.tracker.partition(tp) else {
-            return;
-        };
-        let mut settled = 0;
         while part.ack_first_ahead <= run && part.ack_first_ahead < part.queue.len() {
             let start = part.ack_first_ahead;
             let end = part.queue.len().min(start + run);
             for q in part.queue.range(start..end) {
-                offsets.settle(q.offset);
                 self.rt.counters.settled(Settle::Ack);
-                self.rt.observe(|| Event::Settled {
-                    subscriber: self.rt.cfg.name.clone(),
-                    tp: q.msg.topic_partition().clone(),
+                self.rt.hooks.emit(|| HookEvent::Settled {
+                    subscriber: &self.rt.cfg.name,
+                    tp,
                     offset: q.offset,
                     settle: Settle::Ack,
                     by: SettledBy::Receipt,
                 });
             }
-            settled += end - start;
+            self.transport
+                .settle_on_receipt(tp, part.queue.range(start..end).map(|q| q.offset));
             part.ack_first_ahead = end;
-        }
-        if settled > 0 {
-            self.note_settles(settled, true);
         }
     }
 }
@@ -152,7 +145,11 @@ pub(super) fn header_attempts(record: &Record) -> u32 {
 /// retry topic's count for records read from it) and wires its handle's settles back to this engine.
 pub(super) fn admit(rt: &SubscriberRuntime, sink: &Arc<SettleSink>, rec: &mut Record, index: usize) -> Slot {
     let pre = (rt.cfg.policy == AckPolicy::AckFirst).then_some(Settle::Ack);
-    let base = if rt.cfg.retry_consumer { header_attempts(rec) } else { 0 };
+    let base = if rt.cfg.retry_consumer {
+        header_attempts(rec)
+    } else {
+        rec.prior_attempts
+    };
     rec.attempts += 1;
     Slot::new(index, base + rec.attempts, sink.clone(), pre)
 }

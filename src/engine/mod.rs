@@ -1,29 +1,29 @@
-//! The engine: one per subscriber member. It takes records from a [`ConsumerTransport`], dispatches them
-//! to the handler under the ack policy and the concurrency rules, turns settles into offsets through the
-//! [`OffsetTracker`], and commits, rewinds, drains and shuts down. It is broker-agnostic: the in-memory
-//! broker and Kafka run this very code.
+//! The engine: one per subscriber member. It takes records from a [`Transport`], dispatches them to the
+//! handler under the ack policy and the concurrency rules, turns each call's outcome into one settle per
+//! message, and drains and shuts down. It knows no broker and no `Broker`: every broker runs this very
+//! code, and what differs between them (who redelivers a nack, whether a source is an ordered log, how a
+//! settle reaches the broker) is the transport's [`Capabilities`] and [`Transport::settle`]. On a log
+//! (Kafka, the in-memory broker) settles become watermark commits in [`crate::log`].
 //!
 //! Rules it keeps (SPEC section 3):
 //! - a record is dispatched at most once at a time, and not at all when its offset is already settled;
 //! - per partition at most `max_in_flight` handlers run; two records with the same key (or both without
 //!   a key) never run at once and start in offset order;
-//! - `AckFirst` records are settled on receipt and dispatched only once the broker confirmed a commit
-//!   past them (at most once, for real);
-//! - a nack puts the nacked record back in its partition's queue, in offset order (SPEC 3.2): it is
+//! - `AckFirst` records are settled on receipt and dispatched only once the broker confirmed that settle
+//!   (on a log: a commit past them; at most once, for real);
+//! - where the broker does not redeliver (a log), a nack puts the nacked record back in its partition's queue, in offset order (SPEC 3.2): it is
 //!   delivered again before every later record of its lane, and nothing at or after it is committed until
 //!   it is settled. The engine holds every received, unsettled record (queued, in flight, or in the
 //!   handle that nacks it), so redelivery needs no seek and no re-fetch: on Kafka a seek would wait for the
 //!   long-polling fetch already at the broker (`fetch.wait.max.ms`) before the record could come back.
 //!   After a rebalance or a restart the next owner resumes from the committed offset, at or before it;
-//! - settles of a previous assignment of a partition (older generation) are ignored;
-//! - at most one commit is in flight, so commits land in order.
+//! - settles of a previous assignment of a partition (older generation) are ignored.
 //!
 //! Handler calls run on the engine's own task: each is polled once in place when dispatched and, if it
 //! waits, parked in a `FuturesUnordered` the engine polls. A call that finishes at once costs no task, no
 //! wake-up and no channel message; that is most of what makes the per-message cost small (BENCHMARKS.md).
 
 mod call;
-mod commits;
 mod dispatch;
 mod drain;
 mod forward;
@@ -33,42 +33,28 @@ mod settling;
 mod tests;
 mod verdict;
 
-use call::{Call, Completion, Messages};
-use commits::InFlightCommit;
-use dispatch::lane_of;
-use forward::Forward;
-use intake::{admit, header_attempts};
-use verdict::Verdict;
-
 use std::collections::{HashSet, VecDeque};
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
-use std::time::Duration;
 
-use bytes::Bytes;
 use futures::StreamExt;
-use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use rustc_hash::FxHashMap;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::broker::Broker;
-use crate::error::{BrokerError, Error};
-use crate::extract::{Context, StateMap};
+use crate::config::ResolvedSubscriber;
+use crate::extract::StateMap;
 use crate::handler::ErasedHandler;
-use crate::message::{Arrival, CORRELATION_ID, Message, Record, SettleEvent, SettleSink, SettledBy, Slot};
+use crate::hooks::Hooks;
+use crate::message::{Message, SettleEvent, SettleSink, SettledBy};
 use crate::metrics::Counters;
-use crate::observe::{Event, Outcome};
-use crate::offset::{Delivery, OffsetTracker, TopicPartition};
-use crate::publish::Outgoing;
-use crate::retry::headers;
+use crate::offset::TopicPartition;
 use crate::settle::{AckPolicy, Settle};
-use crate::subscriber::{BatchConfig, ResolvedSubscriber};
-use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
+use crate::transport::{Capabilities, Pending, Publisher, Transport, TransportEvent};
+use call::{Call, Completion};
+use dispatch::lane_of;
+use forward::Forwarded;
 
 /// `AckFirst` settles and commits the queue in runs of this many records, at most two runs ahead. A run
 /// must take longer to handle than a commit takes to come back, or the handler waits for every commit:
@@ -77,22 +63,6 @@ const ACK_FIRST_RUN: usize = 8192;
 
 /// Handler calls of one subscriber member at most run inline before the engine looks at its other work.
 const INLINE_BUDGET: usize = 1024;
-
-/// What message handles and publish tasks tell the engine.
-#[derive(Debug)]
-pub(crate) enum EngineEvent {
-    /// A settle made by user code (`msg.ack()`...), sent through the message handle.
-    Settled(SettleEvent),
-    /// The dead-letter or retry-topic publish of a record ended.
-    Forwarded {
-        tp: TopicPartition,
-        generation: u64,
-        offset: i64,
-        record: Box<Record>,
-        to: Forward,
-        result: Result<(), String>,
-    },
-}
 
 /// A settle the engine applies: which delivery of the offset, and how and by whom it was settled.
 #[derive(Clone, Copy)]
@@ -103,43 +73,59 @@ struct Settled {
     by: SettledBy,
 }
 
-/// Everything a handler task needs, shared by all tasks of one subscriber.
+/// Everything a subscriber's engine needs besides its transport: settings, handler, state, where its
+/// results and dead letters are published, its hooks and counters.
 pub(crate) struct SubscriberRuntime {
     pub(crate) cfg: ResolvedSubscriber,
     pub(crate) handler: Arc<dyn ErasedHandler>,
     pub(crate) state: StateMap,
-    pub(crate) broker: Broker,
+    pub(crate) publisher: Arc<dyn Publisher>,
+    pub(crate) hooks: Hooks,
     pub(crate) counters: Arc<Counters>,
 }
 
-impl SubscriberRuntime {
-    fn observe(&self, event: impl FnOnce() -> Event) {
-        if let Some(o) = self.broker.observer_if_any() {
-            o.record(event());
-        }
+/// Starts one subscriber's engine over the transport its broker makes.
+pub(crate) struct Launch {
+    pub(crate) rt: Arc<SubscriberRuntime>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    /// Fires on the first assignment.
+    pub(crate) ready: oneshot::Sender<()>,
+}
+
+impl Launch {
+    pub(crate) fn spawn<T: Transport>(self, transport: T) -> JoinHandle<()> {
+        tokio::spawn(Engine::new(transport, self.rt, self.shutdown, self.ready).run())
     }
 }
 
 /// A received record waiting for its handler call. Its message handle (into the [`Arrival`] it came with)
 /// is made on receipt, so that dispatch moves a pointer and nothing moves the record; offset and lane are
 /// kept beside it, so that scanning the queue touches no record.
+///
+/// [`Arrival`]: crate::message::Arrival
 struct Queued {
     offset: i64,
-    /// [`lane_of`] its key.
+    /// Its ordering lane: [`lane_of`] its key on an ordered source, its own offset otherwise.
     lane: u64,
     msg: Message,
 }
 
 impl Queued {
-    fn of(msg: Message) -> Self {
+    fn of(msg: Message, caps: Capabilities) -> Self {
+        let offset = msg.offset();
         Queued {
-            offset: msg.offset(),
-            lane: lane_of(&msg.record().key),
+            offset,
+            lane: if caps.ordered {
+                lane_of(&msg.record().key)
+            } else {
+                offset as u64
+            },
             msg,
         }
     }
 }
 
+/// One assigned source (a partition; a consumed queue).
 struct Partition {
     generation: u64,
     /// Where this assignment's messages send their settles.
@@ -180,65 +166,61 @@ impl Partition {
     }
 }
 
-pub(crate) struct Engine<T: ConsumerTransport> {
+pub(crate) struct Engine<T: Transport> {
     transport: T,
+    caps: Capabilities,
     rt: Arc<SubscriberRuntime>,
-    tracker: OffsetTracker,
     parts: FxHashMap<TopicPartition, Partition>,
     /// The assigned partitions, in assignment order (dispatch walks them without allocating).
     order: Vec<TopicPartition>,
     /// Handler calls that did not finish on their first poll.
     running: FuturesUnordered<Call>,
     next_generation: u64,
-    events_tx: mpsc::UnboundedSender<EngineEvent>,
-    events_rx: mpsc::UnboundedReceiver<EngineEvent>,
-    commit: Option<InFlightCommit>,
-    /// Settles since the last commit was started.
-    settles_since_commit: usize,
-    /// When the next cadence commit is due (None: nothing to commit).
-    commit_due: Option<Instant>,
-    commits_enabled: bool,
+    /// Settles made by code through message handles.
+    settles_tx: mpsc::UnboundedSender<SettleEvent>,
+    settles_rx: mpsc::UnboundedReceiver<SettleEvent>,
+    /// Ends of dead-letter and retry-topic publishes.
+    forwards_tx: mpsc::UnboundedSender<Forwarded>,
+    forwards_rx: mpsc::UnboundedReceiver<Forwarded>,
     shutdown: watch::Receiver<bool>,
     /// Tells the app the first assignment (or failure) happened.
-    ready: Option<tokio::sync::oneshot::Sender<()>>,
+    ready: Option<oneshot::Sender<()>>,
     /// Batch mode: since when records have been ready without a batch starting.
     batch_since: Option<Instant>,
 }
 
-enum Step {
-    Engine(EngineEvent),
+enum Step<R> {
+    Settle(SettleEvent),
+    Forwarded(Forwarded),
     Completed(Completion),
-    Committed(Result<(), BrokerError>),
-    Consumer(Option<ConsumerEvent>),
+    Transport(Option<TransportEvent<R>>),
     Tick,
     /// Dispatch stopped at its budget: come back to it once the other inputs had their turn.
     Continue,
     Shutdown,
 }
 
-impl<T: ConsumerTransport> Engine<T> {
+impl<T: Transport> Engine<T> {
     pub(crate) fn new(
         transport: T,
         rt: Arc<SubscriberRuntime>,
         shutdown: watch::Receiver<bool>,
-        ready: tokio::sync::oneshot::Sender<()>,
+        ready: oneshot::Sender<()>,
     ) -> Self {
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let commits_enabled = rt.cfg.group_id.is_some();
+        let (settles_tx, settles_rx) = mpsc::unbounded_channel();
+        let (forwards_tx, forwards_rx) = mpsc::unbounded_channel();
         Engine {
+            caps: transport.capabilities(),
             transport,
             rt,
-            tracker: OffsetTracker::default(),
             parts: FxHashMap::default(),
             order: Vec::new(),
             running: FuturesUnordered::new(),
             next_generation: 0,
-            events_tx,
-            events_rx,
-            commit: None,
-            settles_since_commit: 0,
-            commit_due: None,
-            commits_enabled,
+            settles_tx,
+            settles_rx,
+            forwards_tx,
+            forwards_rx,
             shutdown,
             ready: Some(ready),
             batch_since: None,
@@ -251,7 +233,7 @@ impl<T: ConsumerTransport> Engine<T> {
 
     fn sink(&self, generation: u64) -> Arc<SettleSink> {
         Arc::new(SettleSink {
-            events: self.events_tx.clone(),
+            events: self.settles_tx.clone(),
             generation,
             subscriber: self.rt.cfg.name.clone(),
         })
@@ -263,17 +245,22 @@ impl<T: ConsumerTransport> Engine<T> {
         ACK_FIRST_RUN.min(self.rt.cfg.max_buffered / 2)
     }
 
+    /// `commit_sync_each`: nothing starts while the previous settle has not reached the broker.
+    fn sync_settle_pending(&self) -> bool {
+        self.rt.cfg.commit_sync_each && self.transport.pending() != Pending::None
+    }
+
     pub(crate) async fn run(mut self) {
         let name = self.rt.cfg.name.clone();
         loop {
             let more = self.dispatch_all();
-            self.maybe_commit();
+            self.transport.flush();
             match self.next_step(more).await {
-                Step::Engine(ev) => self.on_engine_event(ev),
+                Step::Settle(ev) => self.on_settled(ev),
+                Step::Forwarded(f) => self.on_forwarded(f),
                 Step::Completed(c) => self.on_completed(c),
-                Step::Committed(r) => self.on_commit_done(r),
-                Step::Consumer(Some(ev)) => self.on_consumer_event(ev).await,
-                Step::Consumer(None) => {
+                Step::Transport(Some(ev)) => self.on_transport_event(ev).await,
+                Step::Transport(None) => {
                     tracing::error!(subscriber = %name, "consumer transport ended; stopping this subscriber");
                     break;
                 }
@@ -285,49 +272,60 @@ impl<T: ConsumerTransport> Engine<T> {
         self.shutdown().await;
     }
 
-    /// The next instant something becomes due: a delayed nack's hold expiring, or the commit cadence
-    /// (only while no commit is in flight; its completion wakes the loop anyway). Expired holds are
-    /// cleared on the tick, so an expired instant is never returned twice (no busy loop).
+    /// The next instant something becomes due: a delayed nack's hold expiring, the transport's settle
+    /// cadence, or a batch's timeout. Expired holds are cleared on the tick, so an expired instant is
+    /// never returned twice (no busy loop).
     fn next_timer(&self) -> Option<Instant> {
         let holds = self.parts.values().filter_map(|p| p.hold_until);
-        let commit = if self.commit.is_none() { self.commit_due } else { None };
         // A batch can only start when none is running and no synchronous commit is pending; while one of
         // those lasts, its completion (an engine event or the commit) wakes the loop instead.
-        let batch_blocked = self.parts.values().any(|p| !p.in_flight.is_empty())
-            || (self.rt.cfg.commit_sync_each && (self.commit.is_some() || self.commit_due.is_some()));
+        let batch_blocked = self.parts.values().any(|p| !p.in_flight.is_empty()) || self.sync_settle_pending();
         let batch = match (self.rt.cfg.batch, self.batch_since) {
             (Some(b), Some(since)) if !batch_blocked => Some(since + b.timeout),
             _ => None,
         };
-        holds.chain(commit).chain(batch).min()
+        holds.chain(self.transport.due()).chain(batch).min()
     }
 
-    async fn next_step(&mut self, more: bool) -> Step {
-        let timer = self.next_timer();
-        // A partition that is not paused yet holds `max_buffered` records (under `AckFirst`: records waiting
-        // for their commit): take no more until it drains, so memory stays bounded without a pause.
-        let max = self.rt.cfg.max_buffered;
-        let commit = &mut self.commit;
-        let transport = &mut self.transport;
-        let full = self.parts.values().any(|p| !p.paused && p.queue.len() >= max);
-        let rx = &mut self.events_rx;
+    /// Waits for the next input. `intake`: whether the transport may deliver records now; settles in
+    /// flight make progress either way.
+    async fn next_input(&mut self, timer: Option<Instant>, intake: bool, shutdown: bool) -> Step<T::Release> {
+        let settles = &mut self.settles_rx;
+        let forwards = &mut self.forwards_rx;
         let running = &mut self.running;
-        let shutdown = &mut self.shutdown;
+        let stop = &mut self.shutdown;
+        let transport = &mut self.transport;
         tokio::select! {
             biased;
-            ev = rx.recv() => match ev {
-                Some(ev) => Step::Engine(ev),
+            ev = settles.recv() => match ev {
+                Some(ev) => Step::Settle(ev),
                 // Unreachable: the engine holds a sender.
                 None => Step::Shutdown,
             },
+            Some(f) = forwards.recv() => Step::Forwarded(f),
             Some(c) = running.next(), if !running.is_empty() => Step::Completed(c),
-            r = async { commit.as_mut().map(|c| c.future.as_mut()).expect("guarded").await }, if commit.is_some() => Step::Committed(r),
-            _ = shutdown.wait_for(|stop| *stop) => Step::Shutdown,
+            _ = stop.wait_for(|stop| *stop), if shutdown => Step::Shutdown,
             _ = async { tokio::time::sleep_until(timer.expect("guarded")).await }, if timer.is_some() => Step::Tick,
-            // Before new records: what is queued and dispatchable goes first (and is not counted as piling
-            // up behind a busy handler when the next records arrive).
-            _ = std::future::ready(()), if more => Step::Continue,
-            ev = transport.next(), if !full => Step::Consumer(ev),
+            ev = transport.next(intake) => Step::Transport(ev),
         }
+    }
+
+    async fn next_step(&mut self, more: bool) -> Step<T::Release> {
+        // A partition that is not paused yet holds `max_buffered` records (under `AckFirst`: records waiting
+        // for their commit): take no more until it drains, so memory stays bounded without a pause.
+        let max = self.rt.cfg.max_buffered;
+        let full = self.parts.values().any(|p| !p.paused && p.queue.len() >= max);
+        if more {
+            // What is queued and dispatchable goes before new records (and is not counted as piling up
+            // behind a busy handler when the next records arrive); every other input is looked at first.
+            let timer = self.next_timer();
+            return tokio::select! {
+                biased;
+                step = self.next_input(timer, false, true) => step,
+                _ = std::future::ready(()) => Step::Continue,
+            };
+        }
+        let timer = self.next_timer();
+        self.next_input(timer, !full, true).await
     }
 }

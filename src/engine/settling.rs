@@ -1,15 +1,20 @@
 //! Settling: a call's verdict and code's settles taking effect on offsets, redelivery of nacks.
 
+use std::time::Duration;
+
 use super::*;
+use crate::hooks::HookEvent;
+use crate::message::{Arrival, Record};
+use forward::Forward;
+use intake::admit;
+use verdict::Verdict;
 
-pub(super) const REDELIVERY_FLOOR: Duration = Duration::from_millis(10);
+/// The least time between a nack and the redelivery of its message.
+const REDELIVERY_FLOOR: Duration = Duration::from_millis(10);
 /// Wait before a message whose dead-letter publish failed comes back.
-pub(super) const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
-/// Wait before retrying a failed commit.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
-impl<T: ConsumerTransport> Engine<T> {
-    // ---- settles -------------------------------------------------------------------------------------
-
+impl<T: Transport> Engine<T> {
     /// A handler call ended. Settles made by code (of its messages or of others it holds) are applied
     /// first, then the policy's settle for its outcome, then its in-flight slots are freed.
     pub(super) fn on_completed(&mut self, done: Completion) {
@@ -17,8 +22,8 @@ impl<T: ConsumerTransport> Engine<T> {
         // in the channel is applied before this call's slots are freed. Under `AckFirst` code settles
         // nothing (every message is settled on receipt), so nothing can be waiting.
         if self.policy() != AckPolicy::AckFirst {
-            while let Ok(ev) = self.events_rx.try_recv() {
-                self.on_engine_event(ev);
+            while let Ok(ev) = self.settles_rx.try_recv() {
+                self.on_settled(ev);
             }
         }
         let (messages, result) = match &done {
@@ -28,12 +33,10 @@ impl<T: ConsumerTransport> Engine<T> {
         let verdict = Verdict::of(&self.rt, messages, result);
         for msg in messages {
             self.rt.counters.handled(verdict.label);
-            self.rt.observe(|| Event::Handled {
-                subscriber: self.rt.cfg.name.clone(),
-                tp: msg.topic_partition().clone(),
-                offset: msg.offset(),
-                payload: String::from_utf8_lossy(msg.payload()).into_owned(),
-                outcome: verdict.outcome.clone(),
+            self.rt.hooks.emit(|| HookEvent::Handled {
+                subscriber: &self.rt.cfg.name,
+                message: msg,
+                outcome: &verdict.outcome,
             });
             if let Some((s, by)) = verdict.settle
                 && msg.claim(s).is_ok()
@@ -116,9 +119,9 @@ impl<T: ConsumerTransport> Engine<T> {
             by,
         } = settled;
         self.rt.counters.settled(settle);
-        self.rt.observe(|| Event::Settled {
-            subscriber: self.rt.cfg.name.clone(),
-            tp: tp.clone(),
+        self.rt.hooks.emit(|| HookEvent::Settled {
+            subscriber: &self.rt.cfg.name,
+            tp,
             offset,
             settle,
             by,
@@ -130,7 +133,7 @@ impl<T: ConsumerTransport> Engine<T> {
         let non_blocking = self.rt.cfg.retry_topic.is_some() && by == SettledBy::Policy;
         match (settle, record, &self.rt.cfg.dead_letter) {
             (Settle::Reject, Some(record), Some(_)) => self.forward(generation, *record, reason, Forward::DeadLetter),
-            (Settle::Ack | Settle::Reject, _, _) => self.complete(tp, offset),
+            (Settle::Ack | Settle::Reject, _, _) => self.transport.settle(tp, offset, settle),
             (Settle::Nack { delay }, Some(record), _) if non_blocking => {
                 let delay = delay.unwrap_or_default();
                 self.forward(generation, *record, reason, Forward::Retry { delay })
@@ -140,71 +143,69 @@ impl<T: ConsumerTransport> Engine<T> {
         }
     }
 
-    pub(super) fn on_engine_event(&mut self, ev: EngineEvent) {
-        match ev {
-            EngineEvent::Settled(ev) => self.on_settled(ev),
-            EngineEvent::Forwarded {
-                tp,
-                generation,
-                offset,
-                record,
-                to,
-                result,
-            } => {
-                let Some(part) = self.parts.get_mut(&tp).filter(|p| p.generation == generation) else {
-                    return; // revoked meanwhile: the offset stayed uncommitted, the next owner retries
-                };
-                part.dead_lettering.remove(&offset);
-                part.retrying.remove(&offset);
-                match result {
-                    Ok(()) => {
-                        let subscriber = self.rt.cfg.name.clone();
-                        self.rt.observe(|| match to {
-                            Forward::DeadLetter => Event::DeadLettered {
-                                subscriber,
-                                tp: tp.clone(),
-                                offset,
-                            },
-                            Forward::Retry { delay } => Event::RetryScheduled {
-                                subscriber,
-                                tp: tp.clone(),
-                                offset,
-                                delay,
-                            },
-                        });
-                        self.complete(&tp, offset);
-                    }
-                    Err(e) => {
-                        tracing::error!(subscriber = %self.rt.cfg.name, %tp, offset, error = %e,
-                            "dead-letter or retry publish failed; the message stays unsettled and comes back");
-                        self.redeliver(*record, Some(DEAD_LETTER_RETRY));
-                    }
-                }
+    /// A dead-letter or retry-topic publish ended: on success the message is settled (acked: it now lives
+    /// on in the other topic); on failure it stays unsettled and comes back.
+    pub(super) fn on_forwarded(&mut self, f: Forwarded) {
+        let Forwarded {
+            tp,
+            generation,
+            offset,
+            record,
+            to,
+            result,
+        } = f;
+        let Some(part) = self.parts.get_mut(&tp).filter(|p| p.generation == generation) else {
+            return; // revoked meanwhile: the offset stayed uncommitted, the next owner retries
+        };
+        part.dead_lettering.remove(&offset);
+        part.retrying.remove(&offset);
+        match result {
+            Ok(()) => {
+                let subscriber = &self.rt.cfg.name;
+                self.rt.hooks.emit(|| match to {
+                    Forward::DeadLetter => HookEvent::DeadLettered {
+                        subscriber,
+                        tp: &tp,
+                        offset,
+                    },
+                    Forward::Retry { delay } => HookEvent::RetryScheduled {
+                        subscriber,
+                        tp: &tp,
+                        offset,
+                        delay,
+                    },
+                });
+                self.transport.settle(&tp, offset, Settle::Ack);
+            }
+            Err(e) => {
+                tracing::error!(subscriber = %self.rt.cfg.name, %tp, offset, error = %e,
+                    "dead-letter or retry publish failed; the message stays unsettled and comes back");
+                self.redeliver(*record, Some(DEAD_LETTER_RETRY));
             }
         }
     }
 
-    /// An ack, or a reject that needs no (more) dead-lettering: the offset counts as settled.
-    pub(super) fn complete(&mut self, tp: &TopicPartition, offset: i64) {
-        if let Some(p) = self.tracker.partition(tp) {
-            p.settle(offset);
-        }
-        self.note_settles(1, false);
-    }
-
-    /// SPEC 3.2: nothing at or after the nacked offset is committed until it is settled (the tracker keeps
-    /// it unsettled); it is delivered again from the queue, before the later records of its lane.
+    /// A nacked record comes back no earlier than `delay`, and never sooner than a floor: no
+    /// configuration can make a failing message loop hot (SPEC 3.12). Where the broker redelivers, the
+    /// transport nacks it. Otherwise (SPEC 3.2) nothing at or after the nacked offset is committed until
+    /// it is settled (the tracker keeps it unsettled), and it is delivered again from the queue, before
+    /// the later records of its lane.
     pub(super) fn redeliver(&mut self, mut record: Record, delay: Option<Duration>) {
+        let delay = delay.unwrap_or_default().max(REDELIVERY_FLOOR);
+        if self.caps.redelivers {
+            self.transport.nack(record, delay);
+            return;
+        }
+        let caps = self.caps;
         let Some(part) = self.parts.get_mut(&record.tp) else {
             return;
         };
         let at = part.queue.partition_point(|q| q.offset < record.offset);
         if part.queue.get(at).is_none_or(|q| q.offset != record.offset) {
             let slot = admit(&self.rt, &part.sink, &mut record, 0);
-            part.queue.insert(at, Queued::of(Arrival::single(record, slot)));
+            part.queue.insert(at, Queued::of(Arrival::single(record, slot), caps));
         }
-        // A floor on every redelivery: no configuration can make a failing message loop hot (SPEC 3.12).
-        let until = Instant::now() + delay.unwrap_or_default().max(REDELIVERY_FLOOR);
+        let until = Instant::now() + delay;
         part.hold_until = Some(part.hold_until.map_or(until, |h| h.max(until)));
     }
 
@@ -215,6 +216,6 @@ impl<T: ConsumerTransport> Engine<T> {
                 part.hold_until = None;
             }
         }
-        // A due commit is started by `maybe_commit` right after this.
+        // A due commit is started by the transport's `flush` right after this.
     }
 }

@@ -1,24 +1,55 @@
 //! Engine rules tested with a scripted transport.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore, oneshot};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use tokio::sync::{Notify, Semaphore};
 
 use super::*;
+use crate::config::SubscriberConfig;
+use crate::error::BrokerError;
 use crate::handler::Erased;
-use crate::message::Headers;
+use crate::log::{Commits, LogConsumer, LogEvent, LogTransport};
+use crate::message::{Headers, Record};
+use crate::transport::{Outgoing, PublishAck};
+
+/// Where the engine's publishes go in these tests: nowhere (no test here publishes).
+struct NoPublisher;
+
+impl Publisher for NoPublisher {
+    fn send(&self, _: Outgoing) -> BoxFuture<'static, Result<PublishAck, BrokerError>> {
+        Box::pin(std::future::ready(Err(BrokerError::Closed)))
+    }
+}
+
+/// A subscriber's runtime without any broker: the engine's rules need none.
+fn runtime(cfg: SubscriberConfig) -> (Arc<SubscriberRuntime>, Hooks) {
+    let hooks = Hooks::default();
+    let handler = |_: Bytes| async {};
+    let rt = Arc::new(SubscriberRuntime {
+        cfg: cfg.resolve(true).expect("valid config"),
+        handler: Arc::new(Erased::new(handler)),
+        state: StateMap::default(),
+        publisher: Arc::new(NoPublisher),
+        hooks: hooks.clone(),
+        counters: Arc::new(Counters::default()),
+    });
+    (rt, hooks)
+}
 
 /// A transport the test drives: it pushes the events, and each commit finishes only when the test
 /// releases it.
 struct Scripted {
-    events: mpsc::UnboundedReceiver<ConsumerEvent>,
+    events: mpsc::UnboundedReceiver<LogEvent>,
     log: Arc<Mutex<Vec<String>>>,
     sent: Arc<Notify>,
     release: Arc<Semaphore>,
 }
 
-impl ConsumerTransport for Scripted {
-    async fn next(&mut self) -> Option<ConsumerEvent> {
+impl LogConsumer for Scripted {
+    async fn next(&mut self) -> Option<LogEvent> {
         self.events.recv().await
     }
     fn pause(&mut self, _: &TopicPartition) {}
@@ -46,6 +77,7 @@ fn record(tp: &TopicPartition, offset: i64) -> Record {
         payload: Bytes::from_static(b"x"),
         headers: Headers::new(),
         timestamp: None,
+        prior_attempts: 0,
         attempts: 0,
     }
 }
@@ -55,24 +87,12 @@ fn record(tp: &TopicPartition, offset: i64) -> Record {
 /// commit cannot land after the final one and move the committed offset back.
 #[tokio::test]
 async fn a_drain_past_its_deadline_lets_the_commit_in_flight_land_before_the_final_offsets() {
-    let broker = Broker::new("memory://").expect("broker");
-    let cfg = broker
-        .subscriber("t")
-        .group_id("g")
-        .ack_policy(AckPolicy::NackOnError)
-        .commit_every(1)
-        .drain_timeout(Duration::from_millis(50))
-        .into_config()
-        .resolve()
-        .expect("valid config");
-    let handler = |_: Bytes| async {};
-    let rt = Arc::new(SubscriberRuntime {
-        cfg,
-        handler: Arc::new(Erased::new(handler)),
-        state: StateMap::default(),
-        broker: broker.clone(),
-        counters: Arc::new(Counters::default()),
-    });
+    let mut cfg = SubscriberConfig::new("t");
+    cfg.group_id = Some("g".into());
+    cfg.ack_policy = Some(AckPolicy::NackOnError);
+    cfg.commit_every = 1;
+    cfg.drain_timeout = Duration::from_millis(50);
+    let (rt, hooks) = runtime(cfg);
     let (tx, events) = mpsc::unbounded_channel();
     let log = Arc::new(Mutex::new(Vec::new()));
     let (sent, release) = (Arc::new(Notify::new()), Arc::new(Semaphore::new(0)));
@@ -84,22 +104,17 @@ async fn a_drain_past_its_deadline_lets_the_commit_in_flight_land_before_the_fin
     };
     let (_stop, stop_rx) = watch::channel(false);
     let (ready_tx, ready) = oneshot::channel();
+    let transport = LogTransport::new(transport, &rt.cfg, hooks, rt.counters.clone());
     let engine = tokio::spawn(Engine::new(transport, rt, stop_rx, ready_tx).run());
     let wait = Duration::from_secs(5);
 
     let tp = TopicPartition::new("t", 0);
-    assert!(
-        tx.send(ConsumerEvent::Assigned(vec![tp.clone()])).is_ok(),
-        "engine runs"
-    );
+    assert!(tx.send(LogEvent::Assigned(vec![tp.clone()])).is_ok(), "engine runs");
     tokio::time::timeout(wait, ready)
         .await
         .expect("assigned")
         .expect("ready");
-    assert!(
-        tx.send(ConsumerEvent::Records(vec![record(&tp, 0)])).is_ok(),
-        "engine runs"
-    );
+    assert!(tx.send(LogEvent::Records(vec![record(&tp, 0)])).is_ok(), "engine runs");
     tokio::time::timeout(wait, sent.notified())
         .await
         .expect("the record's commit is sent");
@@ -111,7 +126,7 @@ async fn a_drain_past_its_deadline_lets_the_commit_in_flight_land_before_the_fin
         reply_log.lock().expect("log").push(format!("final {offsets:?}"));
         let _ = replied_tx.send(());
     });
-    let revoked = ConsumerEvent::Revoked {
+    let revoked = LogEvent::Revoked {
         partitions: vec![tp.clone()],
         reply,
     };

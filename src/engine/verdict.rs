@@ -1,6 +1,8 @@
 //! The verdict: what a handler call's outcome means under the policy and the retry budget.
 
 use super::*;
+use crate::error::Error;
+use crate::hooks::Outcome;
 
 /// What a handler call's outcome means: how it is recorded and how the policy settles its messages.
 pub(super) struct Verdict {

@@ -223,6 +223,10 @@ impl OffsetTracker {
         self.parts.insert(tp, Tracked::default());
     }
 
+    pub(crate) fn partitions(&self) -> Vec<TopicPartition> {
+        self.parts.keys().cloned().collect()
+    }
+
     pub(crate) fn revoke(&mut self, tp: &TopicPartition) {
         self.parts.remove(tp);
     }

@@ -21,11 +21,11 @@ use tokio::sync::{mpsc, oneshot};
 use super::commit_queue::CommitQueue;
 use super::fetch_queue::{FetchQueue, Fetched};
 use super::{KafkaConfig, client_error};
+use crate::config::ResolvedSubscriber;
 use crate::error::BrokerError;
+use crate::log::{Commits, LogConsumer, LogEvent};
 use crate::message::{Headers, Record};
 use crate::offset::TopicPartition;
-use crate::subscriber::ResolvedSubscriber;
-use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
 
 /// How long the poll thread waits for records before checking whether it should stop.
 const POLL_WAIT: Duration = Duration::from_millis(100);
@@ -43,7 +43,7 @@ struct Ctx {
     /// The subscribed topic's name, shared with the poll thread's records ([`Partitions`]): the engine
     /// finds a record's partition by pointer equality of the names, not by comparing them.
     topic: Arc<str>,
-    events: mpsc::Sender<ConsumerEvent>,
+    events: mpsc::Sender<LogEvent>,
     /// Set once the engine has made its final commit: later revocations need no drain.
     closing: Arc<AtomicBool>,
     revoke_wait: Duration,
@@ -77,7 +77,7 @@ impl ConsumerContext for Ctx {
         });
         if self
             .events
-            .blocking_send(ConsumerEvent::Revoked { partitions, reply })
+            .blocking_send(LogEvent::Revoked { partitions, reply })
             .is_err()
         {
             return; // the engine is gone: nothing to drain
@@ -99,7 +99,7 @@ impl ConsumerContext for Ctx {
         if let Rebalance::Assign(tpl) = rebalance {
             let _ = self
                 .events
-                .blocking_send(ConsumerEvent::Assigned(partitions_of(tpl, &self.topic)));
+                .blocking_send(LogEvent::Assigned(partitions_of(tpl, &self.topic)));
         }
     }
 }
@@ -130,13 +130,13 @@ fn single(tp: &TopicPartition) -> TopicPartitionList {
     tpl
 }
 
-/// A [`ConsumerTransport`] over a Kafka consumer group member.
+/// A [`LogConsumer`] over a Kafka consumer group member.
 pub(crate) struct KafkaConsumer {
     name: Arc<str>,
     /// Declared before `consumer`, so a drop closes it first: a queue must not outlive its client.
     commits: CommitQueue,
     consumer: Arc<BaseConsumer<Ctx>>,
-    events: mpsc::Receiver<ConsumerEvent>,
+    events: mpsc::Receiver<LogEvent>,
     closing: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread_done: oneshot::Receiver<()>,
@@ -217,7 +217,7 @@ struct PollThread {
     partitions: Partitions,
     consumer: Arc<BaseConsumer<Ctx>>,
     fetch: FetchQueue,
-    events: mpsc::Sender<ConsumerEvent>,
+    events: mpsc::Sender<LogEvent>,
     stop: Arc<AtomicBool>,
 }
 
@@ -247,7 +247,7 @@ impl PollThread {
                     fetched.clear();
                     batch
                 };
-                if !batch.is_empty() && self.events.blocking_send(ConsumerEvent::Records(batch)).is_err() {
+                if !batch.is_empty() && self.events.blocking_send(LogEvent::Records(batch)).is_err() {
                     break;
                 }
             }
@@ -377,14 +377,15 @@ fn to_records<M: FetchedMessage>(
                 payload: buf.slice(payload),
                 headers: m.headers(),
                 timestamp: m.timestamp(),
+                prior_attempts: 0,
                 attempts: 0,
             })
         })
         .collect()
 }
 
-impl ConsumerTransport for KafkaConsumer {
-    async fn next(&mut self) -> Option<ConsumerEvent> {
+impl LogConsumer for KafkaConsumer {
+    async fn next(&mut self) -> Option<LogEvent> {
         self.events.recv().await
     }
 

@@ -17,12 +17,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::error::BrokerError;
+use tokio::task::JoinHandle;
+
+use super::{Backend, LogAdmin};
+use crate::config::OffsetReset;
+use crate::engine::Launch;
+use crate::error::{BrokerError, ConfigError, StartError};
+use crate::log::{Commits, LogConsumer, LogEvent, LogTransport};
 use crate::message::{Headers, Record};
 use crate::offset::TopicPartition;
-use crate::publish::{Outgoing, PublishAck};
-use crate::subscriber::OffsetReset;
-use crate::transport::{Commits, ConsumerEvent, ConsumerTransport};
+use crate::transport::{Outgoing, PublishAck, Publisher, no_exchanges};
 
 /// How long a rebalance waits for a member beyond the member's own drain timeout.
 const REVOKE_GRACE: Duration = Duration::from_secs(5);
@@ -107,7 +111,8 @@ impl MemoryBroker {
         Ok(())
     }
 
-    pub(crate) fn send(&self, out: Outgoing) -> Result<PublishAck, BrokerError> {
+    fn append(&self, out: Outgoing) -> Result<PublishAck, BrokerError> {
+        no_exchanges(&out)?;
         let ack = {
             let mut st = self.lock();
             let default_partitions = self.shared.default_partitions;
@@ -325,7 +330,7 @@ pub(crate) struct MemoryConsumer {
 }
 
 impl MemoryConsumer {
-    fn apply(&mut self, control: Control) -> ConsumerEvent {
+    fn apply(&mut self, control: Control) -> LogEvent {
         match control {
             Control::Assign(list) => {
                 let mut tps = Vec::with_capacity(list.len());
@@ -339,13 +344,13 @@ impl MemoryConsumer {
                     );
                     tps.push(tp);
                 }
-                ConsumerEvent::Assigned(tps)
+                LogEvent::Assigned(tps)
             }
             Control::Revoke(partitions, tx) => {
                 for tp in &partitions {
                     self.cursors.remove(tp);
                 }
-                ConsumerEvent::Revoked {
+                LogEvent::Revoked {
                     partitions,
                     reply: Box::new(move |commits| {
                         let _ = tx.send(commits);
@@ -376,6 +381,7 @@ impl MemoryConsumer {
                     payload: s.payload.clone(),
                     headers: s.headers.clone(),
                     timestamp: Some(s.timestamp),
+                    prior_attempts: 0,
                     attempts: 0,
                 });
             }
@@ -403,8 +409,8 @@ impl MemoryConsumer {
     }
 }
 
-impl ConsumerTransport for MemoryConsumer {
-    async fn next(&mut self) -> Option<ConsumerEvent> {
+impl LogConsumer for MemoryConsumer {
+    async fn next(&mut self) -> Option<LogEvent> {
         loop {
             match self.control.try_recv() {
                 Ok(c) => return Some(self.apply(c)),
@@ -417,7 +423,7 @@ impl ConsumerTransport for MemoryConsumer {
             notified.as_mut().enable();
             let records = self.fetch();
             if !records.is_empty() {
-                return Some(ConsumerEvent::Records(records));
+                return Some(LogEvent::Records(records));
             }
             let control = tokio::select! {
                 c = self.control.recv() => Some(c),
@@ -461,5 +467,84 @@ impl ConsumerTransport for MemoryConsumer {
         }
         tokio::spawn(rebalance(self.shared.clone(), self.group.clone()));
         r
+    }
+}
+
+/// `memory://` or `memory://?partitions=N` (the partition count of auto-created topics).
+pub(crate) fn open(url: &str, rest: &str) -> Result<Arc<dyn Backend>, ConfigError> {
+    let invalid = |reason: &str| ConfigError::InvalidUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let mut partitions = 1;
+    if let Some(query) = rest.strip_prefix('?') {
+        for kv in query.split('&') {
+            match kv.split_once('=') {
+                Some(("partitions", n)) => {
+                    partitions = n
+                        .parse::<i32>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| invalid("`partitions` must be a positive integer"))?;
+                }
+                _ => return Err(invalid("the only memory:// option is `partitions=N`")),
+            }
+        }
+    } else if !rest.is_empty() {
+        return Err(invalid("write `memory://` or `memory://?partitions=N`"));
+    }
+    Ok(Arc::new(MemoryBroker::new(partitions)))
+}
+
+impl Publisher for MemoryBroker {
+    fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, BrokerError>> {
+        Box::pin(std::future::ready(self.append(out)))
+    }
+}
+
+impl Backend for MemoryBroker {
+    fn has_groups(&self) -> bool {
+        true
+    }
+
+    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<JoinHandle<()>, StartError>> {
+        Box::pin(std::future::ready(self.start_now(launch)))
+    }
+
+    fn log_admin(&self) -> Option<&dyn LogAdmin> {
+        Some(self)
+    }
+}
+
+impl MemoryBroker {
+    fn start_now(&self, launch: Launch) -> Result<JoinHandle<()>, StartError> {
+        let rt = &launch.rt;
+        let cfg = &rt.cfg;
+        let consumer = self.join(
+            cfg.group_id.as_deref(),
+            &cfg.topic,
+            cfg.auto_offset_reset,
+            cfg.drain_timeout,
+        );
+        let transport = LogTransport::new(consumer, cfg, rt.hooks.clone(), rt.counters.clone());
+        Ok(launch.spawn(transport))
+    }
+}
+
+impl LogAdmin for MemoryBroker {
+    fn create_topic<'a>(&'a self, topic: &'a str, partitions: i32) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(std::future::ready(MemoryBroker::create_topic(self, topic, partitions)))
+    }
+
+    fn committed<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, BrokerError>> {
+        Box::pin(std::future::ready(Ok(MemoryBroker::committed(self, group, topic))))
+    }
+
+    fn end_offsets<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, BrokerError>> {
+        Box::pin(std::future::ready(Ok(MemoryBroker::end_offsets(self, topic))))
     }
 }

@@ -37,9 +37,14 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 pub(crate) use consumer::KafkaConsumer;
 
-use crate::error::{BoxError, BrokerError, ConfigError};
-use crate::publish::{Outgoing, PublishAck};
-use crate::subscriber::ResolvedSubscriber;
+use futures::future::BoxFuture;
+use tokio::task::JoinHandle;
+
+use super::{Backend, LogAdmin};
+use crate::engine::Launch;
+use crate::error::{BoxError, BrokerError, ConfigError, StartError};
+use crate::log::LogTransport;
+use crate::transport::{Outgoing, PublishAck, Publisher, no_exchanges};
 
 /// How long admin and metadata calls may take.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -193,11 +198,8 @@ impl KafkaBackend {
         })
     }
 
-    pub(crate) fn consumer(&self, cfg: &ResolvedSubscriber) -> Result<KafkaConsumer, BrokerError> {
-        KafkaConsumer::start(&self.config, cfg)
-    }
-
-    pub(crate) async fn send(&self, out: Outgoing) -> Result<PublishAck, BrokerError> {
+    async fn publish(&self, out: Outgoing) -> Result<PublishAck, BrokerError> {
+        no_exchanges(&out)?;
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic).payload(out.payload.as_ref());
         // librdkafka allocates a header list even for no headers: only make one when there are some.
         if !out.headers.is_empty() {
@@ -353,4 +355,58 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static,
 ) -> Result<T, BrokerError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| client_error(op, e))?
+}
+
+/// `kafka://host:port[,host:port][?librdkafka.setting=value&...]`.
+pub(crate) fn open(url: &str, rest: &str) -> Result<Arc<dyn Backend>, ConfigError> {
+    let config = KafkaConfig::from_url(url, rest)?;
+    Ok(Arc::new(KafkaBackend::new(config)?))
+}
+
+impl Publisher for KafkaBackend {
+    fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, BrokerError>> {
+        let this = self.clone();
+        Box::pin(async move { this.publish(out).await })
+    }
+}
+
+impl Backend for KafkaBackend {
+    fn has_groups(&self) -> bool {
+        true
+    }
+
+    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<JoinHandle<()>, StartError>> {
+        Box::pin(std::future::ready(self.start_now(launch)))
+    }
+
+    fn log_admin(&self) -> Option<&dyn LogAdmin> {
+        Some(self)
+    }
+}
+
+impl KafkaBackend {
+    fn start_now(&self, launch: Launch) -> Result<JoinHandle<()>, StartError> {
+        let rt = &launch.rt;
+        let consumer = KafkaConsumer::start(&self.config, &rt.cfg)?;
+        let transport = LogTransport::new(consumer, &rt.cfg, rt.hooks.clone(), rt.counters.clone());
+        Ok(launch.spawn(transport))
+    }
+}
+
+impl LogAdmin for KafkaBackend {
+    fn create_topic<'a>(&'a self, topic: &'a str, partitions: i32) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(KafkaBackend::create_topic(self, topic, partitions))
+    }
+
+    fn committed<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, BrokerError>> {
+        Box::pin(KafkaBackend::committed(self, group, topic))
+    }
+
+    fn end_offsets<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, BrokerError>> {
+        Box::pin(KafkaBackend::end_offsets(self, topic))
+    }
 }

@@ -1,0 +1,288 @@
+//! What log brokers share (Kafka and the in-memory broker): settles become offsets, and offsets become
+//! watermark commits on a cadence.
+//!
+//! A log broker's consumer implements the small [`LogConsumer`] contract (records, partition
+//! assignments, pause/resume, commits); [`LogTransport`] wraps it into the engine's
+//! [`Transport`](crate::transport::Transport). It owns the [`offset`] tracker (the SPEC 3.1 invariant and
+//! its property test live there) and the commit cadence ([`commits`]): at most one commit in flight, so
+//! commits land in order; a settle of a later offset never commits past an unsettled earlier one;
+//! `AckFirst` receipt settles are committed at once and the engine dispatches only what the broker
+//! confirmed; revoked partitions and the subscriber's end get a final, synchronous commit.
+//!
+//! A log cannot take one record back without rewinding everything after it, so this transport does not
+//! redeliver: the engine keeps a nacked record and delivers it again in process (SPEC 3.2).
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+use crate::config::ResolvedSubscriber;
+use crate::error::BrokerError;
+use crate::hooks::{HookEvent, Hooks};
+use crate::message::Record;
+use crate::metrics::Counters;
+use crate::settle::Settle;
+use crate::transport::{Capabilities, Pending, Transport, TransportEvent};
+
+mod commits;
+pub mod offset;
+
+use commits::Cadence;
+use offset::{Delivery, OffsetTracker, TopicPartition};
+
+/// Offsets to commit: the next offset to consume, per partition (Kafka's convention).
+pub(crate) type Commits = Vec<(TopicPartition, i64)>;
+
+/// Called once when the engine has drained revoked partitions, with the offsets to commit before the
+/// partitions are released.
+pub(crate) type RevokeReply = Box<dyn FnOnce(Commits) + Send>;
+
+/// What a log consumer tells its [`LogTransport`].
+pub(crate) enum LogEvent {
+    /// Records, in offset order per partition.
+    Records(Vec<Record>),
+    /// Partitions now owned, positioned at the committed offset (or the reset policy).
+    Assigned(Vec<TopicPartition>),
+    /// Partitions being taken away. Nothing more arrives for them; `reply` gets the final offsets, which
+    /// the consumer commits before it releases the partitions.
+    Revoked {
+        partitions: Vec<TopicPartition>,
+        reply: RevokeReply,
+    },
+}
+
+/// One consumer-group member of a log broker.
+pub(crate) trait LogConsumer: Send + 'static {
+    /// The next event. Must be cancel-safe. `None` means the consumer has failed for good or was closed.
+    fn next(&mut self) -> impl Future<Output = Option<LogEvent>> + Send;
+
+    /// Stops fetching a partition (records already fetched may still arrive).
+    fn pause(&mut self, tp: &TopicPartition);
+
+    /// Fetches a paused partition again.
+    fn resume(&mut self, tp: &TopicPartition);
+
+    /// Commits offsets; the future resolves when the broker has acknowledged them. At most one commit is
+    /// in flight per consumer, so commits land in order.
+    fn commit(&mut self, commits: Commits) -> BoxFuture<'static, Result<(), BrokerError>>;
+
+    /// Commits `final_commits` synchronously, then leaves the group and releases every resource.
+    fn close(self, final_commits: Commits) -> impl Future<Output = Result<(), BrokerError>> + Send;
+}
+
+/// A [`LogConsumer`] with the offset tracker and the commit cadence: the engine's transport on a log.
+pub(crate) struct LogTransport<C> {
+    consumer: C,
+    tracker: OffsetTracker,
+    cadence: Cadence,
+    /// Without a consumer group nothing is committed (and nothing waits for a commit).
+    commits_enabled: bool,
+    subscriber: Arc<str>,
+    hooks: Hooks,
+    counters: Arc<Counters>,
+}
+
+impl<C: LogConsumer> LogTransport<C> {
+    pub(crate) fn new(consumer: C, cfg: &ResolvedSubscriber, hooks: Hooks, counters: Arc<Counters>) -> Self {
+        LogTransport {
+            consumer,
+            tracker: OffsetTracker::default(),
+            cadence: Cadence::new(cfg),
+            commits_enabled: cfg.group_id.is_some(),
+            subscriber: cfg.name.clone(),
+            hooks,
+            counters,
+        }
+    }
+
+    /// The offsets to commit last for `tps`: their watermarks, held back at each `holdback` offset, and
+    /// only where they move past what the broker confirmed.
+    fn final_commits<'a>(
+        &self,
+        tps: impl IntoIterator<Item = &'a TopicPartition>,
+        holdback: &[(TopicPartition, i64)],
+    ) -> Commits {
+        let mut commits = self.tracker.watermarks(tps);
+        for (tp, offset) in &mut commits {
+            if let Some((_, h)) = holdback.iter().find(|(t, _)| t == tp) {
+                *offset = (*offset).min(*h);
+            }
+        }
+        commits.retain(|(tp, o)| self.tracker.confirmed(tp).is_none_or(|c| *o > c));
+        commits
+    }
+
+    fn observe_commits(&self, commits: &Commits) {
+        for (tp, offset) in commits {
+            self.hooks.emit(|| HookEvent::Committed {
+                subscriber: &self.subscriber,
+                tp,
+                offset: *offset,
+            });
+        }
+    }
+}
+
+impl<C: LogConsumer> Transport for LogTransport<C> {
+    type Release = RevokeReply;
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            redelivers: false,
+            ordered: true,
+        }
+    }
+
+    async fn next(&mut self, intake: bool) -> Option<TransportEvent<RevokeReply>> {
+        enum Step {
+            Committed(Result<(), BrokerError>),
+            Consumer(Option<LogEvent>),
+        }
+        let in_flight = self.cadence.in_flight();
+        let consumer = &mut self.consumer;
+        let step = tokio::select! {
+            biased;
+            // (A disabled branch's expression is still evaluated: hence the async block.)
+            r = async { in_flight.expect("guarded").await }, if in_flight.is_some() => Step::Committed(r),
+            ev = consumer.next(), if intake => Step::Consumer(ev),
+            else => std::future::pending().await,
+        };
+        match step {
+            Step::Committed(r) => {
+                if let Some(commits) = self
+                    .cadence
+                    .done(&mut self.tracker, r, &self.subscriber, &self.counters)
+                {
+                    self.observe_commits(&commits);
+                }
+                Some(TransportEvent::Settled)
+            }
+            Step::Consumer(None) => None,
+            Step::Consumer(Some(LogEvent::Records(records))) => Some(TransportEvent::Records(records)),
+            Step::Consumer(Some(LogEvent::Assigned(tps))) => {
+                for tp in &tps {
+                    self.tracker.assign(tp.clone());
+                    // librdkafka keeps an application pause across unassign/assign: a partition paused by
+                    // flow control before a rebalance would otherwise never fetch again.
+                    self.consumer.resume(tp);
+                }
+                Some(TransportEvent::Assigned(tps))
+            }
+            Step::Consumer(Some(LogEvent::Revoked { partitions, reply })) => Some(TransportEvent::Revoked {
+                sources: partitions,
+                release: reply,
+            }),
+        }
+    }
+
+    fn receive(&mut self, source: &TopicPartition, seqs: impl Iterator<Item = i64>, mut each: impl FnMut(Delivery)) {
+        match self.tracker.partition(source) {
+            Some(offsets) => seqs.for_each(|o| each(offsets.deliver(o))),
+            None => seqs.for_each(|_| each(Delivery::Stale)), // not ours (revoked meanwhile)
+        }
+    }
+
+    fn settle(&mut self, source: &TopicPartition, seq: i64, settle: Settle) {
+        if !settle.completes() {
+            return; // the engine redelivers it; its offset stays unsettled
+        }
+        if let Some(p) = self.tracker.partition(source) {
+            p.settle(seq);
+        }
+        if self.commits_enabled {
+            self.cadence.note(1, false);
+        }
+    }
+
+    fn nack(&mut self, _: Record, _: Duration) {
+        // Not called: a log does not redeliver (see `capabilities`); the engine keeps the record.
+    }
+
+    fn settle_on_receipt(&mut self, source: &TopicPartition, seqs: impl Iterator<Item = i64>) {
+        let Some(offsets) = self.tracker.partition(source) else {
+            return;
+        };
+        let mut n = 0;
+        for o in seqs {
+            offsets.settle(o);
+            n += 1;
+        }
+        if n > 0 && self.commits_enabled {
+            self.cadence.note(n, true);
+        }
+    }
+
+    fn confirmed(&self, source: &TopicPartition) -> Option<i64> {
+        if self.commits_enabled {
+            self.tracker.confirmed(source)
+        } else {
+            Some(i64::MAX) // nothing is committed, so nothing waits for a commit
+        }
+    }
+
+    fn pending(&self) -> Pending {
+        self.cadence.pending()
+    }
+
+    fn due(&self) -> Option<Instant> {
+        self.cadence.due()
+    }
+
+    fn flush(&mut self) {
+        if self.commits_enabled {
+            self.cadence.start(&mut self.tracker, &mut self.consumer);
+        }
+    }
+
+    fn flow(&mut self, source: &TopicPartition, open: bool) {
+        if open {
+            self.consumer.resume(source);
+        } else {
+            self.consumer.pause(source);
+        }
+    }
+
+    async fn release(&mut self, sources: &[TopicPartition], holdback: &[(TopicPartition, i64)], reply: RevokeReply) {
+        if let Some(c) = self
+            .cadence
+            .finish_in_flight(&mut self.tracker, &self.subscriber, &self.counters)
+            .await
+        {
+            self.observe_commits(&c);
+        }
+        let commits = if self.commits_enabled {
+            let commits = self.final_commits(sources, holdback);
+            self.observe_commits(&commits);
+            commits
+        } else {
+            Vec::new()
+        };
+        for tp in sources {
+            self.tracker.revoke(tp);
+        }
+        tracing::info!(subscriber = %self.subscriber, partitions = ?sources, final_commits = ?commits, "partitions revoked");
+        reply(commits);
+    }
+
+    async fn close(mut self, holdback: Vec<(TopicPartition, i64)>) -> Result<(), BrokerError> {
+        if let Some(c) = self
+            .cadence
+            .finish_in_flight(&mut self.tracker, &self.subscriber, &self.counters)
+            .await
+        {
+            self.observe_commits(&c);
+        }
+        let commits = if self.commits_enabled {
+            let tps = self.tracker.partitions();
+            let commits = self.final_commits(&tps, &holdback);
+            self.observe_commits(&commits);
+            commits
+        } else {
+            Vec::new()
+        };
+        self.consumer.close(commits).await
+    }
+}
