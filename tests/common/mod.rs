@@ -91,3 +91,62 @@ pub async fn publish_keyed(
     }
     published
 }
+
+/// True when the broker under test is a log (memory, Kafka): offsets, partitions, per-partition order.
+/// RabbitMQ (`amqp://`) is a queue: settles are per delivery, a nacked message goes back to the queue.
+pub fn is_log() -> bool {
+    !broker_url().starts_with("amqp://")
+}
+
+/// The settles of the message whose payload is `payload`, in order, matched through the handler calls
+/// that saw it (an offset on a log, a delivery tag on RabbitMQ: each names one delivery).
+pub fn settles_of_payload(
+    observer: &ferrostream::Observer,
+    subscriber: &str,
+    payload: &str,
+) -> Vec<(ferrostream::Settle, ferrostream::SettledBy)> {
+    let deliveries: std::collections::BTreeSet<i64> = observer
+        .handled(subscriber)
+        .into_iter()
+        .filter(|h| h.2 == payload)
+        .map(|h| h.1)
+        .collect();
+    observer
+        .settled(subscriber)
+        .into_iter()
+        .filter(|s| deliveries.contains(&s.offset))
+        .map(|s| (s.settle, s.by))
+        .collect()
+}
+
+/// How many messages of a one-partition topic were left unsettled once the app stopped, awaited until
+/// `expected` holds (RabbitMQ puts a closed channel's unacked messages back asynchronously): on a log the
+/// offsets the group has not committed, on RabbitMQ the messages back in the queue. Returns the last
+/// count seen.
+pub async fn unsettled(
+    broker: &Broker,
+    group: &str,
+    topic: &str,
+    expected: impl Fn(u64) -> bool,
+) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = if is_log() {
+            let end = broker.end_offsets(topic).await.unwrap().get(&0).copied().unwrap_or(0);
+            let committed = broker
+                .committed_offsets(group, topic)
+                .await
+                .unwrap()
+                .get(&0)
+                .copied()
+                .unwrap_or(0);
+            (end - committed) as u64
+        } else {
+            broker.queue_depth(topic).await.unwrap()
+        };
+        if expected(n) || tokio::time::Instant::now() >= deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

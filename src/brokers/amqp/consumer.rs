@@ -85,9 +85,9 @@ impl AmqpConsumer {
     pub(super) fn new(uri: Arc<str>, cfg: &ResolvedSubscriber, decl: Queue) -> Self {
         AmqpConsumer {
             uri,
+            prefetch: decl.prefetch_for(cfg.max_in_flight),
             queue: cfg.topic.clone(),
             decl,
-            prefetch: u16::try_from(cfg.max_in_flight).unwrap_or(u16::MAX),
             source: TopicPartition::new(cfg.topic.as_str(), 0),
             subscriber: cfg.name.clone(),
             session: None,

@@ -6,7 +6,8 @@
 //! Settles are per delivery: `ack` is `basic.ack`, `reject` is `basic.reject(requeue=false)` and `nack`
 //! puts the message back (a quorum queue's `basic.nack(requeue=true)`, which counts deliveries; on a
 //! classic queue, which counts nothing, a confirmed re-publish with an attempt header and then an ack).
-//! `max_in_flight(n)` is the prefetch. Publishing waits for the broker's confirm and fails on an
+//! The prefetch ([`Queue::prefetch`]) bounds what is delivered and not yet acked; `max_in_flight(n)` of
+//! those run at once. Publishing waits for the broker's confirm and fails on an
 //! unroutable record (published `mandatory`). A lost connection is re-opened with backoff; what was not
 //! acked comes back from the broker.
 //!
@@ -142,6 +143,7 @@ pub struct Queue {
     durable: bool,
     kind: QueueType,
     bindings: Vec<Binding>,
+    prefetch: Option<u16>,
 }
 
 impl Queue {
@@ -151,6 +153,7 @@ impl Queue {
             durable: true,
             kind: QueueType::Classic,
             bindings: Vec::new(),
+            prefetch: None,
         }
     }
 
@@ -196,8 +199,22 @@ impl Queue {
         self
     }
 
+    /// The prefetch: how many messages the broker delivers before waiting for acks. `max_in_flight` of
+    /// them run at once and the rest wait, in order; a message a `Manual` handler has not settled yet
+    /// still counts. Default: twice `max_in_flight`, at least 64.
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = Some(n.max(1));
+        self
+    }
+
     pub(crate) fn kind(&self) -> QueueType {
         self.kind
+    }
+
+    /// The prefetch for a subscriber running `max_in_flight` handlers at once.
+    pub(crate) fn prefetch_for(&self, max_in_flight: usize) -> u16 {
+        self.prefetch
+            .unwrap_or_else(|| u16::try_from(max_in_flight.saturating_mul(2).max(64)).unwrap_or(u16::MAX))
     }
 }
 
@@ -401,12 +418,6 @@ impl Backend for AmqpBackend {
                 what: "non-blocking retries (a retry topic) are for log brokers; on RabbitMQ a nack puts the \
                        message back in its queue: use `RetryPolicy::new(n)` without `.non_blocking()`"
                     .to_owned(),
-            });
-        }
-        if cfg.max_in_flight > usize::from(u16::MAX) {
-            return Err(ConfigError::InvalidSetting {
-                subscriber: cfg.name.to_string(),
-                what: format!("max_in_flight is RabbitMQ's prefetch, at most {}", u16::MAX),
             });
         }
         Ok(())
