@@ -108,10 +108,18 @@ async fn manual_nack_redelivers_and_manual_ack_commits() {
     );
     let mut order: Vec<String> = observer.handled("sub").into_iter().map(|h| h.2).collect();
     if common::is_log() {
-        assert_eq!(order, ["retry-me", "retry-me", "after"], "the nacked offset comes back before the next one");
+        assert_eq!(
+            order,
+            ["retry-me", "retry-me", "after"],
+            "the nacked offset comes back before the next one"
+        );
     } else {
         order.sort();
-        assert_eq!(order, ["after", "retry-me", "retry-me"], "the nacked message comes back");
+        assert_eq!(
+            order,
+            ["after", "retry-me", "retry-me"],
+            "the nacked message comes back"
+        );
     }
     all_settled(&broker, &group, &topic).await;
 }

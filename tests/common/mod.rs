@@ -123,15 +123,10 @@ pub fn settles_of_payload(
 /// `expected` holds (RabbitMQ puts a closed channel's unacked messages back asynchronously): on a log the
 /// offsets the group has not committed, on RabbitMQ the messages back in the queue. Returns the last
 /// count seen.
-pub async fn unsettled(
-    broker: &Broker,
-    group: &str,
-    topic: &str,
-    expected: impl Fn(u64) -> bool,
-) -> u64 {
+pub async fn unsettled(broker: &Broker, group: &str, topic: &str, expected: impl Fn(u64) -> bool) -> u64 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let n = if is_log() {
+        let n = if !broker.url().starts_with("amqp://") {
             let end = broker.end_offsets(topic).await.unwrap().get(&0).copied().unwrap_or(0);
             let committed = broker
                 .committed_offsets(group, topic)

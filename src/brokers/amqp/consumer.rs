@@ -148,7 +148,7 @@ async fn open_session(
     prefetch: u16,
     subscriber: Arc<str>,
 ) -> Result<Session, BrokerError> {
-    let conn = connect(&uri).await?;
+    let conn = connect(&uri, format!("ferrostream {subscriber} {}", std::process::id())).await?;
     let channel = conn
         .create_channel()
         .await

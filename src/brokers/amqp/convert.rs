@@ -13,7 +13,7 @@ use crate::transport::Outgoing;
 pub(super) const KEY: &str = "key";
 /// A classic queue keeps no delivery count: the transport counts attempts in this header when it puts a
 /// nacked message back.
-pub(super) const ATTEMPTS: &str = "x-ferrostream-attempts";
+pub(super) const ATTEMPTS: &str = "x-ferrostream-delivery-count";
 /// A quorum queue's own delivery count.
 const DELIVERY_COUNT: &str = "x-delivery-count";
 

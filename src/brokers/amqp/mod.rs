@@ -228,9 +228,10 @@ fn client_error(op: &'static str, e: impl Into<BoxError>) -> BrokerError {
     BrokerError::Client { op, source: e.into() }
 }
 
-/// Connects, within [`CONNECT_TIMEOUT`].
-async fn connect(uri: &str) -> Result<Connection, BrokerError> {
-    let props = ConnectionProperties::default().with_connection_name("ferrostream".into());
+/// Connects, within [`CONNECT_TIMEOUT`]. The name shows in RabbitMQ's connection list (`rabbitmqctl
+/// list_connections client_properties`, the management UI).
+async fn connect(uri: &str, name: String) -> Result<Connection, BrokerError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
     match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(uri, props)).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(client_error("connect", e)),
@@ -326,7 +327,7 @@ impl AmqpBackend {
         {
             return Ok(p.channel.clone());
         }
-        let conn = connect(uri).await?;
+        let conn = connect(uri, format!("ferrostream publisher {}", std::process::id())).await?;
         let channel = conn
             .create_channel()
             .await
