@@ -1,10 +1,12 @@
 //! The first thing to run: four subscribers showing each acknowledgement style, then what happened to
-//! every message (handled, how it was settled, the committed offset per partition).
+//! every message (handled, how it was settled, the committed offset per partition, or on RabbitMQ what
+//! is left in the queue).
 //!
 //! ```text
 //! cargo run --example quickstart                                   # in-memory broker
 //! cargo run --features kafka --example quickstart -- --broker kafka://127.0.0.1:9092
 //! FERROSTREAM_BROKER=kafka://127.0.0.1:9092 cargo run --features kafka --example quickstart
+//! cargo run --features amqp --example quickstart -- --broker amqp://guest:guest@127.0.0.1:5672/%2f
 //! ```
 
 use std::collections::HashMap;
@@ -18,7 +20,7 @@ use ferrostream::{AckMessage, AckPolicy, App, Broker, Message, OffsetReset, Sett
 #[derive(Parser)]
 #[command(about = "ferrostream quickstart: acknowledgement styles, side by side")]
 struct Args {
-    /// Broker URL: memory:// or kafka://host:port.
+    /// Broker URL: memory://, kafka://host:port or amqp://user:password@host:port/vhost.
     #[arg(long, env = "FERROSTREAM_BROKER", default_value = "memory://")]
     broker: String,
 }
@@ -57,6 +59,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let broker = Broker::new(&args.broker)?.with_state(attempts.clone());
     let observer = broker.observer();
     println!("ferrostream quickstart on {}\n", broker.url());
+    // Where a message sits: its offset on a log, its delivery tag on RabbitMQ.
+    let position = if broker.url().starts_with("amqp://") { "tag" } else { "offset" };
 
     // Topics and groups are fresh on every run, so reruns against a real broker start clean.
     let t = |name: &str| format!("quickstart.{name}.{run}");
@@ -179,7 +183,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         Outcome::Interrupted(s) => format!("interrupted: {s}"),
                         Outcome::Failed { kind, message } => format!("{kind} error: {message}"),
                     };
-                    println!("  offset {offset:>2}  {payload:<16} handled  -> {outcome}");
+                    println!("  {position} {offset:>2}  {payload:<16} handled  -> {outcome}");
                 }
                 Event::Settled {
                     subscriber,
@@ -194,14 +198,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         SettledBy::Interrupt => "by an interrupt",
                         SettledBy::Policy => "by the ack policy",
                     };
-                    println!("  offset {offset:>2}  {:<16} settled  -> {settle} ({by})", "");
+                    println!("  {position} {offset:>2}  {:<16} settled  -> {settle} ({by})", "");
                 }
                 _ => {}
             }
         }
-        let committed = broker.committed_offsets(&group, topic).await?;
-        let shown: Vec<String> = committed.iter().map(|(p, o)| format!("partition {p}: {o}")).collect();
-        println!("  committed: {}\n", shown.join(", "));
+        match broker.committed_offsets(&group, topic).await {
+            Ok(committed) => {
+                let shown: Vec<String> = committed.iter().map(|(p, o)| format!("partition {p}: {o}")).collect();
+                println!("  committed: {}\n", shown.join(", "));
+            }
+            // A queue (RabbitMQ) keeps no offsets: what is not settled is back in the queue.
+            Err(ferrostream::BrokerError::Unsupported { .. }) => {
+                println!("  left in the queue: {}\n", broker.queue_depth(topic).await?);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }

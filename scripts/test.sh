@@ -4,13 +4,16 @@
 #   2. the whole suite on the in-memory broker (no external service, no librdkafka build);
 #   3. the same suite plus the Kafka-only tests against a real Kafka-protocol broker (nisshi), which this
 #      script installs if missing and starts on a free 127.0.0.1 port;
-#   and the quickstart demo on both brokers (it exits non-zero if any message is not settled as shown).
+#   4. the broker-neutral suites (policy table, settling) plus the RabbitMQ-only tests (exchanges, retries,
+#      reconnect, SIGKILL crash test) against the RabbitMQ server on 127.0.0.1:5672 (FERROSTREAM_TEST_AMQP
+#      overrides its URL; it is a service of the machine, started with `rabbitmq-server -detached`);
+#   and the quickstart demo on every broker (it exits non-zero if any message is not settled as shown).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== lint"
 cargo fmt --all -- --check
-cargo clippy --all-targets --features kafka -- -D warnings
+cargo clippy --all-targets --features kafka,amqp -- -D warnings
 
 echo "== tests on memory://"
 cargo test
@@ -25,3 +28,17 @@ echo "broker: $url"
 FERROSTREAM_TEST_BROKER="$url" cargo test --features kafka
 echo "== the demo on $url"
 cargo run -q --features kafka --example quickstart -- --broker "$url" >/dev/null
+
+echo "== tests on RabbitMQ"
+amqp="${FERROSTREAM_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+if [ -z "${FERROSTREAM_TEST_AMQP:-}" ] && ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+  echo "RabbitMQ is not listening on 127.0.0.1:5672; starting the machine's server (rabbitmq-server -detached)"
+  rabbitmq-server -detached
+  for _ in $(seq 1 120); do (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break; sleep 0.5; done
+fi
+echo "broker: $amqp"
+FERROSTREAM_TEST_BROKER="$amqp" FERROSTREAM_TEST_AMQP="$amqp" \
+  cargo test --features amqp --test policy_table --test settling --test amqp --test amqp_crash
+FERROSTREAM_TEST_AMQP="$amqp" cargo test --features amqp --doc
+echo "== the demo on RabbitMQ"
+cargo run -q --features amqp --example quickstart -- --broker "$amqp" >/dev/null
