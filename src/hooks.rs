@@ -2,7 +2,7 @@
 //!
 //! A [`Hook`] receives every [`HookEvent`] of a broker's subscribers as a borrow: nothing is copied or
 //! allocated for it, and with no hook installed an event is not even built. The test
-//! [`Observer`](crate::Observer) is one hook; register your own with
+//! [`Observer`] is one hook; register your own with
 //! [`Broker::with_hook`](crate::Broker::with_hook).
 //!
 //! ```

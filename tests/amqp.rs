@@ -256,7 +256,9 @@ async fn retries_then_dead_letters(queue_type: Queue) {
                 Ok(())
             }
         });
-    let dead: Arc<Mutex<Vec<(String, Option<String>, Option<String>)>>> = Arc::default();
+    /// Body, attempts header and error header of a dead letter.
+    type DeadLetter = (String, Option<String>, Option<String>);
+    let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
     let d = dead.clone();
     broker
         .subscriber(&dlt)
