@@ -2,8 +2,16 @@
 //!
 //! Event-driven services on message brokers: write async handlers, subscribe them to topics, and let the
 //! framework consume, decode, dispatch, publish results and settle each message (ack / nack / reject)
-//! exactly as the chosen [`AckPolicy`] says. Kafka semantics first: offsets are committed only past
-//! settled messages (see [`offset`]), a nack redelivers from the nacked offset, at-most-once really commits before handling.
+//! exactly as the chosen [`AckPolicy`] says. The broker is chosen by URL: `memory://` (a model of Kafka
+//! for tests and demos), `kafka://` (feature `kafka`) and `amqp://` (RabbitMQ, feature `amqp`).
+//!
+//! What a settle means depends on the broker, never what the policy promises:
+//! - on a log (Kafka, `memory://`) offsets are committed only past settled messages (see [`offset`]), a
+//!   nack redelivers from the nacked offset with nothing after it committed, and `AckFirst` commits before
+//!   the handler runs (at most once, for real);
+//! - on RabbitMQ each delivery is settled on its own (`basic.ack`, `basic.reject`, a nack puts it back in
+//!   its queue), so a slow message never holds back a later one; `AckFirst` acks on receipt, before the
+//!   handler runs. See the `amqp` module (feature `amqp`).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
