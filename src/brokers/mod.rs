@@ -67,6 +67,13 @@ pub(crate) trait LogAdmin: Send + Sync {
     fn end_offsets<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, BrokerError>>;
 }
 
+/// Starts a subscriber's engine over a log broker's consumer.
+pub(crate) fn spawn_log<C: crate::log::LogConsumer>(launch: Launch, consumer: C) -> JoinHandle<()> {
+    let rt = &launch.rt;
+    let transport = crate::log::LogTransport::new(consumer, &rt.cfg, rt.hooks.clone(), rt.counters.clone());
+    launch.spawn(transport)
+}
+
 /// Opens a backend from the part of its URL after `scheme://`.
 type Open = fn(url: &str, rest: &str) -> Result<Arc<dyn Backend>, ConfigError>;
 

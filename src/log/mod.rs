@@ -115,6 +115,23 @@ impl<C: LogConsumer> LogTransport<C> {
         commits
     }
 
+    /// What to commit last for `tps` (nothing without a group), once the commit in flight has landed.
+    async fn last_commits(&mut self, tps: &[TopicPartition], holdback: &[(TopicPartition, i64)]) -> Commits {
+        if let Some(c) = self
+            .cadence
+            .finish_in_flight(&mut self.tracker, &self.subscriber, &self.counters)
+            .await
+        {
+            self.observe_commits(&c);
+        }
+        if !self.commits_enabled {
+            return Vec::new();
+        }
+        let commits = self.final_commits(tps, holdback);
+        self.observe_commits(&commits);
+        commits
+    }
+
     fn observe_commits(&self, commits: &Commits) {
         for (tp, offset) in commits {
             self.hooks.emit(|| HookEvent::Committed {
@@ -246,20 +263,7 @@ impl<C: LogConsumer> Transport for LogTransport<C> {
     }
 
     async fn release(&mut self, sources: &[TopicPartition], holdback: &[(TopicPartition, i64)], reply: RevokeReply) {
-        if let Some(c) = self
-            .cadence
-            .finish_in_flight(&mut self.tracker, &self.subscriber, &self.counters)
-            .await
-        {
-            self.observe_commits(&c);
-        }
-        let commits = if self.commits_enabled {
-            let commits = self.final_commits(sources, holdback);
-            self.observe_commits(&commits);
-            commits
-        } else {
-            Vec::new()
-        };
+        let commits = self.last_commits(sources, holdback).await;
         for tp in sources {
             self.tracker.revoke(tp);
         }
@@ -268,21 +272,7 @@ impl<C: LogConsumer> Transport for LogTransport<C> {
     }
 
     async fn close(mut self, holdback: Vec<(TopicPartition, i64)>) -> Result<(), BrokerError> {
-        if let Some(c) = self
-            .cadence
-            .finish_in_flight(&mut self.tracker, &self.subscriber, &self.counters)
-            .await
-        {
-            self.observe_commits(&c);
-        }
-        let commits = if self.commits_enabled {
-            let tps = self.tracker.partitions();
-            let commits = self.final_commits(&tps, &holdback);
-            self.observe_commits(&commits);
-            commits
-        } else {
-            Vec::new()
-        };
+        let commits = self.last_commits(&self.tracker.partitions(), &holdback).await;
         self.consumer.close(commits).await
     }
 }

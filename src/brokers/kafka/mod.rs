@@ -40,10 +40,9 @@ pub(crate) use consumer::KafkaConsumer;
 use futures::future::BoxFuture;
 use tokio::task::JoinHandle;
 
-use super::{Backend, LogAdmin};
+use super::{Backend, LogAdmin, spawn_log};
 use crate::engine::Launch;
 use crate::error::{BoxError, BrokerError, ConfigError, StartError};
-use crate::log::LogTransport;
 use crate::transport::{Outgoing, PublishAck, Publisher, no_exchanges};
 
 /// How long admin and metadata calls may take.
@@ -386,10 +385,8 @@ impl Backend for KafkaBackend {
 
 impl KafkaBackend {
     fn start_now(&self, launch: Launch) -> Result<JoinHandle<()>, StartError> {
-        let rt = &launch.rt;
-        let consumer = KafkaConsumer::start(&self.config, &rt.cfg)?;
-        let transport = LogTransport::new(consumer, &rt.cfg, rt.hooks.clone(), rt.counters.clone());
-        Ok(launch.spawn(transport))
+        let consumer = KafkaConsumer::start(&self.config, &launch.rt.cfg)?;
+        Ok(spawn_log(launch, consumer))
     }
 }
 

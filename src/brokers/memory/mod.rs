@@ -19,11 +19,11 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use tokio::task::JoinHandle;
 
-use super::{Backend, LogAdmin};
+use super::{Backend, LogAdmin, spawn_log};
 use crate::config::OffsetReset;
 use crate::engine::Launch;
 use crate::error::{BrokerError, ConfigError, StartError};
-use crate::log::{Commits, LogConsumer, LogEvent, LogTransport};
+use crate::log::{Commits, LogConsumer, LogEvent};
 use crate::message::{Headers, Record};
 use crate::offset::TopicPartition;
 use crate::transport::{Outgoing, PublishAck, Publisher, no_exchanges};
@@ -518,16 +518,14 @@ impl Backend for MemoryBroker {
 
 impl MemoryBroker {
     fn start_now(&self, launch: Launch) -> Result<JoinHandle<()>, StartError> {
-        let rt = &launch.rt;
-        let cfg = &rt.cfg;
+        let cfg = &launch.rt.cfg;
         let consumer = self.join(
             cfg.group_id.as_deref(),
             &cfg.topic,
             cfg.auto_offset_reset,
             cfg.drain_timeout,
         );
-        let transport = LogTransport::new(consumer, cfg, rt.hooks.clone(), rt.counters.clone());
-        Ok(launch.spawn(transport))
+        Ok(spawn_log(launch, consumer))
     }
 }
 
