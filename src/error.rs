@@ -101,6 +101,36 @@ impl StdError for DecodeError {
     }
 }
 
+/// What a failed handler call failed of: the typed kind behind an [`Outcome::Failed`](crate::Outcome),
+/// the counters and a retry policy's choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The handler returned an error.
+    Handler,
+    /// The payload did not decode into the handler's argument type (SPEC 2.4).
+    Decode,
+    /// The handler panicked (SPEC 2.3).
+    Panic,
+}
+
+impl FailureKind {
+    /// `handler`, `decode` or `panic`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Handler => "handler",
+            FailureKind::Decode => "decode",
+            FailureKind::Panic => "panic",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The error type of handlers and of code under them.
 ///
 /// It carries either a settling interrupt ([`AckMessage`], [`NackMessage`], [`RejectMessage`]), a decode
@@ -185,7 +215,17 @@ impl Error {
         }
     }
 
-    /// A short label for logs and metrics: `interrupt`, `decode`, `panic` or `handler`.
+    /// The failure this error is, unless it is an interrupt (which settles, and is no failure).
+    pub fn failure(&self) -> Option<FailureKind> {
+        match self.kind {
+            ErrorKind::Interrupt(_) => None,
+            ErrorKind::Decode(_) => Some(FailureKind::Decode),
+            ErrorKind::Panic(_) => Some(FailureKind::Panic),
+            ErrorKind::Handler(_) => Some(FailureKind::Handler),
+        }
+    }
+
+    /// A short label for logs: `interrupt`, `decode`, `panic` or `handler`.
     pub fn label(&self) -> &'static str {
         match self.kind {
             ErrorKind::Interrupt(_) => "interrupt",

@@ -27,6 +27,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::error::FailureKind;
 use crate::message::{Message, SettledBy};
 use crate::observe::Observer;
 use crate::offset::TopicPartition;
@@ -39,10 +40,10 @@ pub enum Outcome {
     Ok,
     /// It returned an interrupt (`AckMessage`, `NackMessage`, `RejectMessage`).
     Interrupted(Settle),
-    /// It failed: `kind` is `handler`, `decode` or `panic`; `message` the error's text.
+    /// It failed: how, and the error's text.
     Failed {
-        /// Error kind label.
-        kind: &'static str,
+        /// What kind of failure.
+        kind: FailureKind,
         /// The error, as displayed.
         message: String,
     },

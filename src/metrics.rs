@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
+use crate::error::FailureKind;
 use crate::settle::Settle;
 
 #[derive(Debug, Default)]
@@ -26,13 +27,13 @@ impl Counters {
         self.buffered_high_water.fetch_max(n as u64, Relaxed);
     }
 
-    pub(crate) fn handled(&self, error_label: Option<&str>) {
+    pub(crate) fn handled(&self, failure: Option<FailureKind>) {
         self.handled.fetch_add(1, Relaxed);
-        match error_label {
+        match failure {
             None => &self.succeeded,
-            Some("decode") => &self.decode_errors,
-            Some("panic") => &self.panics,
-            Some(_) => &self.handler_errors,
+            Some(FailureKind::Decode) => &self.decode_errors,
+            Some(FailureKind::Panic) => &self.panics,
+            Some(FailureKind::Handler) => &self.handler_errors,
         }
         .fetch_add(1, Relaxed);
     }

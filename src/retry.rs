@@ -3,6 +3,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::error::FailureKind;
+
 /// Header names ferrostream adds to a dead-lettered record (next to the original headers).
 pub mod headers {
     /// Why the message was given up on (the last error, or who rejected it).
@@ -127,12 +129,12 @@ impl RetryPolicy {
         Duration::from_secs_f64((capped * (1.0 + spread)).max(0.0))
     }
 
-    /// Whether a failure of this kind (`handler`, `panic`, `decode`) may be retried.
-    pub(crate) fn retries(&self, kind: &str) -> bool {
+    /// Whether a failure of this kind may be retried.
+    pub(crate) fn retries(&self, kind: FailureKind) -> bool {
         match kind {
-            "panic" => self.retry_panics,
-            "decode" => self.retry_decode_errors,
-            _ => true,
+            FailureKind::Panic => self.retry_panics,
+            FailureKind::Decode => self.retry_decode_errors,
+            FailureKind::Handler => true,
         }
     }
 }

@@ -325,12 +325,12 @@ async fn the_consumer_keeps_running_after_a_panic_and_a_decode_error() {
     .await;
     assert_eq!(outcomes.len(), 3, "{outcomes:?}");
     assert!(
-        matches!(&outcomes[0], (0, Outcome::Failed { kind: "decode", message }) if message.contains("fragile") && message.contains("Order")),
+        matches!(&outcomes[0], (0, Outcome::Failed { kind: ferrostream::FailureKind::Decode, message }) if message.contains("fragile") && message.contains("Order")),
         "{:?}",
         outcomes[0]
     );
     assert!(
-        matches!(&outcomes[1], (1, Outcome::Failed { kind: "panic", message }) if message.contains("order 1 exploded")),
+        matches!(&outcomes[1], (1, Outcome::Failed { kind: ferrostream::FailureKind::Panic, message }) if message.contains("order 1 exploded")),
         "{:?}",
         outcomes[1]
     );
@@ -363,7 +363,7 @@ async fn a_panic_after_the_handler_waited_is_caught_and_settled_by_the_policy() 
     )
     .await;
     assert!(
-        matches!(&outcomes[..], [(0, Outcome::Failed { kind: "panic", message }), (1, Outcome::Ok)] if message.contains("after a wait")),
+        matches!(&outcomes[..], [(0, Outcome::Failed { kind: ferrostream::FailureKind::Panic, message }), (1, Outcome::Ok)] if message.contains("after a wait")),
         "{outcomes:?}"
     );
     assert_eq!(settles, vec![Settle::Reject, Settle::Ack]);

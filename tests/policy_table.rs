@@ -149,13 +149,22 @@ fn check(policy: AckPolicy, behaviour: Behaviour, r: &CaseResult) {
     let first = &r.calls[0];
     match behaviour {
         Success => assert_eq!(first, &Outcome::Ok),
-        Error => assert!(matches!(first, Outcome::Failed { kind: "handler", .. }), "{first:?}"),
+        Error => assert!(
+            matches!(
+                first,
+                Outcome::Failed {
+                    kind: ferrostream::FailureKind::Handler,
+                    ..
+                }
+            ),
+            "{first:?}"
+        ),
         Panic => assert!(
-            matches!(first, Outcome::Failed { kind: "panic", message } if message.contains("exploded")),
+            matches!(first, Outcome::Failed { kind: ferrostream::FailureKind::Panic, message } if message.contains("exploded")),
             "{first:?}"
         ),
         Decode => assert!(
-            matches!(first, Outcome::Failed { kind: "decode", message }
+            matches!(first, Outcome::Failed { kind: ferrostream::FailureKind::Decode, message }
                 if message.contains("sub") && message.contains("Item") && message.contains("expected")),
             "decode errors name subscriber, target type and cause: {first:?}"
         ),

@@ -1,14 +1,14 @@
 //! The verdict: what a handler call's outcome means under the policy and the retry budget.
 
 use super::*;
-use crate::error::Error;
+use crate::error::{Error, FailureKind};
 use crate::hooks::Outcome;
 
 /// What a handler call's outcome means: how it is recorded and how the policy settles its messages.
 pub(super) struct Verdict {
     pub(super) outcome: Outcome,
     /// The failure kind, for the counters.
-    pub(super) label: Option<&'static str>,
+    pub(super) label: Option<FailureKind>,
     pub(super) settle: Option<(Settle, SettledBy)>,
     pub(super) reason: Option<String>,
 }
@@ -19,10 +19,10 @@ impl Verdict {
         let cfg = &rt.cfg;
         let outcome = match result {
             Ok(()) => Outcome::Ok,
-            Err(e) => match e.interrupt() {
-                Some(s) => Outcome::Interrupted(s),
-                None => Outcome::Failed {
-                    kind: e.label(),
+            Err(e) => match (e.interrupt(), e.failure()) {
+                (Some(s), _) => Outcome::Interrupted(s),
+                (None, kind) => Outcome::Failed {
+                    kind: kind.unwrap_or(FailureKind::Handler),
                     message: e.to_string(),
                 },
             },
@@ -49,7 +49,7 @@ impl Verdict {
                     // is spent or the failure cannot succeed; then the message is rejected.
                     Some(retry) => {
                         let attempt = messages.iter().map(Message::attempt).max().unwrap_or(1);
-                        Some(if retry.retries(kind) && attempt < retry.max_attempts {
+                        Some(if retry.retries(*kind) && attempt < retry.max_attempts {
                             Settle::Nack {
                                 delay: Some(retry.delay(attempt)),
                             }
