@@ -119,6 +119,10 @@ impl AmqpConsumer {
             "RabbitMQ channel lost; unacked messages go back to the queue; reconnecting");
         if let Some(s) = self.session.take() {
             s.settler.abort();
+            // Usually already closed by the broker; if not (the consumer alone was cancelled), close it.
+            tokio::spawn(async move {
+                let _ = s.conn.close(200, "channel lost".into()).await;
+            });
         }
         self.lost = false;
         Some(TransportEvent::Revoked {

@@ -289,6 +289,19 @@ async fn declare(channel: &Channel, queue: &str, decl: &Queue) -> Result<(), Bro
     Ok(())
 }
 
+/// A channel whose publishes the broker confirms.
+async fn confirming_channel(conn: &Connection) -> Result<Channel, BrokerError> {
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| client_error("open channel", e))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| client_error("enable publisher confirms", e))?;
+    Ok(channel)
+}
+
 /// The publishing side: one connection and one confirming channel, opened on first use and again after
 /// they fail.
 struct PublishChannel {
@@ -318,24 +331,21 @@ pub(crate) fn open(url: &str, _rest: &str) -> Result<Arc<dyn Backend>, ConfigErr
 }
 
 impl AmqpBackend {
-    /// The publishing channel, (re)opened when there is none or it failed.
+    /// The publishing channel, (re)opened when there is none or it failed: a new channel on the same
+    /// connection while that is alive (a failed declaration closes only its channel), else a new
+    /// connection.
     async fn channel(publishing: &Mutex<Option<PublishChannel>>, uri: &str) -> Result<Channel, BrokerError> {
         let mut slot = publishing.lock().await;
-        if let Some(p) = slot.as_ref()
+        if let Some(p) = slot.as_mut()
             && p.conn.status().connected()
-            && p.channel.status().connected()
         {
+            if !p.channel.status().connected() {
+                p.channel = confirming_channel(&p.conn).await?;
+            }
             return Ok(p.channel.clone());
         }
         let conn = connect(uri, format!("ferrostream publisher {}", std::process::id())).await?;
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(|e| client_error("open channel", e))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| client_error("enable publisher confirms", e))?;
+        let channel = confirming_channel(&conn).await?;
         *slot = Some(PublishChannel {
             conn,
             channel: channel.clone(),
