@@ -35,6 +35,8 @@ const BATCH_MAX: usize = 512;
 /// Reconnect backoff: from this, doubling, up to the cap.
 const RECONNECT_FLOOR: Duration = Duration::from_millis(100);
 const RECONNECT_CAP: Duration = Duration::from_secs(5);
+/// Settles sent together at most.
+const SETTLE_BATCH: usize = 256;
 /// How long closing waits for the settles still queued to reach the broker.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 
@@ -213,7 +215,10 @@ async fn reopen(
     open_session(uri, queue, decl, prefetch, subscriber).await
 }
 
-/// Realises settles on the channel, in the order the engine made them.
+/// Realises settles on the channel. What is waiting is sent together: each settle's frame is queued when
+/// its future is first polled, in the order the engine made them, and the batch waits for the socket once.
+/// When the consumer closes (the engine dropped its sender), nacks still waiting out their delay are put
+/// back at once, and the settler ends when they are done.
 async fn settler(
     channel: Channel,
     queue: String,
@@ -222,32 +227,56 @@ async fn settler(
     confirmed: watch::Sender<i64>,
     subscriber: Arc<str>,
 ) {
-    while let Some(op) = ops.recv().await {
-        let r = match op {
-            SettleOp::Ack(tag) => channel.basic_ack(tag, BasicAckOptions::default()).await,
-            SettleOp::AckUpTo(tag) => {
-                let r = channel.basic_ack(tag, BasicAckOptions { multiple: true }).await;
-                if r.is_ok() {
-                    confirmed.send_replace(tag as i64 + 1);
-                }
-                r
+    let (closing, closing_rx) = watch::channel(false);
+    let mut put_backs = tokio::task::JoinSet::new();
+    let mut batch = Vec::new();
+    while let Some(first) = ops.recv().await {
+        batch.push(first);
+        while batch.len() < SETTLE_BATCH {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
             }
-            SettleOp::Reject(tag) => channel.basic_reject(tag, BasicRejectOptions { requeue: false }).await,
-            SettleOp::Nack { record, delay } => {
-                tokio::spawn(put_back(
-                    channel.clone(),
-                    queue.clone(),
-                    kind,
-                    record,
-                    delay,
-                    subscriber.clone(),
-                ));
-                Ok(())
-            }
-        };
-        if let Err(e) = r {
-            tracing::debug!(subscriber = %subscriber, error = %e, "settle not sent: the channel is gone, the broker redelivers");
         }
+        let mut sends = Vec::with_capacity(batch.len());
+        for op in batch.drain(..) {
+            match op {
+                SettleOp::Nack { record, delay } => {
+                    let (channel, queue, subscriber) = (channel.clone(), queue.clone(), subscriber.clone());
+                    put_backs.spawn(put_back(
+                        channel,
+                        queue,
+                        kind,
+                        record,
+                        delay,
+                        subscriber,
+                        closing_rx.clone(),
+                    ));
+                }
+                op => sends.push(settle_one(&channel, &confirmed, op)),
+            }
+        }
+        for r in futures::future::join_all(sends).await {
+            if let Err(e) = r {
+                tracing::debug!(subscriber = %subscriber, error = %e, "settle not sent: the channel is gone, the broker redelivers");
+            }
+        }
+        while put_backs.try_join_next().is_some() {}
+    }
+    closing.send_replace(true);
+    while put_backs.join_next().await.is_some() {}
+}
+
+async fn settle_one(channel: &Channel, confirmed: &watch::Sender<i64>, op: SettleOp) -> lapin::Result<()> {
+    match op {
+        SettleOp::Ack(tag) => channel.basic_ack(tag, BasicAckOptions::default()).await,
+        SettleOp::AckUpTo(tag) => {
+            channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
+            confirmed.send_replace(tag as i64 + 1);
+            Ok(())
+        }
+        SettleOp::Reject(tag) => channel.basic_reject(tag, BasicRejectOptions { requeue: false }).await,
+        SettleOp::Nack { .. } => Ok(()), // put back by the settler itself
     }
 }
 
@@ -261,8 +290,13 @@ async fn put_back(
     record: Box<Record>,
     delay: Duration,
     subscriber: Arc<str>,
+    mut closing: watch::Receiver<bool>,
 ) {
-    tokio::time::sleep(delay).await;
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        // Closing: put it back now, while the channel is still there.
+        _ = closing.wait_for(|c| *c) => {}
+    }
     let tag = record.offset as u64;
     let requeue = BasicNackOptions {
         requeue: true,
