@@ -83,7 +83,7 @@ pub use error::{
 };
 pub use extract::{Attempt, Batch, Json, Key, State};
 pub use handler::{Handler, HandlerReturn, IntoPayload};
-pub use message::{CORRELATION_ID, Headers, Message, REPLY_TO, SettledBy};
+pub use message::{CORRELATION_ID, Coordinates, Headers, Message, REPLY_TO, SettledBy};
 pub use metrics::{Metrics, SubscriberMetrics};
 pub use observe::{Event, Observer, Outcome};
 pub use offset::TopicPartition;

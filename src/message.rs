@@ -106,6 +106,42 @@ pub(crate) struct SettleSink {
     pub(crate) events: mpsc::UnboundedSender<SettleEvent>,
     pub(crate) generation: u64,
     pub(crate) subscriber: Arc<str>,
+    /// The source is a log's partition (else a queue): which [`Coordinates`] a message has.
+    pub(crate) from_log: bool,
+}
+
+/// Where a message came from, in its broker's own words.
+///
+/// ```
+/// # fn f(msg: &ferrostream::Message) {
+/// use ferrostream::Coordinates;
+/// match msg.coordinates() {
+///     Coordinates::Log { topic, partition, offset } => println!("{topic}[{partition}]@{offset}"),
+///     Coordinates::Queue { queue, delivery_tag } => println!("{queue} #{delivery_tag}"),
+///     _ => {}
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Coordinates<'a> {
+    /// A log (Kafka, the in-memory broker): a partition of a topic, and an offset in it.
+    Log {
+        /// The topic.
+        topic: &'a str,
+        /// The partition.
+        partition: i32,
+        /// The offset in the partition.
+        offset: i64,
+    },
+    /// A queue (RabbitMQ): the queue, and the delivery tag (numbered per channel, so a redelivery has a
+    /// new one).
+    Queue {
+        /// The queue.
+        queue: &'a str,
+        /// The delivery tag.
+        delivery_tag: u64,
+    },
 }
 
 /// Who settled a message, for logs and the test observer.
@@ -311,7 +347,25 @@ impl Message {
     pub fn subscriber(&self) -> &str {
         &self.slot().sink.subscriber
     }
-    /// Its topic.
+    /// Where it came from, in its broker's own words (a Kafka partition and offset, a RabbitMQ queue and
+    /// delivery tag). [`topic`](Self::topic), [`partition`](Self::partition) and [`offset`](Self::offset)
+    /// are the same on every broker: on a queue, the queue, 0 and the delivery tag.
+    pub fn coordinates(&self) -> Coordinates<'_> {
+        let r = self.record();
+        if self.slot().sink.from_log {
+            Coordinates::Log {
+                topic: &r.tp.topic,
+                partition: r.tp.partition,
+                offset: r.offset,
+            }
+        } else {
+            Coordinates::Queue {
+                queue: &r.tp.topic,
+                delivery_tag: r.offset as u64,
+            }
+        }
+    }
+    /// Its topic (on RabbitMQ, its queue).
     pub fn topic(&self) -> &str {
         &self.record().tp.topic
     }
@@ -323,7 +377,7 @@ impl Message {
     pub fn topic_partition(&self) -> &TopicPartition {
         &self.record().tp
     }
-    /// Its offset in the partition.
+    /// Its offset in the partition (on RabbitMQ, its delivery tag).
     pub fn offset(&self) -> i64 {
         self.record().offset
     }

@@ -345,6 +345,11 @@ async fn headers_key_correlation_id_and_reply_to_round_trip() {
     assert_eq!(msg.correlation_id(), Some("corr-7"));
     assert_eq!(msg.reply_to(), Some("answers"));
     assert_eq!(msg.topic(), queue);
+    assert!(
+        matches!(msg.coordinates(), ferrostream::Coordinates::Queue { queue: q, delivery_tag: 1 } if q == queue),
+        "{:?}",
+        msg.coordinates()
+    );
     assert_eq!(msg.attempt(), 1);
 }
 

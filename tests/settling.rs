@@ -400,3 +400,33 @@ async fn an_always_failing_message_is_not_redelivered_in_a_hot_loop() {
         "redelivered {rate:.0} times a second"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinates_name_the_brokers_own_position() {
+    let got: Arc<Mutex<Vec<Message>>> = Arc::default();
+    let g = got.clone();
+    let (broker, topic, _group, app) = setup(AckPolicy::Ack, move |msg: Message| {
+        let g = g.clone();
+        async move { g.lock().unwrap().push(msg) }
+    })
+    .await;
+    let observer = broker.observer();
+    broker.publish("first", &topic).await.unwrap();
+    observer.wait_settled("sub", 1, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    let msg = got.lock().unwrap()[0].clone();
+    let expected = if common::is_log() {
+        ferrostream::Coordinates::Log {
+            topic: &topic,
+            partition: 0,
+            offset: 0,
+        }
+    } else {
+        // A channel numbers its deliveries from 1.
+        ferrostream::Coordinates::Queue {
+            queue: &topic,
+            delivery_tag: 1,
+        }
+    };
+    assert_eq!(msg.coordinates(), expected);
+}

@@ -236,6 +236,7 @@ impl<T: Transport> Engine<T> {
             events: self.settles_tx.clone(),
             generation,
             subscriber: self.rt.cfg.name.clone(),
+            from_log: self.caps.ordered,
         })
     }
 
