@@ -60,7 +60,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let observer = broker.observer();
     println!("ferrostream quickstart on {}\n", broker.url());
     // Where a message sits: its offset on a log, its delivery tag on RabbitMQ.
-    let position = if broker.url().starts_with("amqp://") { "tag" } else { "offset" };
+    let position = if broker.url().starts_with("amqp://") {
+        "tag"
+    } else {
+        "offset"
+    };
 
     // Topics and groups are fresh on every run, so reruns against a real broker start clean.
     let t = |name: &str| format!("quickstart.{name}.{run}");
@@ -209,7 +213,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 println!("  committed: {}\n", shown.join(", "));
             }
             // A queue (RabbitMQ) keeps no offsets: what is not settled is back in the queue.
-            Err(ferrostream::BrokerError::Unsupported { .. }) => {
+            Err(ferrostream::AdminError::Unsupported { .. }) => {
                 println!("  left in the queue: {}\n", broker.queue_depth(topic).await?);
             }
             Err(e) => return Err(e.into()),

@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 use crate::brokers::{self, Backend, LogAdmin};
 use crate::config::ResolvedSubscriber;
 use crate::engine::{Launch, SubscriberRuntime};
-use crate::error::{BrokerError, ConfigError, StartError};
+use crate::error::{AdminError, ConfigError, PublishError, StartError};
 use crate::extract::StateMap;
 use crate::handler::IntoPayload;
 use crate::hooks::{Hook, Hooks};
@@ -127,7 +127,7 @@ impl Broker {
     pub async fn publish_batch(
         &self,
         batch: impl IntoIterator<Item = Publish>,
-    ) -> Vec<Result<PublishAck, BrokerError>> {
+    ) -> Vec<Result<PublishAck, PublishError>> {
         futures::future::join_all(batch.into_iter().map(std::future::IntoFuture::into_future)).await
     }
 
@@ -163,8 +163,8 @@ impl Broker {
         self
     }
 
-    fn log_admin(&self, op: &'static str) -> Result<&dyn LogAdmin, BrokerError> {
-        self.inner.backend.log_admin().ok_or_else(|| BrokerError::Unsupported {
+    fn log_admin(&self, op: &'static str) -> Result<&dyn LogAdmin, AdminError> {
+        self.inner.backend.log_admin().ok_or_else(|| AdminError::Unsupported {
             op,
             url: self.inner.url.clone(),
         })
@@ -177,16 +177,16 @@ impl Broker {
 
     /// Creates a topic with this many partitions (or grows an in-memory one); existing topics are kept.
     /// On RabbitMQ it declares a durable classic queue of that name (one partition only).
-    pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), BrokerError> {
+    pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), AdminError> {
         self.inner.backend.declare_topic(topic, partitions).await
     }
 
     /// How many messages wait in a queue (RabbitMQ; ready ones, not those delivered and unacked). Log
-    /// brokers answer [`BrokerError::Unsupported`]: ask [`committed_offsets`](Self::committed_offsets).
-    pub async fn queue_depth(&self, queue: &str) -> Result<u64, BrokerError> {
+    /// brokers answer [`AdminError::Unsupported`]: ask [`committed_offsets`](Self::committed_offsets).
+    pub async fn queue_depth(&self, queue: &str) -> Result<u64, AdminError> {
         match self.inner.backend.queue_depth(queue) {
             Some(depth) => depth.await,
-            None => Err(BrokerError::Unsupported {
+            None => Err(AdminError::Unsupported {
                 op: "queue_depth",
                 url: self.inner.url.clone(),
             }),
@@ -194,16 +194,16 @@ impl Broker {
     }
 
     /// The offsets a consumer group has committed for a topic, by partition.
-    pub async fn committed_offsets(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>, BrokerError> {
+    pub async fn committed_offsets(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>, AdminError> {
         self.log_admin("committed_offsets")?.committed(group, topic).await
     }
 
     /// The next offset to be written in each partition of a topic (the high watermarks).
-    pub async fn end_offsets(&self, topic: &str) -> Result<BTreeMap<i32, i64>, BrokerError> {
+    pub async fn end_offsets(&self, topic: &str) -> Result<BTreeMap<i32, i64>, AdminError> {
         self.log_admin("end_offsets")?.end_offsets(topic).await
     }
 
-    pub(crate) async fn send(&self, out: Outgoing) -> Result<PublishAck, BrokerError> {
+    pub(crate) async fn send(&self, out: Outgoing) -> Result<PublishAck, PublishError> {
         self.inner.backend.send(out).await
     }
 

@@ -355,14 +355,14 @@ pub enum ConfigError {
     },
 }
 
-/// A failure talking to the broker.
+/// A failure of the broker connection itself: connecting, committing, closing, leaving a group.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BrokerError {
     /// The broker client reported an error for an operation.
     #[error("{op}: {source}")]
     Client {
-        /// The operation, e.g. `commit` or `publish`.
+        /// The operation, e.g. `connect` or `commit`.
         op: &'static str,
         /// The client's error.
         source: BoxError,
@@ -375,13 +375,29 @@ pub enum BrokerError {
         /// The deadline that passed.
         timeout: Duration,
     },
-    /// The topic does not exist.
-    #[error("unknown topic `{topic}`")]
-    UnknownTopic {
-        /// The topic.
-        topic: String,
+    /// The broker handle was shut down.
+    #[error("the broker connection is closed")]
+    Closed,
+}
+
+/// Why a publish failed: what [`Broker::publish`](crate::Broker::publish) can answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// No queue is bound for the record (RabbitMQ's `basic.return` of a mandatory publish).
+    #[error(
+        "no queue is bound to exchange `{exchange}` with routing key `{routing_key}` ({reason}); declare the \
+         queue (a subscriber does at start) or fix the exchange or topic"
+    )]
+    Unroutable {
+        /// The exchange (empty: the default exchange).
+        exchange: String,
+        /// The routing key (the topic).
+        routing_key: String,
+        /// The broker's reply text.
+        reason: String,
     },
-    /// The partition does not exist.
+    /// The partition asked for does not exist.
     #[error("topic `{topic}` has no partition {partition}")]
     UnknownPartition {
         /// The topic.
@@ -395,22 +411,37 @@ pub enum BrokerError {
         /// Why.
         source: BoxError,
     },
-    /// The broker handle was shut down.
-    #[error("the broker connection is closed")]
-    Closed,
-    /// The broker could not route a published record to any queue (RabbitMQ's `basic.return`).
-    #[error(
-        "no queue is bound to exchange `{exchange}` with routing key `{routing_key}` ({reason}); declare the queue (a subscriber does at start) or fix the exchange or topic"
-    )]
-    Unroutable {
-        /// The exchange (empty: the default exchange).
-        exchange: String,
-        /// The routing key (the topic).
-        routing_key: String,
-        /// The broker's reply text.
+    /// The broker refused the record (RabbitMQ's `basic.nack` of a publish, e.g. a full queue that rejects
+    /// publishes).
+    #[error("the broker refused the record: {reason}")]
+    Refused {
+        /// Why, as far as the broker says.
         reason: String,
     },
-    /// This broker has no such operation (a RabbitMQ broker has no partitioned topics or committed offsets).
+    /// The broker did not acknowledge the record in time.
+    #[error("publish timed out after {timeout:?}")]
+    Timeout {
+        /// The deadline that passed.
+        timeout: Duration,
+    },
+    /// This broker cannot publish that way (a partition on RabbitMQ, an exchange on a log).
+    #[error("{what} is not supported by the broker at `{url}`")]
+    Unsupported {
+        /// What was asked.
+        what: &'static str,
+        /// The broker's URL.
+        url: String,
+    },
+    /// The broker or the connection to it failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// Why an administrative call failed (creating topics or queues, reading offsets or queue depths).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// This broker has no such operation (RabbitMQ has no committed offsets; a log has no queue depth).
     #[error("`{op}` is not supported by the broker at `{url}`")]
     Unsupported {
         /// The operation.
@@ -418,6 +449,15 @@ pub enum BrokerError {
         /// The broker's URL.
         url: String,
     },
+    /// The topic (or queue) does not exist.
+    #[error("unknown topic `{topic}`")]
+    UnknownTopic {
+        /// The topic.
+        topic: String,
+    },
+    /// The broker or the connection to it failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
 }
 
 /// Why an [`App`](crate::App) could not start.
@@ -430,6 +470,9 @@ pub enum StartError {
     /// The broker could not be reached or refused an operation.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// Declaring what a subscriber needs (a retry topic) failed.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 #[cfg(test)]

@@ -78,8 +78,8 @@ pub use log::offset;
 pub use app::{App, RunningApp, ShutdownHandle};
 pub use broker::Broker;
 pub use error::{
-    AckMessage, BoxError, BrokerError, ConfigError, DecodeError, Error, ErrorKind, FailureKind, NackMessage,
-    RejectMessage, StartError,
+    AckMessage, AdminError, BoxError, BrokerError, ConfigError, DecodeError, Error, ErrorKind, FailureKind,
+    NackMessage, PublishError, RejectMessage, StartError,
 };
 pub use extract::{Attempt, Batch, Json, Key, State};
 pub use handler::{Handler, HandlerReturn, IntoPayload};

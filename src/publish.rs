@@ -7,7 +7,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 
 use crate::broker::Broker;
-use crate::error::{BrokerError, Error};
+use crate::error::{Error, PublishError};
 use crate::handler::IntoPayload;
 use crate::message::{CORRELATION_ID, REPLY_TO};
 use crate::transport::Outgoing;
@@ -66,7 +66,7 @@ impl Publish {
 
     /// RabbitMQ: publishes to this exchange, with the topic as routing key (without it, to the default
     /// exchange, which routes to the queue the topic names). Log brokers refuse it with
-    /// [`BrokerError::Unsupported`].
+    /// [`PublishError::Unsupported`].
     pub fn exchange(self, exchange: impl Into<String>) -> Self {
         let exchange = exchange.into();
         self.edit(|r| r.exchange = Some(exchange))
@@ -86,12 +86,12 @@ impl Publish {
 }
 
 impl IntoFuture for Publish {
-    type Output = Result<PublishAck, BrokerError>;
+    type Output = Result<PublishAck, PublishError>;
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let record = self.record.map_err(|e| BrokerError::Encode { source: Box::new(e) })?;
+            let record = self.record.map_err(|e| PublishError::Encode { source: Box::new(e) })?;
             self.broker.send(record).await
         })
     }

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
-use crate::error::BrokerError;
+use crate::error::{BrokerError, PublishError};
 use crate::message::{Headers, Record};
 use crate::offset::{Delivery, TopicPartition};
 use crate::settle::Settle;
@@ -157,10 +157,10 @@ pub struct PublishAck {
 }
 
 /// A log broker's answer to a publish that names an exchange.
-pub(crate) fn no_exchanges(out: &Outgoing) -> Result<(), BrokerError> {
+pub(crate) fn no_exchanges(out: &Outgoing) -> Result<(), PublishError> {
     match &out.exchange {
-        Some(_) => Err(BrokerError::Unsupported {
-            op: "publish to an exchange",
+        Some(_) => Err(PublishError::Unsupported {
+            what: "publishing to an exchange",
             url: "a log broker (exchanges are RabbitMQ's)".to_owned(),
         }),
         None => Ok(()),
@@ -169,5 +169,5 @@ pub(crate) fn no_exchanges(out: &Outgoing) -> Result<(), BrokerError> {
 
 /// Sends records; resolves once the broker has acknowledged each one.
 pub(crate) trait Publisher: Send + Sync + 'static {
-    fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, BrokerError>>;
+    fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, PublishError>>;
 }

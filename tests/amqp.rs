@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrostream::amqp::{Exchange, Queue};
-use ferrostream::{AckPolicy, App, Attempt, Broker, BrokerError, Message, RetryPolicy, RunningApp};
+use ferrostream::{AckPolicy, App, Attempt, Broker, Message, PublishError, RetryPolicy, RunningApp};
 use tokio::sync::Notify;
 
 fn url() -> String {
@@ -123,7 +123,7 @@ async fn a_topic_exchange_routes_by_pattern_and_an_unroutable_publish_is_an_erro
         .exchange(&exchange)
         .await
         .expect_err("no queue is bound for user.*");
-    assert!(matches!(err, BrokerError::Unroutable { .. }), "{err:?}");
+    assert!(matches!(err, PublishError::Unroutable { .. }), "{err:?}");
     assert!(
         err.to_string().contains("user.created"),
         "the error names the routing key: {err}"
@@ -174,7 +174,7 @@ async fn fanout_and_headers_exchanges_route_to_their_bound_queues() {
         .exchange(&hdr)
         .header("kind", "receipt")
         .await;
-    assert!(matches!(err, Err(BrokerError::Unroutable { .. })), "{err:?}");
+    assert!(matches!(err, Err(PublishError::Unroutable { .. })), "{err:?}");
     for q in [&a, &b, &invoices] {
         observer.wait_settled(q, 1, common::WAIT).await.unwrap();
     }
@@ -458,6 +458,38 @@ async fn a_connection_closed_by_the_server_is_reopened_and_nothing_is_lost() {
         handled.len() - (N + 1)
     );
     assert_eq!(common::unsettled(&broker, "", &queue, |n| n == 0).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_errors_are_typed() {
+    let broker = broker();
+    let missing = common::unique("missing");
+    let err = broker.queue_depth(&missing).await.expect_err("no such queue");
+    assert!(
+        matches!(&err, ferrostream::AdminError::UnknownTopic { topic } if *topic == missing),
+        "{err:?}"
+    );
+    let err = broker
+        .committed_offsets("g", &missing)
+        .await
+        .expect_err("a queue keeps no offsets");
+    assert!(matches!(err, ferrostream::AdminError::Unsupported { .. }), "{err:?}");
+    let err = broker
+        .create_topic(&missing, 3)
+        .await
+        .expect_err("a queue has no partitions");
+    assert!(matches!(err, ferrostream::AdminError::Unsupported { .. }), "{err:?}");
+    let err = broker
+        .publish("x", &missing)
+        .partition(1)
+        .await
+        .expect_err("a queue has no partitions");
+    assert!(matches!(err, PublishError::Unsupported { .. }), "{err:?}");
+    // The publishing channel survives the failed passive declaration above.
+    let queue = common::unique("after");
+    broker.create_topic(&queue, 1).await.unwrap();
+    broker.publish("y", &queue).await.unwrap();
+    assert_eq!(common::unsettled(&broker, "", &queue, |n| n == 1).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -150,6 +150,10 @@ async fn publishing_to_a_partition_that_does_not_exist_fails() {
         .await
         .expect("the publish resolves");
     let err = result.expect_err("partition 7 of a two-partition topic");
+    assert!(
+        matches!(err, ferrostream::PublishError::UnknownPartition { partition: 7, .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains('7'), "the error names the partition: {err}");
     assert_eq!(
         broker.end_offsets(&topic).await.unwrap().values().sum::<i64>(),
@@ -291,5 +295,22 @@ async fn a_handler_result_is_published_to_the_out_topic_with_the_correlation_id(
     assert_eq!(
         broker.committed_offsets(&group, &in_topic).await.unwrap().get(&0),
         Some(&2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_is_refused_by_a_log_broker_and_queue_depth_is_not_a_log_s() {
+    let broker = common::broker();
+    let topic = common::topic(&broker, "pub-exchange", 1).await;
+    let err = broker
+        .publish("x", &topic)
+        .exchange("events")
+        .await
+        .expect_err("exchanges are RabbitMQ's");
+    assert!(matches!(err, ferrostream::PublishError::Unsupported { .. }), "{err:?}");
+    let err = broker.queue_depth(&topic).await.expect_err("a log has no queue depth");
+    assert!(
+        matches!(err, ferrostream::AdminError::Unsupported { op: "queue_depth", .. }),
+        "{err:?}"
     );
 }

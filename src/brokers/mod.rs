@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::ResolvedSubscriber;
 use crate::engine::Launch;
-use crate::error::{BrokerError, ConfigError, StartError};
+use crate::error::{AdminError, ConfigError, StartError};
 use crate::transport::Publisher;
 
 #[cfg(feature = "amqp")]
@@ -37,7 +37,7 @@ pub(crate) trait Backend: Publisher {
     fn start(&self, launch: Launch) -> BoxFuture<'_, Result<JoinHandle<()>, StartError>>;
 
     /// Creates a topic (RabbitMQ: declares a durable queue of that name); existing ones are kept.
-    fn declare_topic<'a>(&'a self, topic: &'a str, partitions: i32) -> BoxFuture<'a, Result<(), BrokerError>> {
+    fn declare_topic<'a>(&'a self, topic: &'a str, partitions: i32) -> BoxFuture<'a, Result<(), AdminError>> {
         match self.log_admin() {
             Some(admin) => admin.create_topic(topic, partitions),
             None => Box::pin(std::future::ready(Ok(()))),
@@ -45,7 +45,7 @@ pub(crate) trait Backend: Publisher {
     }
 
     /// Messages waiting in a queue, on brokers that keep queues.
-    fn queue_depth(&self, queue: &str) -> Option<BoxFuture<'_, Result<u64, BrokerError>>> {
+    fn queue_depth(&self, queue: &str) -> Option<BoxFuture<'_, Result<u64, AdminError>>> {
         let _ = queue;
         None
     }
@@ -58,13 +58,10 @@ pub(crate) trait Backend: Publisher {
 
 /// Administration of a log broker (Kafka, the in-memory broker).
 pub(crate) trait LogAdmin: Send + Sync {
-    fn create_topic<'a>(&'a self, topic: &'a str, partitions: i32) -> BoxFuture<'a, Result<(), BrokerError>>;
-    fn committed<'a>(
-        &'a self,
-        group: &'a str,
-        topic: &'a str,
-    ) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, BrokerError>>;
-    fn end_offsets<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, BrokerError>>;
+    fn create_topic<'a>(&'a self, topic: &'a str, partitions: i32) -> BoxFuture<'a, Result<(), AdminError>>;
+    fn committed<'a>(&'a self, group: &'a str, topic: &'a str)
+    -> BoxFuture<'a, Result<BTreeMap<i32, i64>, AdminError>>;
+    fn end_offsets<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, AdminError>>;
 }
 
 /// Starts a subscriber's engine over a log broker's consumer.

@@ -9,7 +9,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::*;
 use crate::config::SubscriberConfig;
-use crate::error::BrokerError;
+use crate::error::{BrokerError, PublishError};
 use crate::handler::Erased;
 use crate::log::{Commits, LogConsumer, LogEvent, LogTransport};
 use crate::message::{Headers, Record};
@@ -19,8 +19,8 @@ use crate::transport::{Outgoing, PublishAck};
 struct NoPublisher;
 
 impl Publisher for NoPublisher {
-    fn send(&self, _: Outgoing) -> BoxFuture<'static, Result<PublishAck, BrokerError>> {
-        Box::pin(std::future::ready(Err(BrokerError::Closed)))
+    fn send(&self, _: Outgoing) -> BoxFuture<'static, Result<PublishAck, PublishError>> {
+        Box::pin(std::future::ready(Err(BrokerError::Closed.into())))
     }
 }
 

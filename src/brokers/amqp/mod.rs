@@ -37,6 +37,7 @@ use lapin::Confirmation;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
@@ -45,7 +46,7 @@ use tokio::task::JoinHandle;
 use super::Backend;
 use crate::config::ResolvedSubscriber;
 use crate::engine::Launch;
-use crate::error::{BoxError, BrokerError, ConfigError, StartError};
+use crate::error::{AdminError, BoxError, BrokerError, ConfigError, PublishError, StartError};
 use crate::transport::{Outgoing, PublishAck, Publisher};
 
 /// How long connecting and declaring may take before the operation fails.
@@ -357,10 +358,10 @@ impl AmqpBackend {
         publishing: &Mutex<Option<PublishChannel>>,
         uri: &str,
         out: Outgoing,
-    ) -> Result<PublishAck, BrokerError> {
+    ) -> Result<PublishAck, PublishError> {
         if out.partition.is_some() {
-            return Err(BrokerError::Unsupported {
-                op: "publish to a partition",
+            return Err(PublishError::Unsupported {
+                what: "publishing to a partition",
                 url: uri.to_owned(),
             });
         }
@@ -390,7 +391,7 @@ impl AmqpBackend {
             };
             match confirmed {
                 Ok(c) => break c,
-                Err(e) if attempt >= 2 => return Err(client_error("publish", e)),
+                Err(e) if attempt >= 2 => return Err(client_error("publish", e).into()),
                 Err(e) => tracing::debug!(error = %e, "publish failed; re-opening the publishing channel"),
             }
         };
@@ -400,18 +401,20 @@ impl AmqpBackend {
                 partition: 0,
                 offset: -1,
             }),
-            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => Err(BrokerError::Unroutable {
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => Err(PublishError::Unroutable {
                 exchange,
                 routing_key: out.topic,
                 reason: returned.reply_text.to_string(),
             }),
-            Confirmation::Nack(None) => Err(client_error("publish", "the broker refused the message (basic.nack)")),
+            Confirmation::Nack(None) => Err(PublishError::Refused {
+                reason: "basic.nack (a queue that rejects publishes when full, or an internal broker error)".to_owned(),
+            }),
         }
     }
 }
 
 impl Publisher for AmqpBackend {
-    fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, BrokerError>> {
+    fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, PublishError>> {
         let (publishing, uri) = (self.publishing.clone(), self.uri.clone());
         Box::pin(async move { Self::publish(&publishing, &uri, out).await })
     }
@@ -449,21 +452,21 @@ impl Backend for AmqpBackend {
         })
     }
 
-    fn declare_topic<'a>(&'a self, topic: &'a str, partitions: i32) -> BoxFuture<'a, Result<(), BrokerError>> {
+    fn declare_topic<'a>(&'a self, topic: &'a str, partitions: i32) -> BoxFuture<'a, Result<(), AdminError>> {
         let topic = topic.to_owned();
         Box::pin(async move {
             if partitions != 1 {
-                return Err(BrokerError::Unsupported {
+                return Err(AdminError::Unsupported {
                     op: "a queue with several partitions",
                     url: self.uri.to_string(),
                 });
             }
             let channel = Self::channel(&self.publishing, &self.uri).await?;
-            declare(&channel, &topic, &Queue::durable()).await
+            Ok(declare(&channel, &topic, &Queue::durable()).await?)
         })
     }
 
-    fn queue_depth(&self, queue: &str) -> Option<BoxFuture<'_, Result<u64, BrokerError>>> {
+    fn queue_depth(&self, queue: &str) -> Option<BoxFuture<'_, Result<u64, AdminError>>> {
         let queue = queue.to_owned();
         Some(Box::pin(async move {
             let channel = Self::channel(&self.publishing, &self.uri).await?;
@@ -474,7 +477,14 @@ impl Backend for AmqpBackend {
             let q = channel
                 .queue_declare(queue.as_str().into(), opts, FieldTable::default())
                 .await
-                .map_err(|e| client_error("queue depth", e))?;
+                .map_err(|e| {
+                    let missing = matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+                        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)));
+                    match missing {
+                        true => AdminError::UnknownTopic { topic: queue.clone() },
+                        false => client_error("queue depth", e).into(),
+                    }
+                })?;
             Ok(u64::from(q.message_count()))
         }))
     }

@@ -42,7 +42,7 @@ use tokio::task::JoinHandle;
 
 use super::{Backend, LogAdmin, spawn_log};
 use crate::engine::Launch;
-use crate::error::{BoxError, BrokerError, ConfigError, StartError};
+use crate::error::{AdminError, BoxError, BrokerError, ConfigError, PublishError, StartError};
 use crate::transport::{Outgoing, PublishAck, Publisher, no_exchanges};
 
 /// How long admin and metadata calls may take.
@@ -174,6 +174,10 @@ impl KafkaConfig {
     }
 }
 
+fn admin_error(op: &'static str, e: impl Into<BoxError>) -> AdminError {
+    AdminError::Broker(client_error(op, e))
+}
+
 fn client_error(op: &'static str, e: impl Into<BoxError>) -> BrokerError {
     BrokerError::Client { op, source: e.into() }
 }
@@ -197,7 +201,7 @@ impl KafkaBackend {
         })
     }
 
-    async fn publish(&self, out: Outgoing) -> Result<PublishAck, BrokerError> {
+    async fn publish(&self, out: Outgoing) -> Result<PublishAck, PublishError> {
         no_exchanges(&out)?;
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic).payload(out.payload.as_ref());
         // librdkafka allocates a header list even for no headers: only make one when there are some.
@@ -227,40 +231,43 @@ impl KafkaBackend {
                 offset: d.offset,
             }),
             Err((e, _)) => match (e.rdkafka_error_code(), out.partition) {
-                (Some(RDKafkaErrorCode::UnknownPartition), Some(partition)) => Err(BrokerError::UnknownPartition {
+                (Some(RDKafkaErrorCode::UnknownPartition), Some(partition)) => Err(PublishError::UnknownPartition {
                     topic: out.topic,
                     partition,
                 }),
-                _ => Err(client_error("publish", e)),
+                (Some(RDKafkaErrorCode::MessageTimedOut), _) => Err(PublishError::Timeout {
+                    timeout: PUBLISH_TIMEOUT,
+                }),
+                _ => Err(client_error("publish", e).into()),
             },
         }
     }
 
-    fn admin(&self) -> Result<AdminClient<DefaultClientContext>, BrokerError> {
-        self.config.base().create().map_err(|e| client_error("admin client", e))
+    fn admin(&self) -> Result<AdminClient<DefaultClientContext>, AdminError> {
+        self.config.base().create().map_err(|e| admin_error("admin client", e))
     }
 
-    fn metadata_consumer(&self, group: Option<&str>) -> Result<BaseConsumer, BrokerError> {
+    fn metadata_consumer(&self, group: Option<&str>) -> Result<BaseConsumer, AdminError> {
         let mut c = self.config.base();
         if let Some(g) = group {
             c.set("group.id", g);
         }
         c.set("enable.auto.commit", "false");
-        c.create().map_err(|e| client_error("metadata client", e))
+        c.create().map_err(|e| admin_error("metadata client", e))
     }
 
-    pub(crate) async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), BrokerError> {
+    pub(crate) async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), AdminError> {
         let admin = self.admin()?;
         let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
         let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
         let results = admin
             .create_topics([&new], &opts)
             .await
-            .map_err(|e| client_error("create topic", e))?;
+            .map_err(|e| admin_error("create topic", e))?;
         for r in results {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((t, code)) => return Err(client_error("create topic", format!("{t}: {code}"))),
+                Err((t, code)) => return Err(admin_error("create topic", format!("{t}: {code}"))),
             }
         }
         // Wait until the metadata shows every partition, so a subscriber started next sees them all.
@@ -283,10 +290,10 @@ impl KafkaBackend {
                     return Ok(());
                 }
                 if std::time::Instant::now() > deadline {
-                    return Err(BrokerError::Timeout {
+                    return Err(AdminError::Broker(BrokerError::Timeout {
                         op: "create topic",
                         timeout: ADMIN_TIMEOUT,
-                    });
+                    }));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -294,21 +301,21 @@ impl KafkaBackend {
         .await
     }
 
-    fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, BrokerError> {
+    fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, AdminError> {
         let md = consumer
             .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
-            .map_err(|e| client_error("metadata", e))?;
+            .map_err(|e| admin_error("metadata", e))?;
         let t = md
             .topics()
             .iter()
             .find(|t| t.name() == topic)
-            .ok_or_else(|| BrokerError::UnknownTopic {
+            .ok_or_else(|| AdminError::UnknownTopic {
                 topic: topic.to_owned(),
             })?;
         Ok(t.partitions().iter().map(|p| p.id()).collect())
     }
 
-    pub(crate) async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>, BrokerError> {
+    pub(crate) async fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>, AdminError> {
         let consumer = self.metadata_consumer(Some(group))?;
         let topic = topic.to_owned();
         blocking("committed offsets", move || {
@@ -318,7 +325,7 @@ impl KafkaBackend {
             }
             let got = consumer
                 .committed_offsets(tpl, ADMIN_TIMEOUT)
-                .map_err(|e| client_error("committed offsets", e))?;
+                .map_err(|e| admin_error("committed offsets", e))?;
             Ok(got
                 .elements()
                 .iter()
@@ -331,7 +338,7 @@ impl KafkaBackend {
         .await
     }
 
-    pub(crate) async fn end_offsets(&self, topic: &str) -> Result<BTreeMap<i32, i64>, BrokerError> {
+    pub(crate) async fn end_offsets(&self, topic: &str) -> Result<BTreeMap<i32, i64>, AdminError> {
         let consumer = self.metadata_consumer(None)?;
         let topic = topic.to_owned();
         blocking("end offsets", move || {
@@ -339,7 +346,7 @@ impl KafkaBackend {
             for p in Self::partitions_of(&consumer, &topic)? {
                 let (_, high) = consumer
                     .fetch_watermarks(&topic, p, ADMIN_TIMEOUT)
-                    .map_err(|e| client_error("watermarks", e))?;
+                    .map_err(|e| admin_error("watermarks", e))?;
                 out.insert(p, high);
             }
             Ok(out)
@@ -351,9 +358,9 @@ impl KafkaBackend {
 /// Runs a blocking librdkafka call off the async threads.
 async fn blocking<T: Send + 'static>(
     op: &'static str,
-    f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static,
-) -> Result<T, BrokerError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| client_error(op, e))?
+    f: impl FnOnce() -> Result<T, AdminError> + Send + 'static,
+) -> Result<T, AdminError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| admin_error(op, e))?
 }
 
 /// `kafka://host:port[,host:port][?librdkafka.setting=value&...]`.
@@ -363,7 +370,7 @@ pub(crate) fn open(url: &str, rest: &str) -> Result<Arc<dyn Backend>, ConfigErro
 }
 
 impl Publisher for KafkaBackend {
-    fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, BrokerError>> {
+    fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, PublishError>> {
         let this = self.clone();
         Box::pin(async move { this.publish(out).await })
     }
@@ -391,7 +398,7 @@ impl KafkaBackend {
 }
 
 impl LogAdmin for KafkaBackend {
-    fn create_topic<'a>(&'a self, topic: &'a str, partitions: i32) -> BoxFuture<'a, Result<(), BrokerError>> {
+    fn create_topic<'a>(&'a self, topic: &'a str, partitions: i32) -> BoxFuture<'a, Result<(), AdminError>> {
         Box::pin(KafkaBackend::create_topic(self, topic, partitions))
     }
 
@@ -399,11 +406,11 @@ impl LogAdmin for KafkaBackend {
         &'a self,
         group: &'a str,
         topic: &'a str,
-    ) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, BrokerError>> {
+    ) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, AdminError>> {
         Box::pin(KafkaBackend::committed(self, group, topic))
     }
 
-    fn end_offsets<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, BrokerError>> {
+    fn end_offsets<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, AdminError>> {
         Box::pin(KafkaBackend::end_offsets(self, topic))
     }
 }

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use super::{Backend, LogAdmin, spawn_log};
 use crate::config::OffsetReset;
 use crate::engine::Launch;
-use crate::error::{BrokerError, ConfigError, StartError};
+use crate::error::{AdminError, BrokerError, ConfigError, PublishError, StartError};
 use crate::log::{Commits, LogConsumer, LogEvent};
 use crate::message::{Headers, Record};
 use crate::offset::TopicPartition;
@@ -102,7 +102,7 @@ impl MemoryBroker {
         lock(&self.shared)
     }
 
-    pub(crate) fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), BrokerError> {
+    pub(crate) fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), AdminError> {
         let mut st = self.lock();
         let t = st.topics.entry(topic.into()).or_default();
         if (t.partitions.len() as i32) < partitions {
@@ -111,7 +111,7 @@ impl MemoryBroker {
         Ok(())
     }
 
-    fn append(&self, out: Outgoing) -> Result<PublishAck, BrokerError> {
+    fn append(&self, out: Outgoing) -> Result<PublishAck, PublishError> {
         no_exchanges(&out)?;
         let ack = {
             let mut st = self.lock();
@@ -120,7 +120,7 @@ impl MemoryBroker {
             let n = topic.partitions.len() as i32;
             let partition = match (out.partition, &out.key) {
                 (Some(p), _) if p < 0 || p >= n => {
-                    return Err(BrokerError::UnknownPartition {
+                    return Err(PublishError::UnknownPartition {
                         topic: out.topic,
                         partition: p,
                     });
@@ -497,7 +497,7 @@ pub(crate) fn open(url: &str, rest: &str) -> Result<Arc<dyn Backend>, ConfigErro
 }
 
 impl Publisher for MemoryBroker {
-    fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, BrokerError>> {
+    fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, PublishError>> {
         Box::pin(std::future::ready(self.append(out)))
     }
 }
@@ -530,7 +530,7 @@ impl MemoryBroker {
 }
 
 impl LogAdmin for MemoryBroker {
-    fn create_topic<'a>(&'a self, topic: &'a str, partitions: i32) -> BoxFuture<'a, Result<(), BrokerError>> {
+    fn create_topic<'a>(&'a self, topic: &'a str, partitions: i32) -> BoxFuture<'a, Result<(), AdminError>> {
         Box::pin(std::future::ready(MemoryBroker::create_topic(self, topic, partitions)))
     }
 
@@ -538,11 +538,11 @@ impl LogAdmin for MemoryBroker {
         &'a self,
         group: &'a str,
         topic: &'a str,
-    ) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, BrokerError>> {
+    ) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, AdminError>> {
         Box::pin(std::future::ready(Ok(MemoryBroker::committed(self, group, topic))))
     }
 
-    fn end_offsets<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, BrokerError>> {
+    fn end_offsets<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, AdminError>> {
         Box::pin(std::future::ready(Ok(MemoryBroker::end_offsets(self, topic))))
     }
 }
