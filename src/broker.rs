@@ -218,6 +218,8 @@ impl Broker {
         let specs = std::mem::take(&mut *lock(&self.inner.subscribers));
         let default_retry = *lock(&self.inner.default_retry);
         let backend = &self.inner.backend;
+        let state = lock(&self.inner.state).clone();
+        let mut names = std::collections::HashSet::new();
         specs
             .into_iter()
             .map(|mut s| {
@@ -226,6 +228,30 @@ impl Broker {
                     s.config.retry = default_retry;
                 }
                 let cfg = s.config.resolve(backend.has_groups())?;
+                if !names.insert(cfg.name.clone()) {
+                    return Err(ConfigError::DuplicateSubscriber {
+                        name: cfg.name.to_string(),
+                    });
+                }
+                let topics = [Some(&cfg.topic), cfg.dead_letter.as_ref(), cfg.retry_topic.as_ref()];
+                for topic in topics.into_iter().flatten().chain(&cfg.publish_to) {
+                    backend.check_topic(topic).map_err(|reason| ConfigError::InvalidTopic {
+                        subscriber: cfg.name.to_string(),
+                        topic: topic.clone(),
+                        reason,
+                    })?;
+                }
+                if let Some((_, missing)) = s
+                    .handler
+                    .required_state()
+                    .into_iter()
+                    .find(|(t, _)| !state.contains(*t))
+                {
+                    return Err(ConfigError::MissingState {
+                        subscriber: cfg.name.to_string(),
+                        state: missing,
+                    });
+                }
                 backend.check(&cfg)?;
                 Ok((cfg, s))
             })

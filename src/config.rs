@@ -170,6 +170,12 @@ impl SubscriberConfig {
         if self.batch.is_some_and(|b| b.max_records == 0) {
             return Err(invalid("batch max_records must be at least 1"));
         }
+        if self.dead_letter.as_ref() == Some(&self.topic) {
+            return Err(invalid(
+                "the dead-letter topic is the subscriber's own topic: a rejected message would come straight \
+                 back; use another topic, e.g. `<topic>.dlt`",
+            ));
+        }
         if self.commit_interval.is_zero() {
             return Err(invalid(
                 "commit_interval must be positive; use commit_sync_each() to commit every settle",

@@ -345,6 +345,33 @@ pub enum ConfigError {
         /// What is wrong and what to change.
         what: String,
     },
+    /// Two subscribers of one app have the same name (the name keys metrics, logs and the observer).
+    #[error("two subscribers are named `{name}`; give one of them another `.name(\"...\")`")]
+    DuplicateSubscriber {
+        /// The name.
+        name: String,
+    },
+    /// A topic the broker would refuse.
+    #[error("subscriber `{subscriber}`: topic `{topic}`: {reason}")]
+    InvalidTopic {
+        /// The subscriber.
+        subscriber: String,
+        /// The topic (the subscriber's own, its dead-letter or retry topic, or one it publishes to).
+        topic: String,
+        /// What the broker would say, and what to change.
+        reason: String,
+    },
+    /// A handler takes `State<T>` but no `T` was registered with the broker.
+    #[error(
+        "subscriber `{subscriber}`: the handler takes State<{state}> but none was registered: add \
+         `.with_state(value)` to the broker before the app starts"
+    )]
+    MissingState {
+        /// The subscriber.
+        subscriber: String,
+        /// The state's type.
+        state: &'static str,
+    },
     /// The broker URL could not be understood.
     #[error("broker URL `{url}`: {reason}")]
     InvalidUrl {
@@ -396,6 +423,22 @@ pub enum PublishError {
         routing_key: String,
         /// The broker's reply text.
         reason: String,
+    },
+    /// The broker would refuse this topic name.
+    #[error("topic `{topic}`: {reason}")]
+    InvalidTopic {
+        /// The topic.
+        topic: String,
+        /// Why, and what to change.
+        reason: String,
+    },
+    /// The record is larger than the broker takes.
+    #[error("the record is {size} bytes, more than the {max} the broker takes (payload, key and headers)")]
+    TooLarge {
+        /// The record's size.
+        size: usize,
+        /// The limit.
+        max: usize,
     },
     /// The partition asked for does not exist.
     #[error("topic `{topic}` has no partition {partition}")]

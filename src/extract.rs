@@ -21,6 +21,9 @@ impl StateMap {
     pub(crate) fn insert<T: Clone + Send + Sync + 'static>(&mut self, value: T) {
         self.0.insert(TypeId::of::<T>(), Arc::new(value));
     }
+    pub(crate) fn contains(&self, t: TypeId) -> bool {
+        self.0.contains_key(&t)
+    }
     fn get<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
         self.0
             .get(&TypeId::of::<T>())
@@ -85,6 +88,12 @@ impl<'a> Context<'a> {
 pub trait FromMessage: Sized + Send + 'static {
     /// Extracts the value, or fails with a typed error (usually a decode error).
     fn from_message(cx: &Context<'_>) -> Result<Self, Error>;
+
+    /// The shared state this extractor needs registered ([`State<T>`]: `T`), checked when the app starts.
+    #[doc(hidden)]
+    fn required_state() -> Option<(TypeId, &'static str)> {
+        None
+    }
 }
 
 impl FromMessage for Message {
@@ -198,6 +207,10 @@ impl<T: Clone + Send + Sync + 'static> FromMessage for State<T> {
             .get::<T>()
             .map(State)
             .ok_or_else(|| Error::handler(MissingState(std::any::type_name::<T>())))
+    }
+
+    fn required_state() -> Option<(TypeId, &'static str)> {
+        Some((TypeId::of::<T>(), std::any::type_name::<T>()))
     }
 }
 

@@ -4,6 +4,7 @@
 //! [`Json<T>`]), `Option` of a payload, or `Result<R, E>` of any of those with any error type `E` that
 //! converts into a boxed error (`ferrostream::Error`, your own error enums, `anyhow::Error`...).
 
+use std::any::TypeId;
 use std::future::Future;
 use std::marker::PhantomData;
 
@@ -109,6 +110,12 @@ impl<T: Serialize + Send + 'static> HandlerReturn for Json<T> {
 pub trait Handler<Args>: Clone + Send + Sync + 'static {
     /// Extracts the arguments and runs the handler.
     fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Bytes>, Error>>;
+
+    /// The shared state its extractors need (checked when the app starts).
+    #[doc(hidden)]
+    fn required_state(&self) -> Vec<(TypeId, &'static str)> {
+        Vec::new()
+    }
 }
 
 macro_rules! impl_handler {
@@ -131,6 +138,12 @@ macro_rules! impl_handler {
                 let fut = (self)($($arg),*);
                 Box::pin(async move { fut.await.into_outcome() })
             }
+
+            fn required_state(&self) -> Vec<(TypeId, &'static str)> {
+                let needed: [Option<(TypeId, &'static str)>; 0 $(+ { let _ = stringify!($arg); 1 })*] =
+                    [$($arg::required_state(),)*];
+                needed.into_iter().flatten().collect()
+            }
         }
     };
 }
@@ -148,6 +161,7 @@ impl_handler!(A1, A2, A3, A4, A5, A6, A7, A8);
 /// A handler with its argument types erased, as the engine stores it.
 pub(crate) trait ErasedHandler: Send + Sync + 'static {
     fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Bytes>, Error>>;
+    fn required_state(&self) -> Vec<(TypeId, &'static str)>;
 }
 
 pub(crate) struct Erased<H, Args> {
@@ -165,6 +179,10 @@ impl<H, Args> Erased<H, Args> {
 }
 
 impl<H: Handler<Args>, Args: 'static> ErasedHandler for Erased<H, Args> {
+    fn required_state(&self) -> Vec<(TypeId, &'static str)> {
+        self.handler.required_state()
+    }
+
     fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Bytes>, Error>> {
         self.handler.call(cx)
     }

@@ -53,7 +53,8 @@ impl fmt::Display for Settle {
     }
 }
 
-/// What a settle call did (SPEC 2.1: the first settle wins).
+/// What a settle call did (the first settle wins). Ignoring it is fine: `msg.ack().await;` acks, and
+/// reports through this only whether the message was settled already.
 ///
 /// ```
 /// use ferrostream::{Settle, SettleOutcome};
@@ -61,7 +62,6 @@ impl fmt::Display for Settle {
 /// assert!(!o.took_effect());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[must_use = "a settle may have been a no-op; check `took_effect()` if it matters"]
 pub enum SettleOutcome {
     /// This call settled the message.
     Settled(Settle),

@@ -462,3 +462,99 @@ async fn draining_on_shutdown_waits_without_spinning() {
         "the drain used {cpu:?} of CPU in {wall:?}: it spun instead of waiting"
     );
 }
+
+/// A handler that needs `State<T>` nobody registered is a startup error naming the type and the fix, not a
+/// handler error retried for every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_state_is_refused_at_startup() {
+    #[derive(Clone)]
+    struct Inventory;
+    let broker = common::broker();
+    let topic = common::topic(&broker, "state", 1).await;
+    common::member(&broker, &topic, "needs-state", &common::unique("g"))
+        .handle(|_: String, State(_): State<Inventory>| async {});
+    let started = Instant::now();
+    let err = start_error(&broker).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused in {:?}",
+        started.elapsed()
+    );
+    match &err {
+        StartError::Config(ConfigError::MissingState { subscriber, state }) => {
+            assert_eq!(subscriber, "needs-state");
+            assert!(state.ends_with("Inventory"), "{state}");
+        }
+        other => panic!("unexpected: {other:?}"),
+    }
+    assert!(err.to_string().contains("with_state"), "names the fix: {err}");
+    // Registered, the same handler starts.
+    let broker = common::broker().with_state(Inventory);
+    common::member(&broker, &topic, "needs-state", &common::unique("g"))
+        .handle(|_: String, State(_): State<Inventory>| async {});
+    common::start(&broker).await.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_subscribers_with_one_name_are_refused_at_startup() {
+    let broker = common::broker();
+    let (a, b) = (
+        common::topic(&broker, "dup", 1).await,
+        common::topic(&broker, "dup", 1).await,
+    );
+    common::member(&broker, &a, "same", &common::unique("g")).handle(|_: String| async {});
+    common::member(&broker, &b, "same", &common::unique("g")).handle(|_: String| async {});
+    let err = start_error(&broker).await;
+    assert!(
+        matches!(&err, StartError::Config(ConfigError::DuplicateSubscriber { name }) if name == "same"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_topic_equal_to_the_source_is_refused_at_startup() {
+    let broker = common::broker();
+    let topic = common::topic(&broker, "dlt-self", 1).await;
+    common::member(&broker, &topic, "loops", &common::unique("g"))
+        .ack_policy(AckPolicy::NackOnError)
+        .dead_letter(&topic)
+        .handle(|_: String| async {});
+    let err = start_error(&broker).await;
+    assert!(
+        matches!(&err, StartError::Config(ConfigError::InvalidSetting { what, .. }) if what.contains("dead-letter")),
+        "{err:?}"
+    );
+}
+
+/// Topic names the broker would refuse are refused at startup, on `memory://` as on Kafka (a test that
+/// passes on memory does not fail on Kafka for a name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_names_kafka_refuses_are_refused_at_startup() {
+    if !common::is_log() {
+        return; // RabbitMQ takes any queue name up to 255 bytes
+    }
+    for (topic, why) in [("orders/eu", "'/'"), ("..", "`.`"), (&"t".repeat(250)[..], "249")] {
+        let broker = common::broker();
+        common::member(&broker, topic, "bad-topic", &common::unique("g")).handle(|_: String| async {});
+        let started = Instant::now();
+        let err = start_error(&broker).await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        match &err {
+            StartError::Config(ConfigError::InvalidTopic { reason, .. }) => {
+                assert!(reason.contains(why), "{topic:?}: {reason}")
+            }
+            other => panic!("{topic:?}: unexpected {other:?}"),
+        }
+    }
+    let broker = common::broker();
+    let topic = common::topic(&broker, "fine", 1).await;
+    common::member(&broker, &topic, "bad-dlt", &common::unique("g"))
+        .ack_policy(AckPolicy::NackOnError)
+        .dead_letter("dead letters")
+        .handle(|_: String| async {});
+    let err = start_error(&broker).await;
+    assert!(
+        matches!(&err, StartError::Config(ConfigError::InvalidTopic { topic, .. }) if topic == "dead letters"),
+        "{err:?}"
+    );
+}

@@ -314,3 +314,30 @@ async fn an_exchange_is_refused_by_a_log_broker_and_queue_depth_is_not_a_log_s()
         "{err:?}"
     );
 }
+
+/// What Kafka refuses, `memory://` refuses too, with the same typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_illegal_topic_name_or_an_oversized_record_is_refused() {
+    if !common::is_log() {
+        return;
+    }
+    let broker = common::broker();
+    let err = broker.publish("x", "orders/eu").await.expect_err("'/' is not allowed");
+    assert!(
+        matches!(&err, ferrostream::PublishError::InvalidTopic { topic, .. } if topic == "orders/eu"),
+        "{err:?}"
+    );
+    let topic = common::topic(&broker, "big", 1).await;
+    let err = broker
+        .publish(vec![b'x'; 1_000_001], &topic)
+        .await
+        .expect_err("over the default maximum message size");
+    assert!(
+        matches!(err, ferrostream::PublishError::TooLarge { max: 1_000_000, .. }),
+        "{err:?}"
+    );
+    broker
+        .publish(vec![b'x'; 500_000], &topic)
+        .await
+        .expect("under the limit");
+}

@@ -31,6 +31,12 @@ pub(crate) trait Backend: Publisher {
         Ok(())
     }
 
+    /// Whether this broker accepts `topic` as a name; the error says why not and what to change.
+    fn check_topic(&self, topic: &str) -> Result<(), String> {
+        let _ = topic;
+        Ok(())
+    }
+
     /// Starts a subscriber's engine over a transport of this broker. A broker that connects per consumer
     /// connects (and declares what the subscriber consumes) here, so a wrong URL or a refused connection
     /// fails the app's start at once, with the broker's own words.

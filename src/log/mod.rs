@@ -33,6 +33,43 @@ pub mod offset;
 use commits::Cadence;
 use offset::{Delivery, OffsetTracker, TopicPartition};
 
+/// The largest record a log broker takes by default: librdkafka's producer `message.max.bytes` (payload,
+/// key and headers together, near enough).
+pub(crate) const MAX_MESSAGE_BYTES: usize = 1_000_000;
+
+/// Kafka's rules for a topic name (the in-memory broker keeps them too, so a test that passes on it does
+/// not fail on Kafka for a name): 1 to 249 characters of ASCII letters, digits, `.`, `_` and `-`, and not
+/// `.` or `..`.
+pub(crate) fn check_topic_name(topic: &str) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("a topic name cannot be empty".to_owned());
+    }
+    if topic.len() > 249 {
+        return Err(format!(
+            "a topic name has at most 249 characters; this one has {}",
+            topic.len()
+        ));
+    }
+    if topic == "." || topic == ".." {
+        return Err("`.` and `..` are not topic names".to_owned());
+    }
+    if let Some(c) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{c:?} is not allowed in a topic name: use ASCII letters, digits, `.`, `_` and `-`"
+        ));
+    }
+    Ok(())
+}
+
+/// The size a log broker counts for a record: payload, key and headers.
+pub(crate) fn record_size(out: &crate::transport::Outgoing) -> usize {
+    let headers: usize = out.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+    out.payload.len() + out.key.as_ref().map_or(0, |k| k.len()) + headers
+}
+
 /// Offsets to commit: the next offset to consume, per partition (Kafka's convention).
 pub(crate) type Commits = Vec<(TopicPartition, i64)>;
 

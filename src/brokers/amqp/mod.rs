@@ -425,6 +425,14 @@ impl Backend for AmqpBackend {
         false
     }
 
+    fn check_topic(&self, topic: &str) -> Result<(), String> {
+        match topic.len() {
+            0 => Err("a queue name cannot be empty here (the broker would name it)".to_owned()),
+            n if n > 255 => Err(format!("a queue name has at most 255 bytes; this one has {n}")),
+            _ => Ok(()),
+        }
+    }
+
     fn check(&self, cfg: &ResolvedSubscriber) -> Result<(), ConfigError> {
         if cfg.retry_topic.is_some() {
             return Err(ConfigError::InvalidSetting {

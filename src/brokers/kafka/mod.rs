@@ -43,6 +43,7 @@ use tokio::task::JoinHandle;
 use super::{Backend, LogAdmin, spawn_log};
 use crate::engine::Launch;
 use crate::error::{AdminError, BoxError, BrokerError, ConfigError, PublishError, StartError};
+use crate::log::{MAX_MESSAGE_BYTES, check_topic_name, record_size};
 use crate::transport::{Outgoing, PublishAck, Publisher, no_exchanges};
 
 /// How long admin and metadata calls may take.
@@ -83,10 +84,22 @@ impl KafkaConfig {
     /// to consumers only with a `consumer.` prefix, or to the producer only with a `producer.` prefix.
     pub(crate) fn from_url(url: &str, rest: &str) -> Result<Self, ConfigError> {
         let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
-        if hosts.is_empty() || hosts.split(',').any(|h| !h.contains(':')) {
+        if hosts.is_empty() {
             return Err(ConfigError::InvalidUrl {
                 url: url.to_owned(),
                 reason: "expected kafka://host:port[,host:port]".to_owned(),
+            });
+        }
+        for h in hosts.split(',') {
+            let reason = match h.rsplit_once(':') {
+                None => format!("`{h}` has no port: write host:port, e.g. 127.0.0.1:9092"),
+                Some(("", _)) => format!("`{h}` has no host: write host:port, e.g. 127.0.0.1:9092"),
+                Some((_, port)) if port.parse::<u16>().is_ok_and(|p| p > 0) => continue,
+                Some((_, port)) => format!("the port `{port}` of `{h}` is not a number from 1 to 65535"),
+            };
+            return Err(ConfigError::InvalidUrl {
+                url: url.to_owned(),
+                reason,
             });
         }
         let mut config = KafkaConfig::new(hosts);
@@ -187,6 +200,8 @@ fn client_error(op: &'static str, e: impl Into<BoxError>) -> BrokerError {
 pub(crate) struct KafkaBackend {
     config: Arc<KafkaConfig>,
     producer: FutureProducer,
+    /// The producer's `message.max.bytes`, to say in a `TooLarge` error.
+    max_message_bytes: usize,
 }
 
 impl KafkaBackend {
@@ -195,14 +210,26 @@ impl KafkaBackend {
             url: format!("kafka://{}", config.bootstrap),
             reason: format!("cannot create the Kafka producer: {e}"),
         })?;
+        let max_message_bytes = config
+            .producer
+            .get("message.max.bytes")
+            .or_else(|| config.common.get("message.max.bytes"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MAX_MESSAGE_BYTES);
         Ok(KafkaBackend {
             config: Arc::new(config),
             producer,
+            max_message_bytes,
         })
     }
 
     async fn publish(&self, out: Outgoing) -> Result<PublishAck, PublishError> {
         no_exchanges(&out)?;
+        check_topic_name(&out.topic).map_err(|reason| PublishError::InvalidTopic {
+            topic: out.topic.clone(),
+            reason,
+        })?;
+        let size = record_size(&out);
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic).payload(out.payload.as_ref());
         // librdkafka allocates a header list even for no headers: only make one when there are some.
         if !out.headers.is_empty() {
@@ -234,6 +261,10 @@ impl KafkaBackend {
                 (Some(RDKafkaErrorCode::UnknownPartition), Some(partition)) => Err(PublishError::UnknownPartition {
                     topic: out.topic,
                     partition,
+                }),
+                (Some(RDKafkaErrorCode::MessageSizeTooLarge), _) => Err(PublishError::TooLarge {
+                    size,
+                    max: self.max_message_bytes,
                 }),
                 (Some(RDKafkaErrorCode::MessageTimedOut), _) => Err(PublishError::Timeout {
                     timeout: PUBLISH_TIMEOUT,
@@ -381,6 +412,10 @@ impl Backend for KafkaBackend {
         true
     }
 
+    fn check_topic(&self, topic: &str) -> Result<(), String> {
+        check_topic_name(topic)
+    }
+
     fn start(&self, launch: Launch) -> BoxFuture<'_, Result<JoinHandle<()>, StartError>> {
         Box::pin(std::future::ready(self.start_now(launch)))
     }
@@ -412,5 +447,25 @@ impl LogAdmin for KafkaBackend {
 
     fn end_offsets<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, AdminError>> {
         Box::pin(KafkaBackend::end_offsets(self, topic))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_with_a_bad_port_is_refused_when_the_broker_is_made() {
+        for (url, says) in [
+            ("kafka://localhost:notaport", "`notaport`"),
+            ("kafka://localhost:0", "`0`"),
+            ("kafka://localhost", "no port"),
+            ("kafka://:9092", "no host"),
+            ("kafka://a:9092,b", "`b` has no port"),
+        ] {
+            let err = crate::Broker::new(url).expect_err(url);
+            assert!(err.to_string().contains(says), "{url}: {err}");
+        }
+        assert!(crate::Broker::new("kafka://localhost:9092,127.0.0.1:9093").is_ok());
     }
 }

@@ -23,7 +23,7 @@ use super::{Backend, LogAdmin, spawn_log};
 use crate::config::OffsetReset;
 use crate::engine::Launch;
 use crate::error::{AdminError, BrokerError, ConfigError, PublishError, StartError};
-use crate::log::{Commits, LogConsumer, LogEvent};
+use crate::log::{Commits, LogConsumer, LogEvent, MAX_MESSAGE_BYTES, check_topic_name, record_size};
 use crate::message::{Headers, Record};
 use crate::offset::TopicPartition;
 use crate::transport::{Outgoing, PublishAck, Publisher, no_exchanges};
@@ -113,6 +113,18 @@ impl MemoryBroker {
 
     fn append(&self, out: Outgoing) -> Result<PublishAck, PublishError> {
         no_exchanges(&out)?;
+        // What Kafka would refuse, refused here too.
+        check_topic_name(&out.topic).map_err(|reason| PublishError::InvalidTopic {
+            topic: out.topic.clone(),
+            reason,
+        })?;
+        let size = record_size(&out);
+        if size > MAX_MESSAGE_BYTES {
+            return Err(PublishError::TooLarge {
+                size,
+                max: MAX_MESSAGE_BYTES,
+            });
+        }
         let ack = {
             let mut st = self.lock();
             let default_partitions = self.shared.default_partitions;
@@ -505,6 +517,10 @@ impl Publisher for MemoryBroker {
 impl Backend for MemoryBroker {
     fn has_groups(&self) -> bool {
         true
+    }
+
+    fn check_topic(&self, topic: &str) -> Result<(), String> {
+        check_topic_name(topic)
     }
 
     fn start(&self, launch: Launch) -> BoxFuture<'_, Result<JoinHandle<()>, StartError>> {
