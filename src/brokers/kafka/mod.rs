@@ -452,8 +452,6 @@ impl LogAdmin for KafkaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
     fn a_url_with_a_bad_port_is_refused_when_the_broker_is_made() {
         for (url, says) in [
