@@ -55,9 +55,12 @@ impl App {
         let (tx, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut ready = Vec::new();
+        let count = subscribers.len();
         for (mut cfg, spec) in subscribers {
             cfg.shutdown_timeout = self.shutdown_timeout;
             let name = cfg.name.clone();
+            tracing::info!(subscriber = %name, topic = %cfg.topic, group = cfg.group_id.as_deref().unwrap_or("-"),
+                policy = %cfg.policy, max_in_flight = cfg.max_in_flight, "starting subscriber");
             let retry_consumer = match &cfg.retry_topic {
                 Some(topic) => Some(self.retry_consumer(&cfg, topic).await?),
                 None => None,
@@ -90,6 +93,7 @@ impl App {
                 }));
             }
         }
+        tracing::info!(broker = %self.broker.url(), subscribers = count, "app started: every subscriber is consuming");
         Ok(running)
     }
 

@@ -86,7 +86,7 @@ impl Broker {
     fn with_backend(url: &str, backend: Arc<dyn Backend>) -> Self {
         Broker {
             inner: Arc::new(Inner {
-                url: url.to_owned(),
+                url: crate::redact::url(url),
                 backend,
                 subscribers: Mutex::new(Vec::new()),
                 state: Mutex::new(StateMap::default()),
@@ -98,7 +98,8 @@ impl Broker {
         }
     }
 
-    /// The URL this broker was created from.
+    /// The URL this broker was created from, with any password or secret setting shown as `***` (this is
+    /// what logs, errors and `Debug` show).
     pub fn url(&self) -> &str {
         &self.inner.url
     }

@@ -64,6 +64,7 @@ mod message;
 mod metrics;
 pub mod observe;
 mod publish;
+mod redact;
 pub mod retry;
 mod settle;
 mod subscriber;

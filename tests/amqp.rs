@@ -494,7 +494,13 @@ async fn admin_errors_are_typed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_fails_the_start_at_once_with_the_cause() {
-    let broker = Broker::new("amqp://guest:guest@127.0.0.1:1/%2f").unwrap();
+    let broker = Broker::new("amqp://guest:s3cr3t-pw@127.0.0.1:1/%2f").unwrap();
+    assert_eq!(
+        broker.url(),
+        "amqp://guest:***@127.0.0.1:1/%2f",
+        "the password is never shown"
+    );
+    assert!(!format!("{broker:?}").contains("s3cr3t-pw"));
     broker.subscriber("nowhere").handle(|_: String| async {});
     let started = std::time::Instant::now();
     let err = App::new(broker).start().await.err().expect("nothing listens on port 1");
@@ -505,4 +511,8 @@ async fn an_unreachable_broker_fails_the_start_at_once_with_the_cause() {
     );
     let text = err.to_string();
     assert!(text.contains("connect"), "the error says what failed: {text}");
+    assert!(
+        !text.contains("s3cr3t-pw") && !format!("{err:?}").contains("s3cr3t-pw"),
+        "{err:?}"
+    );
 }

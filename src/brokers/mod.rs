@@ -96,7 +96,7 @@ pub(crate) const SCHEMES: &[(&str, &str, Option<Open>)] = &[
 /// The backend a URL names.
 pub(crate) fn open(url: &str) -> Result<Arc<dyn Backend>, ConfigError> {
     let invalid = |reason: String| ConfigError::InvalidUrl {
-        url: url.to_owned(),
+        url: crate::redact::url(url),
         reason,
     };
     let known = || {

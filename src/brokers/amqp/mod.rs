@@ -320,7 +320,7 @@ pub(crate) struct AmqpBackend {
 pub(crate) fn open(url: &str, _rest: &str) -> Result<Arc<dyn Backend>, ConfigError> {
     url.parse::<lapin::uri::AMQPUri>()
         .map_err(|e| ConfigError::InvalidUrl {
-            url: url.to_owned(),
+            url: crate::redact::url(url),
             reason: format!(
                 "{e}; write amqp://user:password@host:port/vhost (e.g. amqp://guest:guest@127.0.0.1:5672/%2f)"
             ),
@@ -362,7 +362,7 @@ impl AmqpBackend {
         if out.partition.is_some() {
             return Err(PublishError::Unsupported {
                 what: "publishing to a partition",
-                url: uri.to_owned(),
+                url: crate::redact::url(uri),
             });
         }
         let exchange = out.exchange.clone().unwrap_or_default();
@@ -466,7 +466,7 @@ impl Backend for AmqpBackend {
             if partitions != 1 {
                 return Err(AdminError::Unsupported {
                     op: "a queue with several partitions",
-                    url: self.uri.to_string(),
+                    url: crate::redact::url(&self.uri),
                 });
             }
             let channel = Self::channel(&self.publishing, &self.uri).await?;

@@ -60,13 +60,39 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 ///     .set("sasl.mechanisms", "PLAIN")
 ///     .set_consumer("max.poll.interval.ms", "600000");
 /// assert_eq!(config.bootstrap_servers(), "127.0.0.1:9092");
+/// // Its `Debug` output never shows a credential.
+/// let secret = KafkaConfig::new("h:9092").set("sasl.password", "hunter2");
+/// assert!(!format!("{secret:?}").contains("hunter2"));
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaConfig {
     bootstrap: String,
     common: BTreeMap<String, String>,
     consumer: BTreeMap<String, String>,
     producer: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |m: &BTreeMap<String, String>| -> BTreeMap<String, String> {
+            m.iter()
+                .map(|(k, v)| {
+                    let v = if crate::redact::is_secret(k) {
+                        "***".to_owned()
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), v)
+                })
+                .collect()
+        };
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap", &self.bootstrap)
+            .field("common", &shown(&self.common))
+            .field("consumer", &shown(&self.consumer))
+            .field("producer", &shown(&self.producer))
+            .finish()
+    }
 }
 
 impl KafkaConfig {
@@ -86,7 +112,7 @@ impl KafkaConfig {
         let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
         if hosts.is_empty() {
             return Err(ConfigError::InvalidUrl {
-                url: url.to_owned(),
+                url: crate::redact::url(url),
                 reason: "expected kafka://host:port[,host:port]".to_owned(),
             });
         }
@@ -98,7 +124,7 @@ impl KafkaConfig {
                 Some((_, port)) => format!("the port `{port}` of `{h}` is not a number from 1 to 65535"),
             };
             return Err(ConfigError::InvalidUrl {
-                url: url.to_owned(),
+                url: crate::redact::url(url),
                 reason,
             });
         }
@@ -106,7 +132,7 @@ impl KafkaConfig {
         for kv in query.split('&').filter(|kv| !kv.is_empty()) {
             let Some((k, v)) = kv.split_once('=') else {
                 return Err(ConfigError::InvalidUrl {
-                    url: url.to_owned(),
+                    url: crate::redact::url(url),
                     reason: format!("`{kv}` is not a setting=value pair"),
                 });
             };
@@ -465,5 +491,17 @@ mod tests {
             assert!(err.to_string().contains(says), "{url}: {err}");
         }
         assert!(crate::Broker::new("kafka://localhost:9092,127.0.0.1:9093").is_ok());
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_never_shown() {
+        let broker = crate::Broker::new("kafka://localhost:9092?sasl.password=hunter2&sasl.username=me").unwrap();
+        assert_eq!(
+            broker.url(),
+            "kafka://localhost:9092?sasl.password=***&sasl.username=me"
+        );
+        assert!(!format!("{broker:?}").contains("hunter2"));
+        let err = crate::Broker::new("kafka://localhost:x?sasl.password=hunter2").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

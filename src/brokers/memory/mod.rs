@@ -485,7 +485,7 @@ impl LogConsumer for MemoryConsumer {
 /// `memory://` or `memory://?partitions=N` (the partition count of auto-created topics).
 pub(crate) fn open(url: &str, rest: &str) -> Result<Arc<dyn Backend>, ConfigError> {
     let invalid = |reason: &str| ConfigError::InvalidUrl {
-        url: url.to_owned(),
+        url: crate::redact::url(url),
         reason: reason.to_owned(),
     };
     let mut partitions = 1;
