@@ -140,3 +140,38 @@ async fn a_failed_dead_letter_publish_leaves_the_source_uncommitted_until_it_suc
     );
     assert_eq!(broker.committed_offsets("g", "orders").await.unwrap().get(&0), Some(&1));
 }
+
+/// A broker that is not there fails the app's start within seconds, saying so, instead of waiting for the
+/// group join's timeout while librdkafka floods the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_is_down_fails_the_start_in_seconds_with_the_cause() {
+    common::init_tracing();
+    // A port nothing listens on: bind one, then let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let broker = Broker::new(&format!("kafka://127.0.0.1:{port}")).unwrap();
+    broker
+        .subscriber("t")
+        .group_id("g")
+        .auto_commit(false)
+        .handle(|_: String| async {});
+    let started = std::time::Instant::now();
+    let err = ferrostream::App::new(broker)
+        .start()
+        .await
+        .err()
+        .expect("nothing listens there");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "failed after {:?}",
+        started.elapsed()
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("no Kafka broker answered") && text.contains("is it running"),
+        "{text}"
+    );
+}

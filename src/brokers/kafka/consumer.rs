@@ -20,12 +20,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::commit_queue::CommitQueue;
 use super::fetch_queue::{FetchQueue, Fetched};
+use super::quiet::{self, Throttle};
 use super::{KafkaConfig, client_error};
 use crate::config::ResolvedSubscriber;
 use crate::error::BrokerError;
 use crate::log::{Commits, LogConsumer, LogEvent};
 use crate::message::{Headers, Record};
 use crate::offset::TopicPartition;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
 
 /// How long the poll thread waits for records before checking whether it should stop.
 const POLL_WAIT: Duration = Duration::from_millis(100);
@@ -49,9 +52,19 @@ struct Ctx {
     revoke_wait: Duration,
     /// Where assigned partitions' messages go (set once the consumer exists).
     fetch: OnceLock<FetchQueue>,
+    /// Repeated client errors (a broker that is down) are logged once per quiet period.
+    throttle: Arc<Throttle>,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        quiet::log(&self.throttle, &self.name, level, fac, message);
+    }
+
+    fn error(&self, e: KafkaError, reason: &str) {
+        quiet::error(&self.throttle, &self.name, &e, reason);
+    }
+}
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -162,7 +175,9 @@ impl KafkaConsumer {
             closing: closing.clone(),
             revoke_wait: cfg.drain_timeout + Duration::from_secs(5),
             fetch: OnceLock::new(),
+            throttle: Arc::default(),
         };
+        let throttle = ctx.throttle.clone();
         let mut consumer: BaseConsumer<Ctx> = config
             .consumer_config(&group, cfg.auto_offset_reset)
             .create_with_context(ctx)
@@ -188,6 +203,7 @@ impl KafkaConsumer {
             fetch,
             events: tx,
             stop: stop.clone(),
+            throttle,
         };
         std::thread::Builder::new()
             .name(format!("ferrostream-poll-{}", cfg.name))
@@ -219,6 +235,7 @@ struct PollThread {
     fetch: FetchQueue,
     events: mpsc::Sender<LogEvent>,
     stop: Arc<AtomicBool>,
+    throttle: Arc<Throttle>,
 }
 
 impl PollThread {
@@ -233,7 +250,7 @@ impl PollThread {
                 while stray.len() < BATCH_MAX {
                     match consumer.poll(Duration::ZERO) {
                         Some(Ok(m)) => stray.push(m),
-                        Some(Err(e)) => tracing::warn!(subscriber = %self.name, error = %e, "consumer error"),
+                        Some(Err(e)) => quiet::error(&self.throttle, &self.name, &e, "consumer error"),
                         None => break,
                     }
                 }

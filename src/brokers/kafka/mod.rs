@@ -21,6 +21,7 @@
 mod commit_queue;
 mod consumer;
 mod fetch_queue;
+mod quiet;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 pub(crate) use consumer::KafkaConsumer;
+use quiet::QuietContext;
 
 use futures::future::BoxFuture;
 use tokio::task::JoinHandle;
@@ -46,6 +48,8 @@ use crate::error::{AdminError, BoxError, BrokerError, ConfigError, PublishError,
 use crate::log::{MAX_MESSAGE_BYTES, check_topic_name, record_size};
 use crate::transport::{Outgoing, PublishAck, Publisher, no_exchanges};
 
+/// How long a subscriber's start waits for a broker to answer at all.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long admin and metadata calls may take.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a record may wait in the producer queue before `publish` fails.
@@ -225,17 +229,20 @@ fn client_error(op: &'static str, e: impl Into<BoxError>) -> BrokerError {
 #[derive(Clone)]
 pub(crate) struct KafkaBackend {
     config: Arc<KafkaConfig>,
-    producer: FutureProducer,
+    producer: FutureProducer<QuietContext>,
     /// The producer's `message.max.bytes`, to say in a `TooLarge` error.
     max_message_bytes: usize,
 }
 
 impl KafkaBackend {
     pub(crate) fn new(config: KafkaConfig) -> Result<Self, ConfigError> {
-        let producer: FutureProducer = config.producer_config().create().map_err(|e| ConfigError::InvalidUrl {
-            url: format!("kafka://{}", config.bootstrap),
-            reason: format!("cannot create the Kafka producer: {e}"),
-        })?;
+        let producer: FutureProducer<QuietContext> = config
+            .producer_config()
+            .create_with_context(QuietContext::new("producer"))
+            .map_err(|e| ConfigError::InvalidUrl {
+                url: format!("kafka://{}", config.bootstrap),
+                reason: format!("cannot create the Kafka producer: {e}"),
+            })?;
         let max_message_bytes = config
             .producer
             .get("message.max.bytes")
@@ -304,13 +311,34 @@ impl KafkaBackend {
         self.config.base().create().map_err(|e| admin_error("admin client", e))
     }
 
-    fn metadata_consumer(&self, group: Option<&str>) -> Result<BaseConsumer, AdminError> {
+    fn metadata_consumer(&self, group: Option<&str>) -> Result<BaseConsumer<QuietContext>, AdminError> {
         let mut c = self.config.base();
         if let Some(g) = group {
             c.set("group.id", g);
         }
         c.set("enable.auto.commit", "false");
-        c.create().map_err(|e| admin_error("metadata client", e))
+        c.create_with_context(QuietContext::new("metadata"))
+            .map_err(|e| admin_error("metadata client", e))
+    }
+
+    /// Whether a broker answers, within [`PROBE_TIMEOUT`]: a subscriber starts only then, so a broker that
+    /// is down or a wrong address fails the app's start in seconds with the cause, not after the group
+    /// join's timeout.
+    async fn probe(&self) -> Result<(), BrokerError> {
+        let consumer = self.metadata_consumer(None).map_err(|e| client_error("connect", e))?;
+        let bootstrap = self.config.bootstrap.clone();
+        let answered = tokio::task::spawn_blocking(move || consumer.fetch_metadata(None, PROBE_TIMEOUT))
+            .await
+            .map_err(|e| client_error("connect", e))?;
+        answered.map(|_| ()).map_err(|e| {
+            client_error(
+                "connect",
+                format!(
+                    "no Kafka broker answered at {bootstrap} within {PROBE_TIMEOUT:?} ({e}); is it running, \
+                     and is the address in the URL right?"
+                ),
+            )
+        })
     }
 
     pub(crate) async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), AdminError> {
@@ -358,7 +386,7 @@ impl KafkaBackend {
         .await
     }
 
-    fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, AdminError> {
+    fn partitions_of(consumer: &BaseConsumer<QuietContext>, topic: &str) -> Result<Vec<i32>, AdminError> {
         let md = consumer
             .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
             .map_err(|e| admin_error("metadata", e))?;
@@ -443,18 +471,15 @@ impl Backend for KafkaBackend {
     }
 
     fn start(&self, launch: Launch) -> BoxFuture<'_, Result<JoinHandle<()>, StartError>> {
-        Box::pin(std::future::ready(self.start_now(launch)))
+        Box::pin(async move {
+            self.probe().await?;
+            let consumer = KafkaConsumer::start(&self.config, &launch.rt.cfg)?;
+            Ok(spawn_log(launch, consumer))
+        })
     }
 
     fn log_admin(&self) -> Option<&dyn LogAdmin> {
         Some(self)
-    }
-}
-
-impl KafkaBackend {
-    fn start_now(&self, launch: Launch) -> Result<JoinHandle<()>, StartError> {
-        let consumer = KafkaConsumer::start(&self.config, &launch.rt.cfg)?;
-        Ok(spawn_log(launch, consumer))
     }
 }
 
