@@ -77,8 +77,10 @@ impl SubscriberBuilder {
         self
     }
 
-    /// How many messages of one partition may be handled at once (default 1). Messages with the same
-    /// key never run concurrently and start in offset order; messages without a key are sequential.
+    /// How many messages of one partition (on RabbitMQ: of the queue) may be handled at once (default 1).
+    /// On a log, messages with the same key never run concurrently and start in offset order, and
+    /// messages without a key are sequential; a queue has no keys and keeps no order across redeliveries,
+    /// so there any `n` messages run at once.
     /// Handler calls run on the subscriber's engine task, so what overlaps is their waiting (I/O,
     /// timers); move CPU-heavy work to `tokio::task::spawn_blocking`.
     pub fn max_in_flight(mut self, n: usize) -> Self {

@@ -87,8 +87,10 @@ pub(crate) trait Transport: Send + 'static {
     /// at once.
     fn settle_on_receipt(&mut self, source: &TopicPartition, seqs: impl Iterator<Item = i64>);
 
-    /// Records of `source` below this sequence have their receipt acks confirmed by the broker (`AckFirst`
-    /// dispatches nothing else: at most once means settled first).
+    /// Records of `source` below this sequence have their receipt acks realised (`AckFirst` dispatches
+    /// nothing else: at most once means settled first). On a log the broker confirmed the commit; on
+    /// RabbitMQ, which confirms no ack, the ack frame was written: if the connection drops before the
+    /// broker reads it, the broker delivers those messages again.
     fn confirmed(&self, source: &TopicPartition) -> Option<i64>;
 
     /// Whether settles are waiting for the broker.

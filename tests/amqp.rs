@@ -460,6 +460,60 @@ async fn a_connection_closed_by_the_server_is_reopened_and_nothing_is_lost() {
     assert_eq!(common::unsettled(&broker, "", &queue, |n| n == 0).await, 0);
 }
 
+/// `AckFirst` acks runs of messages on receipt; when the connection is lost, those already acked are gone
+/// from the broker, so they are still handled (the drain does not drop them), and the rest comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_first_still_handles_what_it_acked_when_the_connection_is_lost() {
+    const N: usize = 1000;
+    let broker = broker();
+    let queue = common::unique("ackfirst-lost");
+    broker.create_topic(&queue, 1).await.unwrap();
+    let acks = broker
+        .publish_batch((0..N).map(|i| broker.publish(format!("m{i}"), &queue)))
+        .await;
+    assert!(acks.iter().all(Result::is_ok));
+    let seen = Seen::default();
+    let s = seen.clone();
+    broker
+        .subscriber(&queue)
+        .ack_policy(AckPolicy::AckFirst)
+        .drain_timeout(Duration::from_secs(20))
+        .handle(move |body: String| {
+            let s = s.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                s.push(body);
+            }
+        });
+    let observer = broker.observer();
+    let app = start(&broker).await;
+    observer
+        .wait_until("a third handled", common::WAIT, |_| {
+            (seen.all().len() >= N / 3).then_some(())
+        })
+        .await
+        .unwrap();
+    let lost_at = std::time::Instant::now();
+    assert!(close_connections(&[&queue]) >= 1);
+    observer
+        .wait_until("every message handled", Duration::from_secs(60), |_| {
+            let distinct: BTreeSet<String> = seen.all().into_iter().collect();
+            (distinct.len() == N).then_some(())
+        })
+        .await
+        .unwrap();
+    let took = lost_at.elapsed();
+    app.shutdown().await.unwrap();
+    let handled = seen.all();
+    println!(
+        "{} handled for {N} messages, all within {took:?} of the loss",
+        handled.len()
+    );
+    // Not waiting out the 20 s drain timeout: what was acked is handled at once, the rest comes back.
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert_eq!(common::unsettled(&broker, "", &queue, |n| n == 0).await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_errors_are_typed() {
     let broker = broker();

@@ -32,12 +32,16 @@ impl<T: Transport> Engine<T> {
                 }
             }
             self.transport.flush();
+            // Under AckFirst a queued record still to handle is one whose receipt settle the broker
+            // confirmed; the others wait for a settle in flight (which the exit condition waits for), or,
+            // with none in flight, are held back for the next owner or delivered again by the broker.
             let busy = tps.iter().any(|tp| {
+                let confirmed = self.transport.confirmed(tp);
                 self.parts.get(tp).is_some_and(|p| {
                     !p.in_flight.is_empty()
                         || !p.dead_lettering.is_empty()
                         || !p.retrying.is_empty()
-                        || (ack_first && !p.queue.is_empty())
+                        || (ack_first && p.queue.front().is_some_and(|q| confirmed.is_some_and(|c| q.offset < c)))
                 })
             });
             if !busy && self.transport.pending() != Pending::InFlight {

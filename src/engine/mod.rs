@@ -9,8 +9,9 @@
 //! - a record is dispatched at most once at a time, and not at all when its offset is already settled;
 //! - per partition at most `max_in_flight` handlers run; two records with the same key (or both without
 //!   a key) never run at once and start in offset order;
-//! - `AckFirst` records are settled on receipt and dispatched only once the broker confirmed that settle
-//!   (on a log: a commit past them; at most once, for real);
+//! - `AckFirst` records are settled on receipt and dispatched only once that settle is realised (on a
+//!   log: the broker confirmed a commit past them, at most once for real; on RabbitMQ: the ack was
+//!   written, which a connection lost at that instant can undo);
 //! - where the broker does not redeliver (a log), a nack puts the nacked record back in its partition's queue, in offset order (SPEC 3.2): it is
 //!   delivered again before every later record of its lane, and nothing at or after it is committed until
 //!   it is settled. The engine holds every received, unsettled record (queued, in flight, or in the

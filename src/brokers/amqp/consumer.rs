@@ -12,11 +12,11 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use lapin::Confirmation;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -30,6 +30,8 @@ use crate::offset::{Delivery, TopicPartition};
 use crate::settle::Settle;
 use crate::transport::{Capabilities, Outgoing, Pending, Transport, TransportEvent};
 
+/// How long connecting, declaring and starting to consume may take together.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Records handed to the engine at most per event.
 const BATCH_MAX: usize = 512;
 /// Reconnect backoff: from this, doubling, up to the cap.
@@ -46,9 +48,11 @@ enum SettleOp {
     /// `AckFirst`: every delivery up to this tag, on receipt.
     AckUpTo(u64),
     Reject(u64),
-    /// Deliver again after `delay`.
+    /// Deliver again after `delay`; `props`: the delivery's own properties (a classic queue re-publishes it
+    /// with them).
     Nack {
         record: Box<Record>,
+        props: Option<Box<BasicProperties>>,
         delay: Duration,
     },
 }
@@ -77,8 +81,13 @@ pub(crate) struct AmqpConsumer {
     session: Option<Session>,
     /// The session is new and its assignment not reported yet.
     announce: bool,
-    /// The channel failed after the records last handed over: report the loss next.
-    lost: bool,
+    /// The channel failed after the records last handed over: report the loss (and why) next.
+    lost: Option<String>,
+    /// `AckFirst`: what the lost session had confirmed, until the engine has drained its source (records
+    /// acked on receipt are still handled: they are gone from the broker).
+    confirmed_at_loss: Option<i64>,
+    /// Classic queues: the properties of each delivery not settled yet, for a nack's re-publish.
+    held: rustc_hash::FxHashMap<u64, BasicProperties>,
     reconnect: Option<BoxFuture<'static, Result<Session, BrokerError>>>,
     failures: u32,
 }
@@ -94,7 +103,9 @@ impl AmqpConsumer {
             subscriber: cfg.name.clone(),
             session: None,
             announce: false,
-            lost: false,
+            lost: None,
+            confirmed_at_loss: None,
+            held: Default::default(),
             reconnect: None,
             failures: 0,
         }
@@ -117,6 +128,8 @@ impl AmqpConsumer {
 
     /// The channel is gone: drop it (the broker redelivers what it had not acked) and reconnect later.
     fn lose(&mut self, why: &str) -> Option<TransportEvent<()>> {
+        self.confirmed_at_loss = self.session.as_ref().map(|s| *s.confirmed.borrow());
+        self.held.clear();
         tracing::warn!(subscriber = %self.subscriber, queue = %self.queue, error = why,
             "RabbitMQ channel lost; unacked messages go back to the queue; reconnecting");
         if let Some(s) = self.session.take() {
@@ -126,7 +139,7 @@ impl AmqpConsumer {
                 let _ = s.conn.close(200, "channel lost".into()).await;
             });
         }
-        self.lost = false;
+        self.lost = None;
         Some(TransportEvent::Revoked {
             sources: vec![self.source.clone()],
             release: (),
@@ -146,8 +159,25 @@ impl AmqpConsumer {
     }
 }
 
-/// Connects, declares the queue, sets the prefetch and starts consuming.
+/// [`open_session_now`] within [`OPEN_TIMEOUT`]: a broker that accepts the connection and then stalls
+/// (booting, under a resource alarm) fails the attempt instead of hanging it.
 async fn open_session(
+    uri: Arc<str>,
+    queue: String,
+    decl: Queue,
+    prefetch: u16,
+    subscriber: Arc<str>,
+) -> Result<Session, BrokerError> {
+    tokio::time::timeout(OPEN_TIMEOUT, open_session_now(uri, queue, decl, prefetch, subscriber))
+        .await
+        .unwrap_or(Err(BrokerError::Timeout {
+            op: "open a consuming channel",
+            timeout: OPEN_TIMEOUT,
+        }))
+}
+
+/// Connects, declares the queue, sets the prefetch and starts consuming.
+async fn open_session_now(
     uri: Arc<str>,
     queue: String,
     decl: Queue,
@@ -241,17 +271,16 @@ async fn settler(
         let mut sends = Vec::with_capacity(batch.len());
         for op in batch.drain(..) {
             match op {
-                SettleOp::Nack { record, delay } => {
-                    let (channel, queue, subscriber) = (channel.clone(), queue.clone(), subscriber.clone());
-                    put_backs.spawn(put_back(
-                        channel,
-                        queue,
+                SettleOp::Nack { record, props, delay } => {
+                    let back = PutBack {
+                        channel: channel.clone(),
+                        queue: queue.clone(),
                         kind,
                         record,
-                        delay,
-                        subscriber,
-                        closing_rx.clone(),
-                    ));
+                        props,
+                        subscriber: subscriber.clone(),
+                    };
+                    put_backs.spawn(back.after(delay, closing_rx.clone()));
                 }
                 op => sends.push(settle_one(&channel, &confirmed, op)),
             }
@@ -272,7 +301,12 @@ async fn settle_one(channel: &Channel, confirmed: &watch::Sender<i64>, op: Settl
         SettleOp::Ack(tag) => channel.basic_ack(tag, BasicAckOptions::default()).await,
         SettleOp::AckUpTo(tag) => {
             channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
-            confirmed.send_replace(tag as i64 + 1);
+            let upto = tag as i64 + 1;
+            confirmed.send_if_modified(|c| {
+                let moved = upto > *c;
+                *c = (*c).max(upto);
+                moved
+            });
             Ok(())
         }
         SettleOp::Reject(tag) => channel.basic_reject(tag, BasicRejectOptions { requeue: false }).await,
@@ -280,63 +314,79 @@ async fn settle_one(channel: &Channel, confirmed: &watch::Sender<i64>, op: Settl
     }
 }
 
-/// A nacked delivery goes back to its queue after `delay`: a quorum queue's `basic.nack(requeue)` (the
-/// queue counts the delivery); on a classic queue, which counts nothing, a confirmed re-publish carrying
-/// the attempt count, then an ack of the original (a crash between the two duplicates, never loses).
-async fn put_back(
+/// A nacked delivery going back to its queue.
+struct PutBack {
     channel: Channel,
     queue: String,
     kind: QueueType,
     record: Box<Record>,
-    delay: Duration,
+    /// The delivery's own properties (classic queues), to re-publish it whole.
+    props: Option<Box<BasicProperties>>,
     subscriber: Arc<str>,
-    mut closing: watch::Receiver<bool>,
-) {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => {}
-        // Closing: put it back now, while the channel is still there.
-        _ = closing.wait_for(|c| *c) => {}
-    }
-    let tag = record.offset as u64;
-    let requeue = BasicNackOptions {
-        requeue: true,
-        multiple: false,
-    };
-    let r = match kind {
-        QueueType::Quorum => channel.basic_nack(tag, requeue).await,
-        QueueType::Classic => {
-            let mut out = Outgoing::new(queue.clone(), record.payload.clone());
-            out.key = record.key.clone();
-            out.headers = record.headers.clone();
-            out.timestamp = record.timestamp;
-            let mut props = convert::properties(&out);
-            let mut headers = props.headers().clone().unwrap_or_default();
-            let delivered = record.prior_attempts.saturating_add(record.attempts.max(1));
-            headers.insert(
-                ATTEMPTS.into(),
-                AMQPValue::LongString(LongString::from(delivered.to_string())),
-            );
-            props = props.with_headers(headers);
-            let opts = BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            };
-            let published = match channel
-                .basic_publish("".into(), queue.as_str().into(), opts, &record.payload, props)
-                .await
-            {
-                Ok(confirm) => confirm.await,
-                Err(e) => Err(e),
-            };
-            match published {
-                Ok(Confirmation::Ack(None)) => channel.basic_ack(tag, BasicAckOptions::default()).await,
-                // Not taken: requeue the original instead (it loses its count, never itself).
-                _ => channel.basic_nack(tag, requeue).await,
-            }
+}
+
+impl PutBack {
+    /// After `delay` (or at once when the consumer closes), the delivery goes back: on a quorum queue with
+    /// `basic.reject(requeue)`, which the queue counts as a delivery (RabbitMQ 4.3 counts rejects only, not
+    /// nacks); on a classic queue, which counts nothing, as a confirmed re-publish of the same message with
+    /// the attempt count in a header, then an ack of the original (a crash between the two duplicates,
+    /// never loses).
+    async fn after(self, delay: Duration, mut closing: watch::Receiver<bool>) {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = closing.wait_for(|c| *c) => {}
         }
-    };
-    if let Err(e) = r {
-        tracing::debug!(subscriber = %subscriber, error = %e, "nack not sent: the channel is gone, the broker redelivers");
+        let PutBack {
+            channel,
+            queue,
+            kind,
+            record,
+            props,
+            subscriber,
+        } = self;
+        let tag = record.offset as u64;
+        let requeue = BasicRejectOptions { requeue: true };
+        let r = match kind {
+            QueueType::Quorum => channel.basic_reject(tag, requeue).await,
+            QueueType::Classic => {
+                let mut props = match props {
+                    Some(p) => *p,
+                    None => {
+                        let mut out = Outgoing::new(queue.clone(), record.payload.clone());
+                        out.key = record.key.clone();
+                        out.headers = record.headers.clone();
+                        out.timestamp = record.timestamp;
+                        convert::properties(&out)
+                    }
+                };
+                let mut headers = props.headers().clone().unwrap_or_default();
+                let delivered = record.prior_attempts.saturating_add(record.attempts.max(1));
+                headers.insert(
+                    ATTEMPTS.into(),
+                    AMQPValue::LongString(LongString::from(delivered.to_string())),
+                );
+                props = props.with_headers(headers);
+                let opts = BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                };
+                let published = match channel
+                    .basic_publish("".into(), queue.as_str().into(), opts, &record.payload, props)
+                    .await
+                {
+                    Ok(confirm) => confirm.await,
+                    Err(e) => Err(e),
+                };
+                match published {
+                    Ok(Confirmation::Ack(None)) => channel.basic_ack(tag, BasicAckOptions::default()).await,
+                    // Not taken: requeue the original instead (it loses its count, never itself).
+                    _ => channel.basic_reject(tag, requeue).await,
+                }
+            }
+        };
+        if let Err(e) = r {
+            tracing::debug!(subscriber = %subscriber, error = %e, "nack not sent: the channel is gone, the broker redelivers");
+        }
     }
 }
 
@@ -352,8 +402,8 @@ impl Transport for AmqpConsumer {
 
     async fn next(&mut self, intake: bool) -> Option<TransportEvent<()>> {
         loop {
-            if self.lost && intake {
-                return self.lose("the consumer stream failed");
+            if let Some(why) = self.lost.take().filter(|_| intake) {
+                return self.lose(&why);
             }
             if self.session.is_none() {
                 if !intake {
@@ -387,6 +437,7 @@ impl Transport for AmqpConsumer {
             }
             if self.announce && intake {
                 self.announce = false;
+                self.confirmed_at_loss = None;
                 return Some(TransportEvent::Assigned(vec![self.source.clone()]));
             }
             let s = self.session.as_mut().expect("checked above");
@@ -398,19 +449,34 @@ impl Transport for AmqpConsumer {
                 biased;
                 changed = confirmed.changed(), if !settler_gone => {
                     if changed.is_err() {
+                        // The settler ended on its own: nothing would reach the broker any more.
                         s.settler_gone = true;
-                        continue;
+                        return self.lose("the settle task ended");
                     }
                     return Some(TransportEvent::Settled);
                 }
                 d = consumer.next(), if intake => match d {
                     Some(Ok(d)) => {
-                        let mut records = vec![convert::record(&self.source, d)];
+                        let classic = self.decl.kind() == QueueType::Classic;
+                        let mut records = Vec::with_capacity(8);
+                        let (source, held) = (&self.source, &mut self.held);
+                        let mut take = |d, records: &mut Vec<Record>| {
+                            let (record, props) = convert::record(source, d);
+                            if classic {
+                                held.insert(record.offset as u64, props);
+                            }
+                            records.push(record);
+                        };
+                        take(d, &mut records);
                         while records.len() < BATCH_MAX {
-                            match s.consumer.next().now_or_never() {
-                                Some(Some(Ok(d))) => records.push(convert::record(&self.source, d)),
-                                Some(_) => {
-                                    self.lost = true;
+                            match consumer.next().now_or_never() {
+                                Some(Some(Ok(d))) => take(d, &mut records),
+                                Some(Some(Err(e))) => {
+                                    self.lost = Some(e.to_string());
+                                    break;
+                                }
+                                Some(None) => {
+                                    self.lost = Some("the broker cancelled the consumer".to_owned());
                                     break;
                                 }
                                 None => break,
@@ -433,6 +499,7 @@ impl Transport for AmqpConsumer {
 
     fn settle(&mut self, _: &TopicPartition, seq: i64, settle: Settle) {
         let tag = seq as u64;
+        self.held.remove(&tag);
         match settle {
             Settle::Ack => self.send(SettleOp::Ack(tag)),
             Settle::Reject => self.send(SettleOp::Reject(tag)),
@@ -442,8 +509,10 @@ impl Transport for AmqpConsumer {
     }
 
     fn nack(&mut self, record: Record, delay: Duration) {
+        let props = self.held.remove(&(record.offset as u64)).map(Box::new);
         self.send(SettleOp::Nack {
             record: Box::new(record),
+            props,
             delay,
         });
     }
@@ -455,7 +524,10 @@ impl Transport for AmqpConsumer {
     }
 
     fn confirmed(&self, _: &TopicPartition) -> Option<i64> {
-        self.session.as_ref().map(|s| *s.confirmed.borrow())
+        self.session
+            .as_ref()
+            .map(|s| *s.confirmed.borrow())
+            .or(self.confirmed_at_loss)
     }
 
     fn pending(&self) -> Pending {

@@ -33,7 +33,7 @@ pub(super) fn properties(out: &Outgoing) -> BasicProperties {
     if let Some(to) = out.headers.get_str(REPLY_TO) {
         props = props.with_reply_to(to.into());
     }
-    if let Some(ts) = out.timestamp {
+    if let Some(ts) = out.timestamp.filter(|t| *t >= 0) {
         props = props.with_timestamp((ts / 1000) as u64);
     }
     props
@@ -63,7 +63,8 @@ fn int_of(v: &AMQPValue) -> Option<i64> {
 
 /// The record of a delivery from `source`: its delivery tag is its sequence; headers, correlation id and
 /// reply-to become headers; the deliveries the broker counted before this one become `prior_attempts`.
-pub(super) fn record(source: &TopicPartition, d: Delivery) -> Record {
+/// The delivery's own properties come back beside it, for a classic queue's put-back to keep them whole.
+pub(super) fn record(source: &TopicPartition, d: Delivery) -> (Record, BasicProperties) {
     let mut headers = Headers::new();
     let mut key = None;
     let mut prior = None;
@@ -94,18 +95,23 @@ pub(super) fn record(source: &TopicPartition, d: Delivery) -> Record {
     }
     // A quorum queue counts deliveries itself; a classic queue only says "redelivered", and the count
     // of the transport's own put-backs is in a header.
+    // (A broker that also counts a classic queue's deliveries counts only this copy's: keep the larger.)
     let prior_attempts = prior
-        .or(counted)
+        .max(counted)
         .map(|n| n.clamp(0, i64::from(u32::MAX)) as u32)
         .unwrap_or(u32::from(d.redelivered));
-    Record {
+    let record = Record {
         tp: source.clone(),
         offset: d.delivery_tag as i64,
         key,
-        timestamp: d.properties.timestamp().map(|s| (s as i64).saturating_mul(1000)),
+        timestamp: d
+            .properties
+            .timestamp()
+            .map(|s| (s.min(i64::MAX as u64 / 1000) as i64) * 1000),
         headers,
         payload: Bytes::from(d.data),
         prior_attempts,
         attempts: 0,
-    }
+    };
+    (record, d.properties)
 }

@@ -11,6 +11,13 @@
 //! unroutable record (published `mandatory`). A lost connection is re-opened with backoff; what was not
 //! acked comes back from the broker.
 //!
+//! What differs from a log: `AckFirst` acks on receipt, but RabbitMQ confirms no ack, so a connection lost
+//! the instant after an ack was written can have the broker deliver it again (at most once holds for
+//! crashes of the consumer, not for that instant); a nack's delay is waited out in the consumer, the
+//! delivery still unacked and holding a prefetch slot (keep delays well under the broker's
+//! `consumer_timeout`, 30 minutes by default); the commit settings (`commit_interval`, `commit_every`,
+//! `commit_sync_each`) mean nothing here, as settles go out at once.
+//!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! use ferrostream::{AckPolicy, Broker};
@@ -49,6 +56,8 @@ use crate::engine::Launch;
 use crate::error::{AdminError, BoxError, BrokerError, ConfigError, PublishError, StartError};
 use crate::transport::{Outgoing, PublishAck, Publisher};
 
+/// How long a publish waits for the broker's confirm.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long connecting and declaring may take before the operation fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -386,7 +395,14 @@ impl AmqpBackend {
                 )
                 .await;
             let confirmed = match sent {
-                Ok(c) => c.await,
+                Ok(c) => match tokio::time::timeout(PUBLISH_TIMEOUT, c).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(PublishError::Timeout {
+                            timeout: PUBLISH_TIMEOUT,
+                        });
+                    }
+                },
                 Err(e) => Err(e),
             };
             match confirmed {
@@ -453,8 +469,16 @@ impl Backend for AmqpBackend {
             consumer.open_first().await?;
             if let Some(dlt) = &cfg.dead_letter {
                 // The dead-letter queue must exist for its (mandatory) publish to be routed.
-                let channel = Self::channel(&self.publishing, &self.uri).await?;
-                declare(&channel, dlt, &Queue::durable()).await?;
+                let declared = async {
+                    let channel = Self::channel(&self.publishing, &self.uri).await?;
+                    declare(&channel, dlt, &Queue::durable()).await
+                };
+                tokio::time::timeout(CONNECT_TIMEOUT, declared)
+                    .await
+                    .unwrap_or(Err(BrokerError::Timeout {
+                        op: "declare the dead-letter queue",
+                        timeout: CONNECT_TIMEOUT,
+                    }))?;
             }
             Ok(launch.spawn(consumer))
         })
