@@ -85,6 +85,13 @@ impl<'a> Context<'a> {
 ///     }
 /// }
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a handler argument",
+    label = "not an extractor",
+    note = "handler arguments are extractors: `String`, `Bytes`, `Vec<u8>`, `Json<T>` (for a `T: Deserialize`), \
+            `Message`, `Headers`, `Key`, `Attempt`, `State<T>`, `Batch<T>`",
+    note = "for your own struct, take `Json<YourStruct>`; for text, an owned `String` (not `&str`)"
+)]
 pub trait FromMessage: Sized + Send + 'static {
     /// Extracts the value, or fails with a typed error (usually a decode error).
     fn from_message(cx: &Context<'_>) -> Result<Self, Error>;

@@ -48,6 +48,14 @@ impl<T: Serialize> IntoPayload for Json<T> {
 }
 
 /// What a handler's return value means: success with something to publish or not, or an error.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be returned from a handler",
+    label = "not a handler return value",
+    note = "a handler returns `()`, a payload to publish (`String`, `&'static str`, `Bytes`, `Vec<u8>`, \
+            `Json<T>`), an `Option` of one, or a `Result` of those with an error convertible into \
+            `Box<dyn Error + Send + Sync>`",
+    note = "to publish your own struct, return `Json(value)`"
+)]
 pub trait HandlerReturn: Send + 'static {
     /// Converts the return value.
     fn into_outcome(self) -> Result<Option<Bytes>, Error>;
@@ -107,6 +115,17 @@ impl<T: Serialize + Send + 'static> HandlerReturn for Json<T> {
 /// # fn assert_handler<A, H: ferrostream::Handler<A>>(_: H) {}
 /// # assert_handler(handle);
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "this is not a ferrostream handler",
+    label = "not a handler",
+    note = "a handler is an `async fn` or a closure returning a future (`|body: String| async move {{ .. }}`), \
+            `Clone + Send + Sync`; its future must be `Send` (no `Rc` or `RefCell` across an `.await`)",
+    note = "check each argument: at most 8, each an owned extractor (`String`, not `&str`; `Json<MyStruct>`, \
+            not `MyStruct`; `Bytes`, `Message`, `Headers`, `Key`, `Attempt`, `State<T>`, `Batch<T>`)",
+    note = "and the return value: `()`, a payload to publish (`String`, `Bytes`, `Vec<u8>`, `Json<T>`), an \
+            `Option` of one, or a `Result` of those (a number or your own struct is not a payload: wrap it in \
+            `Json(..)`)"
+)]
 pub trait Handler<Args>: Clone + Send + Sync + 'static {
     /// Extracts the arguments and runs the handler.
     fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Bytes>, Error>>;
