@@ -1,5 +1,5 @@
 //! The app lifecycle: start every subscriber, run until SIGINT/SIGTERM or a programmatic shutdown, then
-//! stop fetching, drain in-flight handlers, commit and leave the groups (SPEC 3.8).
+//! stop fetching, drain in-flight handlers, commit and leave the groups ([guarantee 3.8](crate::guarantees)).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -9,7 +9,7 @@ use crate::settle::Settle;
 /// Any error a handler may return.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
-/// Interrupts the handler and acks the message immediately, under every policy (SPEC 2.2).
+/// Interrupts the handler and acks the message immediately, under every policy ([guarantee 2.2](crate::guarantees)).
 ///
 /// ```
 /// fn smth_processing(body: &str) -> Result<(), ferrostream::Error> {
@@ -74,7 +74,7 @@ impl StdError for AckMessage {}
 impl StdError for NackMessage {}
 impl StdError for RejectMessage {}
 
-/// A payload that could not be decoded into the handler's argument type (SPEC 2.4).
+/// A payload that could not be decoded into the handler's argument type ([guarantee 2.4](crate::guarantees)).
 #[derive(Debug)]
 pub struct DecodeError {
     /// The subscriber whose handler asked for the value.
@@ -108,9 +108,9 @@ impl StdError for DecodeError {
 pub enum FailureKind {
     /// The handler returned an error.
     Handler,
-    /// The payload did not decode into the handler's argument type (SPEC 2.4).
+    /// The payload did not decode into the handler's argument type ([guarantee 2.4](crate::guarantees)).
     Decode,
-    /// The handler panicked (SPEC 2.3).
+    /// The handler panicked ([guarantee 2.3](crate::guarantees)).
     Panic,
 }
 
@@ -156,11 +156,11 @@ pub struct Error {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// Settle the message this way now (SPEC 2.2).
+    /// Settle the message this way now ([guarantee 2.2](crate::guarantees)).
     Interrupt(Settle),
-    /// The payload did not decode (SPEC 2.4).
+    /// The payload did not decode ([guarantee 2.4](crate::guarantees)).
     Decode(DecodeError),
-    /// The handler panicked (SPEC 2.3); the panic message.
+    /// The handler panicked ([guarantee 2.3](crate::guarantees)); the panic message.
     Panic(String),
     /// Any other handler error.
     Handler(BoxError),

@@ -221,7 +221,7 @@ impl<T: Clone + Send + Sync + 'static> FromMessage for State<T> {
     }
 }
 
-/// Every message of a batch subscriber's call, each extracted as `T` (SPEC 3.10).
+/// Every message of a batch subscriber's call, each extracted as `T` ([guarantee 3.10](crate::guarantees)).
 ///
 /// `Batch<String>` or `Batch<Json<T>>` decodes every payload (one failure makes the call a decode error);
 /// `Batch<Message>` gives the handles, to settle messages one by one or all at once.

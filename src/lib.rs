@@ -57,6 +57,7 @@ mod config;
 mod engine;
 mod error;
 pub mod extract;
+pub mod guarantees;
 mod handler;
 pub mod hooks;
 mod log;

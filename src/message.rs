@@ -220,7 +220,7 @@ impl Arrival {
     }
 }
 
-/// One delivered message and its settle calls (SPEC 2.1). Cheap to clone; clones share the settle state.
+/// One delivered message and its settle calls ([guarantee 2.1](crate::guarantees)). Cheap to clone; clones share the settle state.
 /// A handle keeps the records of its partition that arrived with its own (up to one fetched batch) in
 /// memory until it is dropped: hold on to handles only as long as you need them.
 ///
@@ -266,12 +266,12 @@ impl Message {
         self.settle(Settle::Ack, SettledBy::User)
     }
 
-    /// Nacks the message: it is delivered again (on Kafka, from this offset on; SPEC 3.2).
+    /// Nacks the message: it is delivered again (on Kafka, from this offset on; [guarantee 3.2](crate::guarantees)).
     pub async fn nack(&self) -> SettleOutcome {
         self.settle(Settle::NACK, SettledBy::User)
     }
 
-    /// Nacks the message; it is delivered again no earlier than `delay` from now (SPEC 2.6).
+    /// Nacks the message; it is delivered again no earlier than `delay` from now ([guarantee 2.6](crate::guarantees)).
     pub async fn nack_after(&self, delay: std::time::Duration) -> SettleOutcome {
         self.settle(Settle::Nack { delay: Some(delay) }, SettledBy::User)
     }

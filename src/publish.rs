@@ -1,5 +1,5 @@
 //! Publishing: `broker.publish(payload, topic)` with optional key, partition, headers, timestamp and
-//! correlation id; it resolves once the broker has acknowledged the record (SPEC 3.11).
+//! correlation id; it resolves once the broker has acknowledged the record ([guarantee 3.11](crate::guarantees)).
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;

@@ -1,4 +1,4 @@
-//! Retries and dead letters (SPEC 3.12): how often a failing message is tried again, how long to wait in
+//! Retries and dead letters ([guarantee 3.12](crate::guarantees)): how often a failing message is tried again, how long to wait in
 //! between, and where it goes when it is given up on.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-/// The final decision about one message (SPEC section 1).
+/// The final decision about one message ([guarantees](crate::guarantees) §1).
 ///
 /// ```
 /// use ferrostream::Settle;
@@ -76,7 +76,7 @@ impl SettleOutcome {
     }
 }
 
-/// When and how a subscriber settles its messages (SPEC section 1, as FastStream's `AckPolicy`).
+/// When and how a subscriber settles its messages ([guarantees](crate::guarantees) §1, as FastStream's `AckPolicy`).
 ///
 /// | policy | settled | success | error / panic / decode error |
 /// |---|---|---|---|

@@ -65,7 +65,7 @@ impl SubscriberBuilder {
         self
     }
 
-    /// Chooses how messages are settled (SPEC section 1).
+    /// Chooses how messages are settled ([guarantees](crate::guarantees) §1).
     pub fn ack_policy(mut self, policy: AckPolicy) -> Self {
         self.config.ack_policy = Some(policy);
         self
@@ -122,7 +122,7 @@ impl SubscriberBuilder {
         self
     }
 
-    /// Batch subscriber (SPEC 3.10): the handler receives up to `max_records` messages at once (take them
+    /// Batch subscriber ([guarantee 3.10](crate::guarantees)): the handler receives up to `max_records` messages at once (take them
     /// with [`Batch<T>`](crate::Batch)), waiting up to `timeout` for a batch to fill. One batch runs at a
     /// time; the handler's outcome settles every message it did not settle itself.
     ///
@@ -160,7 +160,7 @@ impl SubscriberBuilder {
 
     /// Publishes rejected messages to this topic (original key, payload and headers, plus the
     /// [`retry::headers`](crate::retry::headers)) before their offset is committed; if that publish
-    /// fails, the message stays unsettled and comes back (SPEC 3.3).
+    /// fails, the message stays unsettled and comes back ([guarantee 3.3](crate::guarantees)).
     pub fn dead_letter(mut self, topic: impl Into<String>) -> Self {
         self.config.dead_letter = Some(topic.into());
         self
