@@ -34,8 +34,11 @@
 //! 5. Every error and panic is logged and counted ([`Broker::metrics`](crate::Broker::metrics)).
 //! 6. A nack may carry a delay ([`Message::nack_after`](crate::Message::nack_after)): the message comes
 //!    back no earlier than that.
-//! 7. No configuration makes a failing message loop hot: every redelivery waits at least 10 ms, and a
-//!    [`RetryPolicy`](crate::RetryPolicy) backs off exponentially with jitter up to a cap.
+//! 7. No configuration makes a failing message loop hot: without a delay of its own, a nacked message
+//!    comes back after 10 ms, then 20, 40... doubling up to 5 s; a [`RetryPolicy`](crate::RetryPolicy)
+//!    backs off exponentially with jitter up to its cap, and every redelivery waits at least 10 ms. A
+//!    panicking handler is logged once per attempt, without a backtrace (the process's panic hook is not
+//!    run for handler panics; the log line says where it panicked).
 //!
 //! # 3. Logs: Kafka and `memory://`
 //!

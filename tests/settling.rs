@@ -376,29 +376,37 @@ async fn nack_after_redelivers_no_earlier_than_the_delay() {
     assert!(gap >= DELAY, "redelivered after {gap:?}, before the {DELAY:?} delay");
 }
 
+/// Guarantee 2.7: without a retry policy, a message that keeps failing comes back after 10 ms, then 20,
+/// 40... (doubling up to 5 s), never in a hot loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_always_failing_message_is_not_redelivered_in_a_hot_loop() {
-    // Every redelivery waits at least 10 ms (the engine's floor), whatever the configuration.
+async fn an_always_failing_message_backs_off_exponentially_without_a_retry_policy() {
     const FLOOR: Duration = Duration::from_millis(10);
-    const ATTEMPTS: usize = 20;
-    let (broker, topic, _group, app) = setup(AckPolicy::NackOnError, |_: String| async {
-        Err::<(), _>(std::io::Error::other("always fails"))
+    const CALLS: usize = 7;
+    let times: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let seen = times.clone();
+    let (broker, topic, _group, app) = setup(AckPolicy::NackOnError, move |_: String| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push(Instant::now());
+            Err::<(), _>(std::io::Error::other("always fails"))
+        }
     })
     .await;
     let observer = broker.observer();
     broker.publish("poison", &topic).await.unwrap();
-    let first = observer.wait_handled("sub", 1, common::WAIT).await.unwrap();
-    assert_eq!(first.len(), 1);
-    let started = Instant::now();
-    observer.wait_handled("sub", ATTEMPTS, common::WAIT).await.unwrap();
-    let elapsed = started.elapsed();
+    observer.wait_handled("sub", CALLS, common::WAIT).await.unwrap();
     app.shutdown().await.unwrap();
-    let rate = (ATTEMPTS - 1) as f64 / elapsed.as_secs_f64();
-    println!("{} redeliveries in {elapsed:?}: {rate:.0}/s", ATTEMPTS - 1);
-    assert!(
-        elapsed >= FLOOR * (ATTEMPTS as u32 - 1),
-        "redelivered {rate:.0} times a second"
-    );
+    let t = times.lock().unwrap().clone();
+    let gaps: Vec<Duration> = t.windows(2).map(|w| w[1] - w[0]).take(CALLS - 1).collect();
+    println!("gaps between attempts: {gaps:?}");
+    for (i, gap) in gaps.iter().enumerate() {
+        let floor = FLOOR * (1 << i);
+        assert!(
+            *gap >= floor,
+            "attempt {} came {gap:?} after the previous one, before {floor:?}",
+            i + 2
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

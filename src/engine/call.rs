@@ -1,13 +1,13 @@
 //! One handler call: the handler future (panics caught), then the publish of its result.
 
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::Poll;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
+use super::panics;
 use super::*;
 use crate::error::Error;
 use crate::extract::Context;
@@ -57,9 +57,9 @@ impl Call {
                     state: &rt.state,
                 }),
             };
-            match cx.map(|cx| std::panic::catch_unwind(AssertUnwindSafe(|| rt.handler.call(&cx)))) {
+            match cx.map(|cx| panics::catch(|| rt.handler.call(&cx))) {
                 Some(Ok(fut)) => Stage::Handler(fut),
-                Some(Err(panic)) => Stage::Ended(Err(Error::panic(panic_message(panic)))),
+                Some(Err(panic)) => Stage::Ended(Err(Error::panic(panic))),
                 None => Stage::Ended(Ok(())),
             }
         };
@@ -85,7 +85,7 @@ impl Future for Call {
         let this = &mut *self;
         loop {
             let result = match &mut this.stage {
-                Stage::Handler(fut) => match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+                Stage::Handler(fut) => match panics::catch(|| fut.as_mut().poll(cx)) {
                     Ok(Poll::Pending) => return Poll::Pending,
                     Ok(Poll::Ready(Ok(Some(payload)))) if this.publish.is_some() => {
                         match (this.first().cloned(), &this.publish) {
@@ -97,7 +97,7 @@ impl Future for Call {
                         }
                     }
                     Ok(Poll::Ready(r)) => r.map(|_| ()),
-                    Err(panic) => Err(Error::panic(panic_message(panic))),
+                    Err(panic) => Err(Error::panic(panic)),
                 },
                 Stage::Publishing(fut) => match fut.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
@@ -128,14 +128,4 @@ pub(super) async fn publish_result(rt: Arc<SubscriberRuntime>, msg: Message, pay
         rt.publisher.send(out).await.map_err(Error::handler)?;
     }
     Ok(())
-}
-
-pub(super) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
-    }
 }

@@ -29,6 +29,7 @@ mod dispatch;
 mod drain;
 mod forward;
 mod intake;
+mod panics;
 mod settling;
 #[cfg(test)]
 mod tests;
@@ -208,6 +209,7 @@ impl<T: Transport> Engine<T> {
         shutdown: watch::Receiver<bool>,
         ready: oneshot::Sender<()>,
     ) -> Self {
+        panics::install_hook();
         let (settles_tx, settles_rx) = mpsc::unbounded_channel();
         let (forwards_tx, forwards_rx) = mpsc::unbounded_channel();
         Engine {

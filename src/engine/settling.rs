@@ -11,6 +11,20 @@ use verdict::Verdict;
 
 /// The least time between a nack and the redelivery of its message.
 const REDELIVERY_FLOOR: Duration = Duration::from_millis(10);
+/// Without a delay of its own, a nacked message waits the floor doubled per delivery so far, up to this.
+const REDELIVERY_CAP: Duration = Duration::from_secs(5);
+
+/// How long a message nacked without a delay of its own waits, after `deliveries` deliveries (guarantee
+/// 2.7): 10 ms, 20 ms, 40 ms... up to 5 s. A nack with a delay (a retry policy's backoff, `nack_after`)
+/// waits that delay, at least the floor.
+fn redelivery_delay(requested: Option<Duration>, deliveries: u32) -> Duration {
+    match requested {
+        Some(d) => d.max(REDELIVERY_FLOOR),
+        None => REDELIVERY_FLOOR
+            .saturating_mul(1 << deliveries.saturating_sub(1).min(16))
+            .min(REDELIVERY_CAP),
+    }
+}
 /// Wait before a message whose dead-letter publish failed comes back.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
@@ -185,13 +199,13 @@ impl<T: Transport> Engine<T> {
         }
     }
 
-    /// A nacked record comes back no earlier than `delay`, and never sooner than a floor: no
-    /// configuration can make a failing message loop hot (SPEC 3.12). Where the broker redelivers, the
+    /// A nacked record comes back no earlier than `delay`, and never sooner than a floor that grows with
+    /// its deliveries ([`redelivery_delay`]): no configuration can make a failing message loop hot. Where the broker redelivers, the
     /// transport nacks it. Otherwise (SPEC 3.2) nothing at or after the nacked offset is committed until
     /// it is settled (the tracker keeps it unsettled), and it is delivered again from the queue, before
     /// the later records of its lane.
     pub(super) fn redeliver(&mut self, mut record: Record, delay: Option<Duration>) {
-        let delay = delay.unwrap_or_default().max(REDELIVERY_FLOOR);
+        let delay = redelivery_delay(delay, record.prior_attempts.saturating_add(record.attempts));
         if self.caps.redelivers {
             self.transport.nack(record, delay);
             return;
@@ -217,5 +231,23 @@ impl<T: Transport> Engine<T> {
             }
         }
         // A due commit is started by the transport's `flush` right after this.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_delay_of_its_own_a_redelivery_backs_off_exponentially_to_a_cap() {
+        let ms = |n| redelivery_delay(None, n).as_millis();
+        assert_eq!([ms(1), ms(2), ms(3), ms(4)], [10, 20, 40, 80]);
+        assert_eq!(ms(10), 5_000);
+        assert_eq!(ms(u32::MAX), 5_000);
+        assert_eq!(redelivery_delay(Some(Duration::from_millis(1)), 9), REDELIVERY_FLOOR);
+        assert_eq!(
+            redelivery_delay(Some(Duration::from_secs(30)), 1),
+            Duration::from_secs(30)
+        );
     }
 }
