@@ -1,14 +1,48 @@
 //! The app lifecycle: start every subscriber, run until SIGINT/SIGTERM or a programmatic shutdown, then
 //! stop fetching, drain in-flight handlers, commit and leave the groups ([guarantee 3.8](crate::guarantees)).
 
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
-use crate::error::{BrokerError, StartError};
+use crate::error::{BoxError, BrokerError, StartError};
+
+/// A lifecycle hook: given the broker, it may fail.
+type Hook = Box<dyn FnOnce(Broker) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
+
+fn hook<F, Fut, E>(f: F) -> Hook
+where
+    F: FnOnce(Broker) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    Box::new(move |broker| Box::pin(async move { f(broker).await.map_err(Into::into) }))
+}
+
+/// Runs hooks in the order they were added; the first failure stops them.
+async fn run_hooks(hooks: Vec<Hook>, broker: &Broker, stage: &'static str) -> Result<(), StartError> {
+    for h in hooks {
+        h(broker.clone())
+            .await
+            .map_err(|source| StartError::Hook { stage, source })?;
+    }
+    Ok(())
+}
+
+/// Shutdown hooks: a failure is logged and the rest still run (the app is stopping anyway).
+async fn run_shutdown_hooks(hooks: Vec<Hook>, broker: &Broker, stage: &'static str) {
+    for h in hooks {
+        if let Err(e) = h(broker.clone()).await {
+            tracing::error!(stage, error = %e, "shutdown hook failed");
+        }
+    }
+}
 
 /// An application: a broker and its subscribers.
 ///
@@ -24,6 +58,10 @@ pub struct App {
     broker: Broker,
     shutdown_timeout: Duration,
     ready_timeout: Duration,
+    on_startup: Vec<Hook>,
+    after_startup: Vec<Hook>,
+    on_shutdown: Vec<Hook>,
+    after_shutdown: Vec<Hook>,
 }
 
 impl App {
@@ -33,7 +71,78 @@ impl App {
             broker,
             shutdown_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(60),
+            on_startup: Vec::new(),
+            after_startup: Vec::new(),
+            on_shutdown: Vec::new(),
+            after_shutdown: Vec::new(),
         }
+    }
+
+    /// Runs before any subscriber connects: it may register state (`broker.with_state(..)`) or declare
+    /// subscribers. A failure stops the start with [`StartError::Hook`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use ferrostream::{App, Broker, State};
+    /// #[derive(Clone)]
+    /// struct Db(&'static str);
+    /// let broker = Broker::new("memory://")?;
+    /// broker.subscriber("orders").handle(|_: String, State(db): State<Db>| async move { let _ = db.0; });
+    /// let app = App::new(broker)
+    ///     .on_startup(|broker| async move {
+    ///         let _ = broker.with_state(Db("postgres://..."));
+    ///         Ok::<_, std::io::Error>(())
+    ///     })
+    ///     .after_startup(|broker| async move { broker.publish("hello", "orders").await.map(|_| ()) })
+    ///     .start()
+    ///     .await?;
+    /// app.shutdown().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn on_startup<F, Fut, E>(mut self, f: F) -> Self
+    where
+        F: FnOnce(Broker) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        self.on_startup.push(hook(f));
+        self
+    }
+
+    /// Runs once every subscriber is consuming: it may publish. A failure stops the app again and fails
+    /// the start with [`StartError::Hook`].
+    pub fn after_startup<F, Fut, E>(mut self, f: F) -> Self
+    where
+        F: FnOnce(Broker) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        self.after_startup.push(hook(f));
+        self
+    }
+
+    /// Runs when shutdown begins, before the subscribers stop (they still consume and may handle what it
+    /// publishes). A failure is logged; shutdown goes on.
+    pub fn on_shutdown<F, Fut, E>(mut self, f: F) -> Self
+    where
+        F: FnOnce(Broker) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        self.on_shutdown.push(hook(f));
+        self
+    }
+
+    /// Runs after every subscriber has stopped and committed. A failure is logged.
+    pub fn after_shutdown<F, Fut, E>(mut self, f: F) -> Self
+    where
+        F: FnOnce(Broker) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        self.after_shutdown.push(hook(f));
+        self
     }
 
     /// How long shutdown waits for in-flight handlers before committing what is settled (default 30 s).
@@ -50,7 +159,8 @@ impl App {
 
     /// Checks the settings of every subscriber declared on the broker since the last app started, starts
     /// them, and waits until each has joined its group and received its first assignment.
-    pub async fn start(self) -> Result<RunningApp, StartError> {
+    pub async fn start(mut self) -> Result<RunningApp, StartError> {
+        run_hooks(std::mem::take(&mut self.on_startup), &self.broker, "on_startup").await?;
         let subscribers = self.broker.take_subscribers()?;
         let (tx, rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -79,6 +189,9 @@ impl App {
             shutdown: Arc::new(tx),
             tasks,
             timeout: self.shutdown_timeout,
+            broker: self.broker.clone(),
+            on_shutdown: std::mem::take(&mut self.on_shutdown),
+            after_shutdown: std::mem::take(&mut self.after_shutdown),
         };
         for (name, r) in ready {
             if tokio::time::timeout(self.ready_timeout, r)
@@ -94,6 +207,12 @@ impl App {
             }
         }
         tracing::info!(broker = %self.broker.url(), subscribers = count, "app started: every subscriber is consuming");
+        if let Err(e) = run_hooks(std::mem::take(&mut self.after_startup), &self.broker, "after_startup").await {
+            if let Err(stop) = running.shutdown().await {
+                tracing::error!(error = %stop, "stopping after a failed after_startup hook");
+            }
+            return Err(e);
+        }
         Ok(running)
     }
 
@@ -116,12 +235,37 @@ impl App {
         Ok(rc)
     }
 
-    /// Starts, runs until SIGINT or SIGTERM, then shuts down gracefully.
+    /// Starts, runs until SIGINT or SIGTERM, then shuts down gracefully. A second signal during the
+    /// shutdown exits the process at once (exit code 130); so does the shutdown's deadline (twice the
+    /// shutdown timeout plus 5 s, exit code 1) when a handler blocks its thread and never returns.
     pub async fn run(self) -> Result<(), StartError> {
         let running = self.start().await?;
         wait_for_signal().await;
-        tracing::info!("shutdown signal received");
-        running.shutdown().await.map_err(StartError::Broker)
+        let limit = running.limit();
+        tracing::info!(deadline = ?limit, "shutdown signal received; a second one exits at once");
+        tokio::spawn(async {
+            wait_for_signal().await;
+            tracing::warn!("second shutdown signal: exiting now, without waiting for handlers");
+            std::process::exit(130);
+        });
+        // A thread of its own: a handler blocking the runtime's threads cannot hold it up.
+        let done = Arc::new(AtomicBool::new(false));
+        let watched = done.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(limit + Duration::from_secs(1));
+            if !watched.load(Ordering::SeqCst) {
+                tracing::error!(deadline = ?limit, "shutdown did not finish by its deadline (a handler blocks its thread?); exiting");
+                std::process::exit(1);
+            }
+        });
+        let r = running.shutdown().await;
+        done.store(true, Ordering::SeqCst);
+        if let Err(e) = r {
+            // Handlers still hold their threads: the runtime could not even be dropped. Leave now.
+            tracing::error!(error = %e, "shutdown did not finish by its deadline (a handler blocks its thread?); exiting");
+            std::process::exit(1);
+        }
+        Ok(())
     }
 }
 
@@ -163,6 +307,9 @@ pub struct RunningApp {
     shutdown: Arc<watch::Sender<bool>>,
     tasks: Vec<JoinHandle<()>>,
     timeout: Duration,
+    broker: Broker,
+    on_shutdown: Vec<Hook>,
+    after_shutdown: Vec<Hook>,
 }
 
 impl RunningApp {
@@ -180,16 +327,24 @@ impl RunningApp {
 
     /// Stops fetching, waits for in-flight handlers up to the shutdown timeout, commits, leaves the
     /// groups. Fails only if the subscribers did not stop within twice the timeout.
-    pub async fn shutdown(self) -> Result<(), BrokerError> {
+    pub async fn shutdown(mut self) -> Result<(), BrokerError> {
+        run_shutdown_hooks(std::mem::take(&mut self.on_shutdown), &self.broker, "on_shutdown").await;
         self.shutdown.send_replace(true);
-        let limit = self.timeout * 2 + Duration::from_secs(5);
-        let all = futures::future::join_all(self.tasks);
-        match tokio::time::timeout(limit, all).await {
+        let limit = self.limit();
+        let all = futures::future::join_all(std::mem::take(&mut self.tasks));
+        let r = match tokio::time::timeout(limit, all).await {
             Ok(_) => Ok(()),
             Err(_) => Err(BrokerError::Timeout {
                 op: "shutdown",
                 timeout: limit,
             }),
-        }
+        };
+        run_shutdown_hooks(std::mem::take(&mut self.after_shutdown), &self.broker, "after_shutdown").await;
+        r
+    }
+
+    /// How long the subscribers may take to stop.
+    fn limit(&self) -> Duration {
+        self.timeout * 2 + Duration::from_secs(5)
     }
 }

@@ -516,6 +516,14 @@ pub enum StartError {
     /// Declaring what a subscriber needs (a retry topic) failed.
     #[error(transparent)]
     Admin(#[from] AdminError),
+    /// A lifecycle hook (`on_startup`, `after_startup`) failed.
+    #[error("the {stage} hook failed: {source}")]
+    Hook {
+        /// Which hook.
+        stage: &'static str,
+        /// Its error.
+        source: BoxError,
+    },
 }
 
 #[cfg(test)]
