@@ -525,8 +525,8 @@ fn run_child(args: &Args, name: &str) {
         .build()
         .expect("runtime");
     let n = match c.runner {
-        Runner::RawManualAck => rt.block_on(raw_consume(&args.url, &queue, count, args.prefetch)),
-        Runner::RawPipelinedAck => rt.block_on(raw_pipelined(&args.url, &queue, count, args.prefetch)),
+        Runner::RawManualAck => rt.block_on(raw_consume(&args.url, &queue, count, args.prefetch, false)),
+        Runner::RawPipelinedAck => rt.block_on(raw_consume(&args.url, &queue, count, args.prefetch, true)),
         Runner::FerroAtLeastOnce | Runner::FerroAckFirst => {
             rt.block_on(ferro(&args.url, c.runner, &queue, count, args.prefetch))
         }
@@ -709,54 +709,12 @@ fn as_text(payload: &[u8]) {
     std::hint::black_box(std::str::from_utf8(payload).unwrap_or_default());
 }
 
-/// The baseline: the hand-written lapin loop. `basic.qos(prefetch)`, `basic.consume`, and per delivery the
-/// payload read as text, then `basic.ack` of that one delivery tag (not `multiple`), awaited.
-async fn raw_consume(url: &str, queue: &str, count: usize, prefetch: u16) -> usize {
-    let conn = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let channel = conn.create_channel().await.expect("channel");
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .expect("basic.qos");
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "raw-bench".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("basic.consume");
-    let mut handled = 0;
-    while handled < count {
-        match consumer.next().await {
-            Some(Ok(d)) => {
-                as_text(&d.data);
-                channel
-                    .basic_ack(d.delivery_tag, BasicAckOptions::default())
-                    .await
-                    .expect("basic.ack");
-                handled += 1;
-                tick();
-            }
-            Some(Err(e)) => panic!("consumer failed: {e}"),
-            None => panic!("the broker cancelled the consumer"),
-        }
-    }
-    let _ = channel
-        .basic_cancel("raw-bench".into(), BasicCancelOptions::default())
-        .await;
-    channel.close(200, "done".into()).await.expect("close channel");
-    conn.close(200, "done".into()).await.expect("close connection");
-    handled
-}
-
-/// The stronger baseline: the same loop, but the acks go to a task of their own, which sends what is
-/// waiting together (each frame queued in order, one wait for the socket), so handling never waits for an
-/// ack's write. This is what a careful hand-written consumer does, and what ferrostream does.
-async fn raw_pipelined(url: &str, queue: &str, count: usize, prefetch: u16) -> usize {
+/// The hand-written lapin loop: `basic.qos(prefetch)`, `basic.consume`, and per delivery the payload read
+/// as text, then `basic.ack` of that one delivery tag (not `multiple`). With `pipelined`, the acks go to a
+/// task of their own, which sends what is waiting together (each frame queued in order, one wait for the
+/// socket), so handling never waits for an ack's write: what a careful hand-written consumer does, and
+/// what ferrostream does. Without it, each ack's write is awaited before the next message.
+async fn raw_consume(url: &str, queue: &str, count: usize, prefetch: u16, pipelined: bool) -> usize {
     let conn = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("connect");
@@ -775,7 +733,7 @@ async fn raw_pipelined(url: &str, queue: &str, count: usize, prefetch: u16) -> u
         .await
         .expect("basic.consume");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-    let acker = {
+    let acker = pipelined.then(|| {
         let channel = channel.clone();
         tokio::spawn(async move {
             let mut tags = Vec::new();
@@ -790,13 +748,20 @@ async fn raw_pipelined(url: &str, queue: &str, count: usize, prefetch: u16) -> u
                 }
             }
         })
-    };
+    });
     let mut handled = 0;
     while handled < count {
         match consumer.next().await {
             Some(Ok(d)) => {
                 as_text(&d.data);
-                tx.send(d.delivery_tag).expect("acker runs");
+                if pipelined {
+                    tx.send(d.delivery_tag).expect("acker runs");
+                } else {
+                    channel
+                        .basic_ack(d.delivery_tag, BasicAckOptions::default())
+                        .await
+                        .expect("basic.ack");
+                }
                 handled += 1;
                 tick();
             }
@@ -805,7 +770,9 @@ async fn raw_pipelined(url: &str, queue: &str, count: usize, prefetch: u16) -> u
         }
     }
     drop(tx);
-    acker.await.expect("acker");
+    if let Some(acker) = acker {
+        acker.await.expect("acker");
+    }
     let _ = channel
         .basic_cancel("raw-bench".into(), BasicCancelOptions::default())
         .await;

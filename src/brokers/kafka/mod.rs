@@ -232,6 +232,8 @@ pub(crate) struct KafkaBackend {
     producer: FutureProducer<QuietContext>,
     /// The producer's `message.max.bytes`, to say in a `TooLarge` error.
     max_message_bytes: usize,
+    /// A broker answered a probe once: later subscribers of this backend start without one.
+    reached: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl KafkaBackend {
@@ -253,6 +255,7 @@ impl KafkaBackend {
             config: Arc::new(config),
             producer,
             max_message_bytes,
+            reached: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -325,20 +328,25 @@ impl KafkaBackend {
     /// is down or a wrong address fails the app's start in seconds with the cause, not after the group
     /// join's timeout.
     async fn probe(&self) -> Result<(), BrokerError> {
+        if self.reached.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let consumer = self.metadata_consumer(None).map_err(|e| client_error("connect", e))?;
         let bootstrap = self.config.bootstrap.clone();
         let answered = tokio::task::spawn_blocking(move || consumer.fetch_metadata(None, PROBE_TIMEOUT))
             .await
             .map_err(|e| client_error("connect", e))?;
-        answered.map(|_| ()).map_err(|e| {
-            client_error(
-                "connect",
-                format!(
-                    "no Kafka broker answered at {bootstrap} within {PROBE_TIMEOUT:?} ({e}); is it running, \
+        answered
+            .map(|_| self.reached.store(true, std::sync::atomic::Ordering::Relaxed))
+            .map_err(|e| {
+                client_error(
+                    "connect",
+                    format!(
+                        "no Kafka broker answered at {bootstrap} within {PROBE_TIMEOUT:?} ({e}); is it running, \
                      and is the address in the URL right?"
-                ),
-            )
-        })
+                    ),
+                )
+            })
     }
 
     pub(crate) async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), AdminError> {
