@@ -8,15 +8,25 @@
 #      reconnect, SIGKILL crash test) against the RabbitMQ server on 127.0.0.1:5672 (FERROSTREAM_TEST_AMQP
 #      overrides its URL; it is a service of the machine, started with `rabbitmq-server -detached`);
 #   and the quickstart demo on every broker (it exits non-zero if any message is not settled as shown).
+# The optional features are tested in the memory stage: `macros` (#[debug_handler], compile-fail
+# snapshots) and `msgpack` (MessagePack codec; Python's `msgpack` package, installed here if missing,
+# checks that another language reads what we write).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== lint"
 cargo fmt --all -- --check
-cargo clippy --all-targets --features kafka,amqp -- -D warnings
+cargo clippy --all-targets --features kafka,amqp,macros,msgpack -- -D warnings
+cargo clippy -p ferrostream-macros --all-targets -- -D warnings
 
 echo "== tests on memory://"
 cargo test
+python3 -c "import msgpack" 2>/dev/null || pip3 install --quiet msgpack || pip3 install --quiet --break-system-packages msgpack
+# The compile-error snapshots list the extractor types of the default build: `macros` alone.
+cargo test --features macros --test debug_handler
+cargo test --features msgpack --test codecs --lib
+cargo test --features macros,msgpack --doc
+cargo test -p ferrostream-macros
 echo "== the demo on memory://"
 cargo run -q --example quickstart >/dev/null
 

@@ -1,7 +1,8 @@
 //! The broker handle: chosen by URL, it declares subscribers, publishes, and answers admin questions.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -9,15 +10,19 @@ use tokio::task::JoinHandle;
 use crate::brokers::{self, Backend, LogAdmin};
 use crate::config::ResolvedSubscriber;
 use crate::engine::{Launch, SubscriberRuntime};
-use crate::error::{AdminError, ConfigError, PublishError, StartError};
+use crate::error::{AdminError, BoxError, ConfigError, PublishError, StartError};
 use crate::extract::StateMap;
 use crate::handler::IntoPayload;
 use crate::hooks::{Hook, Hooks};
 use crate::metrics::Metrics;
+use crate::middleware::{self, HandlerLayer, Next, Outgoing, PublishAck, PublishLayer, PublishNext, Reply, Request};
 use crate::observe::Observer;
 use crate::publish::Publish;
+use crate::publisher::{Publisher, PublisherCore};
+use crate::request::{PendingRequest, Replies};
+use crate::router::Router;
 use crate::subscriber::{SubscriberBuilder, SubscriberSpec};
-use crate::transport::{Outgoing, PublishAck};
+use crate::transport::Publisher as Sender;
 
 struct Inner {
     url: String,
@@ -28,6 +33,16 @@ struct Inner {
     hooks: Mutex<Vec<Arc<dyn Hook>>>,
     default_retry: Mutex<Option<crate::RetryPolicy>>,
     metrics: Metrics,
+    /// Handler middleware of every subscriber, outermost first.
+    layers: Mutex<Vec<HandlerLayer>>,
+    /// Publish middleware of every publish, outermost first.
+    publish_layers: Mutex<Vec<PublishLayer>>,
+    /// The backend wrapped in the publish middleware (the backend itself without any).
+    sender: RwLock<Arc<dyn Sender>>,
+    routers: Mutex<Vec<Router>>,
+    publishers: Mutex<Vec<Arc<PublisherCore>>>,
+    /// The reply topic and its consumer, started by the first request.
+    replies: tokio::sync::OnceCell<Arc<Replies>>,
 }
 
 /// A connection to one broker, chosen by URL: `memory://` (optionally `memory://?partitions=N`, the
@@ -87,13 +102,19 @@ impl Broker {
         Broker {
             inner: Arc::new(Inner {
                 url: crate::redact::url(url),
-                backend,
+                backend: backend.clone(),
                 subscribers: Mutex::new(Vec::new()),
                 state: Mutex::new(StateMap::default()),
                 observer: Arc::new(OnceLock::new()),
                 hooks: Mutex::new(Vec::new()),
                 default_retry: Mutex::new(None),
                 metrics: Metrics::default(),
+                layers: Mutex::new(Vec::new()),
+                publish_layers: Mutex::new(Vec::new()),
+                sender: RwLock::new(backend.clone()),
+                routers: Mutex::new(Vec::new()),
+                publishers: Mutex::new(Vec::new()),
+                replies: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -106,12 +127,157 @@ impl Broker {
 
     /// Declares a subscriber to `topic`.
     pub fn subscriber(&self, topic: &str) -> SubscriberBuilder {
-        SubscriberBuilder::new(self.clone(), topic)
+        SubscriberBuilder::new(crate::subscriber::Registry::Broker(self.clone()), topic)
+    }
+
+    /// Declares a publisher of `topic`: its defaults (key, partition, headers) apply to every record it
+    /// sends, and the service's description lists it. See [`Publisher`].
+    pub fn publisher(&self, topic: &str) -> Publisher {
+        let core = Arc::new(PublisherCore::declared(topic));
+        core.bind(self, "");
+        lock(&self.inner.publishers).push(core.clone());
+        Publisher::new(core)
+    }
+
+    /// Includes a router: its subscribers start with the app, its publishers publish through this
+    /// broker. See [`Router`].
+    pub fn include_router(&self, router: Router) {
+        router.bind(self, "");
+        lock(&self.inner.routers).push(router);
+    }
+
+    /// The topics of every publisher declared on this broker and its routers.
+    pub fn publisher_topics(&self) -> Vec<String> {
+        let mut cores = lock(&self.inner.publishers).clone();
+        for router in lock(&self.inner.routers).iter() {
+            cores.extend(router.publishers());
+        }
+        cores.iter().map(|c| c.topic()).collect()
+    }
+
+    /// Adds middleware around the handler calls of every subscriber of this broker (outside routers'
+    /// and subscribers' middleware; the first added runs first). See [`middleware`](crate::middleware).
+    ///
+    /// ```
+    /// use ferrostream::{Broker, middleware::{self, Next, Request}};
+    /// let broker = Broker::new("memory://").unwrap().layer(middleware::from_fn(
+    ///     |req: Request, next: Next| async move {
+    ///         let topic = req.message().topic().to_owned();
+    ///         let result = next.run(req).await;
+    ///         if let Err(e) = &result {
+    ///             eprintln!("{topic}: {e}");
+    ///         }
+    ///         result
+    ///     },
+    /// ));
+    /// # let _ = broker;
+    /// ```
+    pub fn layer<L>(self, layer: L) -> Self
+    where
+        L: tower::Layer<Next> + Send + Sync + 'static,
+        L::Service: tower::Service<Request, Response = Reply> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<Request>>::Error: Into<BoxError>,
+        <L::Service as tower::Service<Request>>::Future: Send + 'static,
+    {
+        lock(&self.inner.layers).push(middleware::handler_layer(layer));
+        self
+    }
+
+    /// Adds middleware around every publish made through this broker: `publish`, publishers, handler
+    /// results, replies, dead letters (outermost first). See [`middleware`](crate::middleware).
+    pub fn publish_layer<L>(self, layer: L) -> Self
+    where
+        L: tower::Layer<PublishNext> + Send + Sync + 'static,
+        L::Service: tower::Service<Outgoing, Response = PublishAck> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<Outgoing>>::Error: Into<BoxError>,
+        <L::Service as tower::Service<Outgoing>>::Future: Send + 'static,
+    {
+        let mut layers = lock(&self.inner.publish_layers);
+        layers.push(middleware::publish_layer(layer));
+        let sender = middleware::layered_sender(self.inner.backend.clone(), &layers);
+        *self.inner.sender.write().unwrap_or_else(|p| p.into_inner()) = sender;
+        drop(layers);
+        self
+    }
+
+    fn sender(&self) -> Arc<dyn Sender> {
+        self.inner.sender.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Publishes a payload; add key, partition, headers... then `.await` it.
     pub fn publish(&self, payload: impl IntoPayload, topic: &str) -> Publish {
         Publish::new(self.clone(), payload, topic)
+    }
+
+    /// Sends a request and resolves to its reply: publishes `payload` to `topic` with a `reply_to` naming
+    /// this broker handle's reply topic and a fresh correlation id, and waits (30 s by default) for the
+    /// reply that carries that id. A subscriber replies with its handler's result to any message that
+    /// carries `reply_to`. Works on every broker, Kafka included. See [`PendingRequest`].
+    pub fn request(&self, payload: impl IntoPayload, topic: &str) -> PendingRequest {
+        PendingRequest::new(self.clone(), payload, topic)
+    }
+
+    /// The reply topic and its consumer, started on first use.
+    pub(crate) async fn replies(&self) -> Result<Arc<Replies>, PublishError> {
+        self.inner
+            .replies
+            .get_or_try_init(|| Replies::start(self))
+            .await
+            .cloned()
+    }
+
+    /// How many requests wait for their reply now (for tests and metrics: a request that ends in any
+    /// way, reply, timeout or dropped, stops waiting).
+    pub fn waiting_requests(&self) -> usize {
+        self.inner.replies.get().map_or(0, |r| r.waiting())
+    }
+
+    /// Starts a consumer of the framework's own (the reply topic): it reads `topic` from its start in a
+    /// group of its own, acks on receipt, and runs until `stop` says so or its sender is dropped.
+    pub(crate) async fn start_internal<H, Args>(
+        &self,
+        topic: &str,
+        stop: watch::Receiver<bool>,
+        handler: H,
+    ) -> Result<(), PublishError>
+    where
+        H: crate::Handler<Args>,
+        Args: 'static,
+    {
+        let failed =
+            |op: &'static str, e: String| PublishError::Broker(crate::BrokerError::Client { op, source: e.into() });
+        self.inner
+            .backend
+            .declare_topic(topic, 1)
+            .await
+            .map_err(|e| failed("create the reply topic", e.to_string()))?;
+        let mut config = crate::config::SubscriberConfig::new(topic);
+        config.group_id = Some(topic.to_owned());
+        config.auto_commit = Some(true);
+        config.auto_offset_reset = crate::OffsetReset::Earliest;
+        let cfg = config
+            .resolve(self.inner.backend.has_groups())
+            .map_err(|e| failed("configure the reply consumer", e.to_string()))?;
+        let spec = SubscriberSpec {
+            config,
+            handler: Arc::new(crate::handler::Erased::new(handler)),
+            layers: Vec::new(),
+            publish_layers: Vec::new(),
+        };
+        let (task, ready) = self
+            .start_subscriber(cfg, &spec, stop)
+            .await
+            .map_err(|e| failed("start the reply consumer", e.to_string()))?;
+        match tokio::time::timeout(Duration::from_secs(30), ready).await {
+            Ok(Ok(())) => Ok(()),
+            _ => {
+                task.abort();
+                Err(failed(
+                    "start the reply consumer",
+                    "no assignment within 30 s".to_owned(),
+                ))
+            }
+        }
     }
 
     /// Publishes many records at once: they are sent concurrently (pipelined and batched on the wire)
@@ -205,7 +371,7 @@ impl Broker {
     }
 
     pub(crate) async fn send(&self, out: Outgoing) -> Result<PublishAck, PublishError> {
-        self.inner.backend.send(out).await
+        self.sender().send(out).await
     }
 
     pub(crate) fn register(&self, spec: SubscriberSpec) {
@@ -216,7 +382,14 @@ impl Broker {
     /// surfaces before anything starts). A later `App` on the same broker starts only newer ones, which
     /// is how a test adds a second group member to a running in-memory broker.
     pub(crate) fn take_subscribers(&self) -> Result<Vec<(ResolvedSubscriber, SubscriberSpec)>, ConfigError> {
-        let specs = std::mem::take(&mut *lock(&self.inner.subscribers));
+        let mut specs = std::mem::take(&mut *lock(&self.inner.subscribers));
+        for router in lock(&self.inner.routers).iter() {
+            specs.extend(router.take_subscribers());
+        }
+        let layers = lock(&self.inner.layers).clone();
+        for spec in &mut specs {
+            spec.layers.splice(0..0, layers.iter().cloned());
+        }
         let default_retry = *lock(&self.inner.default_retry);
         let backend = &self.inner.backend;
         let state = lock(&self.inner.state).clone();
@@ -235,7 +408,11 @@ impl Broker {
                     });
                 }
                 let topics = [Some(&cfg.topic), cfg.dead_letter.as_ref(), cfg.retry_topic.as_ref()];
-                for topic in topics.into_iter().flatten().chain(&cfg.publish_to) {
+                for topic in topics
+                    .into_iter()
+                    .flatten()
+                    .chain(cfg.publish_to.iter().map(|t| &t.topic))
+                {
                     backend.check_topic(topic).map_err(|reason| ConfigError::InvalidTopic {
                         subscriber: cfg.name.to_string(),
                         topic: topic.clone(),
@@ -270,8 +447,13 @@ impl Broker {
             counters: self.inner.metrics.counters(&cfg.name),
             cfg,
             handler: spec.handler.clone(),
-            state: lock(&self.inner.state).clone(),
-            publisher: self.inner.backend.clone(),
+            service: middleware::handler_service(spec.handler.clone(), &spec.layers),
+            state: Arc::new(lock(&self.inner.state).clone()),
+            // The broker's publish middleware outside the subscriber's (and its routers').
+            publisher: middleware::layered_sender(
+                self.inner.backend.clone(),
+                &[lock(&self.inner.publish_layers).as_slice(), &spec.publish_layers].concat(),
+            ),
             hooks: Hooks::new(lock(&self.inner.hooks).clone(), self.inner.observer.clone()),
         });
         let (ready, ready_rx) = oneshot::channel();

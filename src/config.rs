@@ -24,6 +24,34 @@ pub(crate) struct BatchConfig {
     pub(crate) timeout: Duration,
 }
 
+/// Where a subscriber publishes its handler's results: a topic, or a publisher object (whose topic its
+/// router's prefix may still change), with the publisher's defaults.
+#[derive(Debug, Clone)]
+pub(crate) struct PublishTarget {
+    pub(crate) topic: String,
+    pub(crate) core: Option<Arc<crate::publisher::PublisherCore>>,
+    pub(crate) defaults: Arc<crate::publisher::PublishDefaults>,
+}
+
+impl PublishTarget {
+    pub(crate) fn topic(topic: String) -> Self {
+        PublishTarget {
+            topic,
+            core: None,
+            defaults: Arc::default(),
+        }
+    }
+
+    /// The topic as it is now (a publisher's, with its router's prefix once included).
+    pub(crate) fn resolved(&self) -> Self {
+        let mut t = self.clone();
+        if let Some(core) = &self.core {
+            t.topic = core.topic();
+        }
+        t
+    }
+}
+
 /// A subscriber's settings, as declared.
 #[derive(Debug, Clone)]
 pub(crate) struct SubscriberConfig {
@@ -39,10 +67,12 @@ pub(crate) struct SubscriberConfig {
     pub(crate) commit_every: usize,
     pub(crate) commit_sync_each: bool,
     pub(crate) drain_timeout: Duration,
-    pub(crate) publish_to: Vec<String>,
+    pub(crate) publish_to: Vec<PublishTarget>,
     pub(crate) batch: Option<BatchConfig>,
     pub(crate) retry: Option<crate::RetryPolicy>,
     pub(crate) dead_letter: Option<String>,
+    /// Handlers chosen by filters (`when`).
+    pub(crate) filtered: bool,
     /// RabbitMQ: how the queue is declared.
     #[cfg(feature = "amqp")]
     pub(crate) queue: Option<crate::amqp::Queue>,
@@ -63,7 +93,7 @@ pub(crate) struct ResolvedSubscriber {
     pub(crate) commit_sync_each: bool,
     pub(crate) drain_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
-    pub(crate) publish_to: Vec<String>,
+    pub(crate) publish_to: Vec<PublishTarget>,
     pub(crate) batch: Option<BatchConfig>,
     pub(crate) retry: Option<crate::RetryPolicy>,
     pub(crate) dead_letter: Option<String>,
@@ -95,6 +125,7 @@ impl SubscriberConfig {
             batch: None,
             retry: None,
             dead_letter: None,
+            filtered: false,
             #[cfg(feature = "amqp")]
             queue: None,
         }
@@ -167,6 +198,11 @@ impl SubscriberConfig {
         if self.retry.is_some_and(|r| r.max_attempts == 0) {
             return Err(invalid("RetryPolicy max_attempts must be at least 1"));
         }
+        if self.filtered && self.batch.is_some() {
+            return Err(invalid(
+                "filters (`when`) choose a handler per message, so they cannot serve a batch subscriber;                  filter inside the batch handler instead",
+            ));
+        }
         if self.batch.is_some_and(|b| b.max_records == 0) {
             return Err(invalid("batch max_records must be at least 1"));
         }
@@ -194,7 +230,7 @@ impl SubscriberConfig {
             commit_sync_each: self.commit_sync_each,
             drain_timeout: self.drain_timeout,
             shutdown_timeout: Duration::from_secs(30),
-            publish_to: self.publish_to.clone(),
+            publish_to: self.publish_to.iter().map(PublishTarget::resolved).collect(),
             batch: self.batch,
             retry: self.retry,
             dead_letter: self.dead_letter.clone(),

@@ -478,6 +478,38 @@ pub enum PublishError {
     /// The broker or the connection to it failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// A publish middleware failed (a timeout or rate-limit layer, your own layer's error).
+    #[error("publish middleware failed: {source}")]
+    Middleware {
+        /// The middleware's error.
+        source: BoxError,
+    },
+    /// A publisher declared on a router that no broker includes yet.
+    #[error(
+        "publisher of `{topic}` belongs to a router that is not included in a broker yet: call          `broker.include_router(router)` before publishing"
+    )]
+    NotIncluded {
+        /// The publisher's topic.
+        topic: String,
+    },
+    /// No reply came for a request in time.
+    #[error("no reply to the request on `{topic}` within {timeout:?} (is a subscriber consuming `{topic}` running?)")]
+    NoReply {
+        /// The topic the request went to.
+        topic: String,
+        /// The deadline that passed.
+        timeout: Duration,
+    },
+}
+
+impl PublishError {
+    /// Keeps a publish error a middleware passed on as it was; anything else is the middleware's.
+    pub(crate) fn from_box(err: BoxError) -> Self {
+        match err.downcast::<PublishError>() {
+            Ok(e) => *e,
+            Err(source) => PublishError::Middleware { source },
+        }
+    }
 }
 
 /// Why an administrative call failed (creating topics or queues, reading offsets or queue depths).

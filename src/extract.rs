@@ -36,6 +36,8 @@ impl StateMap {
 pub struct Context<'a> {
     /// The message; in a batch, the first one.
     pub(crate) message: &'a Message,
+    /// The payload to decode: the message's, unless a middleware replaced it.
+    pub(crate) payload: &'a Bytes,
     /// Every message of the call: the batch, or just `message`.
     pub(crate) batch: &'a [Message],
     pub(crate) state: &'a StateMap,
@@ -45,6 +47,7 @@ impl<'a> Context<'a> {
     pub(crate) fn single(message: &'a Message, state: &'a StateMap) -> Self {
         Context {
             message,
+            payload: message.payload(),
             batch: std::slice::from_ref(message),
             state,
         }
@@ -53,6 +56,13 @@ impl<'a> Context<'a> {
     /// The message being handled (in a batch, the first one; use [`Batch`] for all of them).
     pub fn message(&self) -> &Message {
         self.message
+    }
+
+    /// The payload to decode: the message's, unless a middleware replaced it
+    /// ([`Request::set_payload`](crate::middleware::Request::set_payload)). Extractors of the payload
+    /// read this, not `message().payload()`.
+    pub fn payload(&self) -> &Bytes {
+        self.payload
     }
 
     /// Every message of this handler call: one, or the whole batch of a batch subscriber.
@@ -111,19 +121,19 @@ impl FromMessage for Message {
 
 impl FromMessage for Bytes {
     fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
-        Ok(cx.message.payload().clone())
+        Ok(cx.payload.clone())
     }
 }
 
 impl FromMessage for Vec<u8> {
     fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
-        Ok(cx.message.payload().to_vec())
+        Ok(cx.payload.to_vec())
     }
 }
 
 impl FromMessage for String {
     fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
-        match std::str::from_utf8(cx.message.payload()) {
+        match std::str::from_utf8(cx.payload) {
             Ok(s) => Ok(s.to_owned()),
             Err(e) => Err(cx.decode_error::<String>(e)),
         }
@@ -184,7 +194,7 @@ pub struct Json<T>(pub T);
 
 impl<T: DeserializeOwned + Send + 'static> FromMessage for Json<T> {
     fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
-        serde_json::from_slice(cx.message.payload())
+        serde_json::from_slice(cx.payload)
             .map(Json)
             .map_err(|e| cx.decode_error::<T>(e))
     }

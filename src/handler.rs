@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::error::{BoxError, Error};
 use crate::extract::{Context, FromMessage, Json};
+use crate::response::Response;
 
 /// A value a handler can return to be published to the subscriber's `publish_to` topics.
 pub trait IntoPayload {
@@ -58,17 +59,17 @@ impl<T: Serialize> IntoPayload for Json<T> {
 )]
 pub trait HandlerReturn: Send + 'static {
     /// Converts the return value.
-    fn into_outcome(self) -> Result<Option<Bytes>, Error>;
+    fn into_outcome(self) -> Result<Option<Response>, Error>;
 }
 
 impl HandlerReturn for () {
-    fn into_outcome(self) -> Result<Option<Bytes>, Error> {
+    fn into_outcome(self) -> Result<Option<Response>, Error> {
         Ok(None)
     }
 }
 
 impl<R: HandlerReturn, E: Into<BoxError> + Send + 'static> HandlerReturn for Result<R, E> {
-    fn into_outcome(self) -> Result<Option<Bytes>, Error> {
+    fn into_outcome(self) -> Result<Option<Response>, Error> {
         match self {
             Ok(r) => r.into_outcome(),
             Err(e) => Err(Error::from_box(e.into())),
@@ -77,25 +78,42 @@ impl<R: HandlerReturn, E: Into<BoxError> + Send + 'static> HandlerReturn for Res
 }
 
 impl<P: IntoPayload + Send + 'static> HandlerReturn for Option<P> {
-    fn into_outcome(self) -> Result<Option<Bytes>, Error> {
-        self.map(IntoPayload::into_payload).transpose()
+    fn into_outcome(self) -> Result<Option<Response>, Error> {
+        Ok(self.map(Response::new))
     }
 }
 
+impl HandlerReturn for Response {
+    fn into_outcome(self) -> Result<Option<Response>, Error> {
+        match self.payload {
+            Ok(_) => Ok(Some(self)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl HandlerReturn for Option<Response> {
+    fn into_outcome(self) -> Result<Option<Response>, Error> {
+        self.map_or(Ok(None), HandlerReturn::into_outcome)
+    }
+}
+
+/// Implements [`HandlerReturn`] for payload types: returning one publishes it as a [`Response`].
 macro_rules! payload_return {
     ($($t:ty),*) => {$(
         impl HandlerReturn for $t {
-            fn into_outcome(self) -> Result<Option<Bytes>, Error> {
-                self.into_payload().map(Some)
+            fn into_outcome(self) -> Result<Option<Response>, Error> {
+                Ok(Some(Response::new(self)))
             }
         }
     )*};
 }
+
 payload_return!(Bytes, Vec<u8>, String, &'static str);
 
 impl<T: Serialize + Send + 'static> HandlerReturn for Json<T> {
-    fn into_outcome(self) -> Result<Option<Bytes>, Error> {
-        self.into_payload().map(Some)
+    fn into_outcome(self) -> Result<Option<Response>, Error> {
+        Ok(Some(Response::new(self)))
     }
 }
 
@@ -121,14 +139,15 @@ impl<T: Serialize + Send + 'static> HandlerReturn for Json<T> {
     note = "a handler is an `async fn` or a closure returning a future (`|body: String| async move {{ .. }}`), \
             `Clone + Send + Sync`; its future must be `Send` (no `Rc` or `RefCell` across an `.await`)",
     note = "check each argument: at most 8, each an owned extractor (`String`, not `&str`; `Json<MyStruct>`, \
-            not `MyStruct`; `Bytes`, `Message`, `Headers`, `Key`, `Attempt`, `State<T>`, `Batch<T>`)",
-    note = "and the return value: `()`, a payload to publish (`String`, `Bytes`, `Vec<u8>`, `Json<T>`), an \
-            `Option` of one, or a `Result` of those (a number or your own struct is not a payload: wrap it in \
-            `Json(..)`)"
+            not `MyStruct`; `Bytes`, `Message`, `Headers`, `Key`, `Attempt`, `State<T>`, `Batch<T>`; other \
+            formats: `MsgPack<T>`, `codec::Encoded<C, T>`)",
+    note = "and the return value: `()`, a payload to publish (`String`, `Bytes`, `Vec<u8>`, `Json<T>`, \
+            `MsgPack<T>`, `codec::Encoded<C, T>`), an `Option` of one, or a `Result` of those (a number or your \
+            own struct is not a payload: wrap it in `Json(..)`)"
 )]
 pub trait Handler<Args>: Clone + Send + Sync + 'static {
     /// Extracts the arguments and runs the handler.
-    fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Bytes>, Error>>;
+    fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Response>, Error>>;
 
     /// The shared state its extractors need (checked when the app starts).
     #[doc(hidden)]
@@ -147,7 +166,7 @@ macro_rules! impl_handler {
             $($arg: FromMessage,)*
         {
             #[allow(non_snake_case, unused_variables)]
-            fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Bytes>, Error>> {
+            fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Response>, Error>> {
                 $(
                     let $arg = match $arg::from_message(cx) {
                         Ok(v) => v,
@@ -179,7 +198,7 @@ impl_handler!(A1, A2, A3, A4, A5, A6, A7, A8);
 
 /// A handler with its argument types erased, as the engine stores it.
 pub(crate) trait ErasedHandler: Send + Sync + 'static {
-    fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Bytes>, Error>>;
+    fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Response>, Error>>;
     fn required_state(&self) -> Vec<(TypeId, &'static str)>;
 }
 
@@ -202,7 +221,7 @@ impl<H: Handler<Args>, Args: 'static> ErasedHandler for Erased<H, Args> {
         self.handler.required_state()
     }
 
-    fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Bytes>, Error>> {
+    fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Response>, Error>> {
         self.handler.call(cx)
     }
 }

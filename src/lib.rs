@@ -53,22 +53,30 @@ pub struct ReadmeDoctests;
 mod app;
 mod broker;
 mod brokers;
+pub mod codec;
 mod config;
 mod engine;
 mod error;
 pub mod extract;
+mod filter;
 pub mod guarantees;
 mod handler;
 pub mod hooks;
 mod log;
 mod message;
 mod metrics;
+pub mod middleware;
 pub mod observe;
 mod publish;
+mod publisher;
 mod redact;
+mod request;
+mod response;
 pub mod retry;
+mod router;
 mod settle;
 mod subscriber;
+pub mod testing;
 mod transport;
 
 #[cfg(feature = "amqp")]
@@ -79,17 +87,62 @@ pub use log::offset;
 
 pub use app::{App, RunningApp, ShutdownHandle};
 pub use broker::Broker;
+#[cfg(feature = "msgpack")]
+pub use codec::MsgPack;
 pub use error::{
     AckMessage, AdminError, BoxError, BrokerError, ConfigError, DecodeError, Error, ErrorKind, FailureKind,
     NackMessage, PublishError, RejectMessage, StartError,
 };
 pub use extract::{Attempt, Batch, Json, Key, State};
+/// Feature `macros`: checks a handler `async fn` where it is defined and names the argument or return
+/// type that is wrong, instead of one "this is not a ferrostream handler" error at `.handle(..)`.
+///
+/// ```
+/// use ferrostream::{Broker, Json, Message, State, debug_handler};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Order {
+///     id: u64,
+/// }
+/// #[derive(Clone)]
+/// struct Prefix(&'static str);
+///
+/// #[debug_handler]
+/// async fn on_order(
+///     Json(order): Json<Order>,
+///     State(prefix): State<Prefix>,
+///     msg: Message,
+/// ) -> Result<String, ferrostream::Error> {
+///     msg.ack().await;
+///     Ok(format!("{} {}", prefix.0, order.id))
+/// }
+///
+/// let broker = Broker::new("memory://")?.with_state(Prefix("order"));
+/// broker.subscriber("orders").group_id("billing").handle(on_order);
+/// # Ok::<(), ferrostream::ConfigError>(())
+/// ```
+///
+/// With `order: Order` instead of `Json(order): Json<Order>`, the error points at `Order`:
+///
+/// ```text
+/// error[E0277]: `Order` cannot be a handler argument
+///    |
+///    |     order: Order,
+///    |            ^^^^^ not an extractor
+///    = note: for your own struct, take `Json<YourStruct>`; for text, an owned `String` (not `&str`)
+/// ```
+#[cfg(feature = "macros")]
+pub use ferrostream_macros::debug_handler;
 pub use handler::{Handler, HandlerReturn, IntoPayload};
 pub use message::{CORRELATION_ID, Coordinates, Headers, Message, REPLY_TO, SettledBy};
 pub use metrics::{Metrics, SubscriberMetrics};
 pub use observe::{Event, Observer, Outcome};
 pub use offset::TopicPartition;
 pub use publish::{Publish, PublishAck};
+pub use publisher::Publisher;
+pub use request::PendingRequest;
+pub use response::Response;
 pub use retry::RetryPolicy;
+pub use router::Router;
 pub use settle::{AckPolicy, Settle, SettleOutcome};
-pub use subscriber::{OffsetReset, SubscriberBuilder};
+pub use subscriber::{OffsetReset, PublishTo, SubscriberBuilder};

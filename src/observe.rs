@@ -310,6 +310,28 @@ impl Observer {
         .await
     }
 
+    /// The messages a subscriber finished with for good, in order: acked, or rejected (once a dead-letter
+    /// topic, if it has one, confirmed the dead letter). A nack is not an end: the message comes back.
+    pub fn finished(&self, subscriber: &str) -> Vec<SettledMessage> {
+        finished_of(&self.lock(), subscriber)
+    }
+
+    /// Waits until a subscriber has finished with at least `n` messages ([`finished`](Self::finished):
+    /// retries' nacks do not count); returns them all in order.
+    pub async fn wait_finished(
+        &self,
+        subscriber: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<SettledMessage>, WaitTimeout> {
+        let what = format!("{n} messages finished by `{subscriber}`");
+        self.wait_until(&what, timeout, |ev| {
+            let s = finished_of(ev, subscriber);
+            (s.len() >= n).then_some(s)
+        })
+        .await
+    }
+
     /// The handler calls of a subscriber: partition, offset, payload and outcome, in order.
     pub fn handled(&self, subscriber: &str) -> Vec<(TopicPartition, i64, String, Outcome)> {
         handled_of(&self.lock(), subscriber)
@@ -357,6 +379,12 @@ impl Observer {
     pub fn assignment(&self, subscriber: &str) -> Vec<TopicPartition> {
         assignment_of(&self.lock(), subscriber)
     }
+}
+
+fn finished_of(events: &[Event], subscriber: &str) -> Vec<SettledMessage> {
+    let mut all = settled_of(events, subscriber);
+    all.retain(|s| matches!(s.settle, Settle::Ack | Settle::Reject));
+    all
 }
 
 fn settled_of(events: &[Event], subscriber: &str) -> Vec<SettledMessage> {

@@ -4,12 +4,15 @@
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::broker::Broker;
 use crate::error::{Error, PublishError};
 use crate::handler::IntoPayload;
 use crate::message::{CORRELATION_ID, REPLY_TO};
+use crate::publisher::{PublishDefaults, Publisher};
 use crate::transport::Outgoing;
 pub use crate::transport::PublishAck;
 
@@ -25,14 +28,28 @@ pub use crate::transport::PublishAck;
 /// ```
 #[must_use = "nothing is sent until the publish is awaited"]
 pub struct Publish {
-    broker: Broker,
+    broker: Option<Broker>,
     record: Result<Outgoing, Error>,
+    defaults: Option<Arc<PublishDefaults>>,
 }
 
 impl Publish {
     pub(crate) fn new(broker: Broker, payload: impl IntoPayload, topic: &str) -> Self {
         let record = payload.into_payload().map(|p| Outgoing::new(topic.to_owned(), p));
-        Publish { broker, record }
+        Publish {
+            broker: Some(broker),
+            record,
+            defaults: None,
+        }
+    }
+
+    pub(crate) fn from_publisher(publisher: &Publisher, payload: impl IntoPayload) -> Self {
+        let record = payload.into_payload().map(|p| Outgoing::new(publisher.topic(), p));
+        Publish {
+            broker: publisher.core.broker().cloned(),
+            record,
+            defaults: Some(publisher.defaults.clone()),
+        }
     }
 
     fn edit(mut self, f: impl FnOnce(&mut Outgoing)) -> Self {
@@ -91,8 +108,14 @@ impl IntoFuture for Publish {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let record = self.record.map_err(|e| PublishError::Encode { source: Box::new(e) })?;
-            self.broker.send(record).await
+            let mut record = self.record.map_err(|e| PublishError::Encode { source: Box::new(e) })?;
+            if let Some(defaults) = &self.defaults {
+                defaults.apply(&mut record);
+            }
+            match self.broker {
+                Some(broker) => broker.send(record).await,
+                None => Err(PublishError::NotIncluded { topic: record.topic }),
+            }
         })
     }
 }

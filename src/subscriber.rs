@@ -3,19 +3,78 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::Mutex;
+
 use crate::broker::Broker;
 pub use crate::config::OffsetReset;
-use crate::config::{BatchConfig, SubscriberConfig};
+use crate::config::{BatchConfig, PublishTarget, SubscriberConfig};
+use crate::error::BoxError;
 #[cfg(test)]
 use crate::error::ConfigError;
+use crate::filter::{Route, Routed};
 use crate::handler::{Erased, ErasedHandler, Handler};
+use crate::message::Message;
+use crate::middleware::{self, HandlerLayer, Next, Outgoing, PublishAck, PublishLayer, PublishNext, Reply, Request};
+use crate::router::RouterInner;
 use crate::settle::AckPolicy;
+
+/// A destination for a subscriber's results: a topic name or a [`Publisher`](crate::Publisher).
+pub struct PublishTo(pub(crate) PublishTarget);
+
+impl From<&str> for PublishTo {
+    fn from(topic: &str) -> Self {
+        PublishTo(PublishTarget::topic(topic.to_owned()))
+    }
+}
+
+impl From<&String> for PublishTo {
+    fn from(topic: &String) -> Self {
+        PublishTo(PublishTarget::topic(topic.clone()))
+    }
+}
+
+impl From<String> for PublishTo {
+    fn from(topic: String) -> Self {
+        PublishTo(PublishTarget::topic(topic))
+    }
+}
+
+impl From<&crate::Publisher> for PublishTo {
+    fn from(p: &crate::Publisher) -> Self {
+        PublishTo(p.target())
+    }
+}
+
+impl From<crate::Publisher> for PublishTo {
+    fn from(p: crate::Publisher) -> Self {
+        PublishTo(p.target())
+    }
+}
 
 /// A subscriber as registered on the broker: settings plus handler.
 #[derive(Clone)]
 pub(crate) struct SubscriberSpec {
     pub(crate) config: SubscriberConfig,
     pub(crate) handler: Arc<dyn ErasedHandler>,
+    /// Handler middleware, outermost first.
+    pub(crate) layers: Vec<HandlerLayer>,
+    /// Publish middleware, outermost first.
+    pub(crate) publish_layers: Vec<PublishLayer>,
+}
+
+/// Where a declared subscriber is registered: on a broker, or on a router to be included into one.
+pub(crate) enum Registry {
+    Broker(Broker),
+    Router(Arc<Mutex<RouterInner>>),
+}
+
+impl Registry {
+    fn register(&self, spec: SubscriberSpec) {
+        match self {
+            Registry::Broker(b) => b.register(spec),
+            Registry::Router(r) => r.lock().unwrap_or_else(|p| p.into_inner()).register(spec),
+        }
+    }
 }
 
 /// Declares a subscriber; finish with [`handle`](SubscriberBuilder::handle).
@@ -34,16 +93,92 @@ pub(crate) struct SubscriberSpec {
 /// ```
 #[must_use = "a subscriber is registered only by `.handle(handler)`"]
 pub struct SubscriberBuilder {
-    broker: Broker,
+    registry: Registry,
     config: SubscriberConfig,
+    layers: Vec<HandlerLayer>,
+    publish_layers: Vec<PublishLayer>,
+    routes: Vec<Route>,
 }
 
 impl SubscriberBuilder {
-    pub(crate) fn new(broker: Broker, topic: &str) -> Self {
+    pub(crate) fn new(registry: Registry, topic: &str) -> Self {
         SubscriberBuilder {
-            broker,
+            registry,
             config: SubscriberConfig::new(topic),
+            layers: Vec::new(),
+            publish_layers: Vec::new(),
+            routes: Vec::new(),
         }
+    }
+
+    /// Adds middleware around this subscriber's handler calls (inside the broker's and its routers';
+    /// the first added runs first). See [`middleware`](crate::middleware).
+    ///
+    /// ```
+    /// # let broker = ferrostream::Broker::new("memory://").unwrap();
+    /// use std::time::Duration;
+    /// broker.subscriber("orders").group_id("g").auto_commit(false)
+    ///     // A call that takes longer than 5 s fails (and is settled by the policy).
+    ///     .layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(5)))
+    ///     .handle(|body: String| async move { println!("{body}") });
+    /// ```
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<Next> + Send + Sync + 'static,
+        L::Service: tower::Service<Request, Response = Reply> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<Request>>::Error: Into<BoxError>,
+        <L::Service as tower::Service<Request>>::Future: Send + 'static,
+    {
+        self.layers.push(middleware::handler_layer(layer));
+        self
+    }
+
+    /// Adds middleware around what the framework publishes for this subscriber: its results, replies,
+    /// dead letters and retries (inside the broker's and its routers' publish middleware).
+    pub fn publish_layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<PublishNext> + Send + Sync + 'static,
+        L::Service: tower::Service<Outgoing, Response = PublishAck> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<Outgoing>>::Error: Into<BoxError>,
+        <L::Service as tower::Service<Outgoing>>::Future: Send + 'static,
+    {
+        self.publish_layers.push(middleware::publish_layer(layer));
+        self
+    }
+
+    /// Filters (FastStream's `filter=`): messages for which `accepts` is true go to `handler`. Several
+    /// `when`s are tried in the order given and the first that accepts a message handles it; finish with
+    /// [`handle`](Self::handle) for the messages none accepts, or with
+    /// [`otherwise_reject`](Self::otherwise_reject). Not for batch subscribers.
+    ///
+    /// ```
+    /// # let broker = ferrostream::Broker::new("memory://").unwrap();
+    /// use ferrostream::{Json, Message};
+    /// #[derive(serde::Deserialize)]
+    /// struct Created { id: u64 }
+    /// let kind = |k: &'static str| move |m: &Message| m.headers().get_str("kind") == Some(k);
+    /// broker.subscriber("orders").group_id("g").auto_commit(false)
+    ///     .when(kind("created"), |Json(order): Json<Created>| async move { println!("new {}", order.id) })
+    ///     .when(kind("cancelled"), |body: String| async move { println!("cancelled: {body}") })
+    ///     .handle(|msg: Message| async move { println!("other kind at {:?}", msg.coordinates()) });
+    /// ```
+    pub fn when<H, Args>(mut self, accepts: impl Fn(&Message) -> bool + Send + Sync + 'static, handler: H) -> Self
+    where
+        H: Handler<Args>,
+        Args: 'static,
+    {
+        self.routes.push(Route {
+            accepts: Arc::new(accepts),
+            handler: Arc::new(Erased::new(handler)),
+        });
+        self
+    }
+
+    /// Registers a filtered subscriber without a default handler: a message that no
+    /// [`when`](Self::when) accepts is rejected (dead-lettered if the subscriber has a dead-letter topic),
+    /// under every policy, with a warning naming it.
+    pub fn otherwise_reject(self) {
+        self.register(None);
     }
 
     /// Names the subscriber in logs, metrics and errors (default `topic@group`).
@@ -166,9 +301,11 @@ impl SubscriberBuilder {
         self
     }
 
-    /// Publishes the handler's return value to this topic (may be called several times).
-    pub fn publish_to(mut self, topic: impl Into<String>) -> Self {
-        self.config.publish_to.push(topic.into());
+    /// Publishes the handler's return value to this topic, or through this [`Publisher`](crate::Publisher)
+    /// with its defaults (may be called several times: the result goes to each, in order, before the
+    /// message is settled).
+    pub fn publish_to(mut self, to: impl Into<PublishTo>) -> Self {
+        self.config.publish_to.push(to.into().0);
         self
     }
 
@@ -180,15 +317,28 @@ impl SubscriberBuilder {
         self
     }
 
-    /// Registers the subscriber with its handler. Settings are checked when the app starts.
+    /// Registers the subscriber with its handler (with [`when`](Self::when) filters: the handler of the
+    /// messages no filter accepts). Settings are checked when the app starts.
     pub fn handle<H, Args>(self, handler: H)
     where
         H: Handler<Args>,
         Args: 'static,
     {
-        self.broker.register(SubscriberSpec {
-            config: self.config,
-            handler: Arc::new(Erased::new(handler)),
+        self.register(Some(Arc::new(Erased::new(handler))));
+    }
+
+    fn register(self, fallback: Option<Arc<dyn ErasedHandler>>) {
+        let mut config = self.config;
+        config.filtered = !self.routes.is_empty();
+        let handler: Arc<dyn ErasedHandler> = match (self.routes.is_empty(), fallback) {
+            (true, Some(handler)) => handler,
+            (_, fallback) => Arc::new(Routed::new(self.routes, fallback)),
+        };
+        self.registry.register(SubscriberSpec {
+            config,
+            handler,
+            layers: self.layers,
+            publish_layers: self.publish_layers,
         });
     }
 }

@@ -119,9 +119,9 @@ pub(crate) trait Transport: Send + 'static {
     fn close(self, holdback: Vec<(TopicPartition, i64)>) -> impl Future<Output = Result<(), BrokerError>> + Send;
 }
 
-/// A record to publish.
+/// A record to publish, as publish middleware sees it ([`middleware`](crate::middleware)).
 #[derive(Debug, Clone)]
-pub(crate) struct Outgoing {
+pub struct Outgoing {
     /// The topic; on RabbitMQ the routing key (the queue's name on the default exchange).
     pub(crate) topic: String,
     /// RabbitMQ: the exchange to publish to (None: the default exchange). Log brokers refuse one.
@@ -134,6 +134,46 @@ pub(crate) struct Outgoing {
 }
 
 impl Outgoing {
+    /// The topic (on RabbitMQ: the routing key).
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Replaces the payload.
+    pub fn set_payload(&mut self, payload: impl Into<Bytes>) {
+        self.payload = payload.into();
+    }
+
+    /// The key.
+    pub fn key(&self) -> Option<&Bytes> {
+        self.key.as_ref()
+    }
+
+    /// Sets the key.
+    pub fn set_key(&mut self, key: impl Into<Bytes>) {
+        self.key = Some(key.into());
+    }
+
+    /// The partition asked for, if any.
+    pub fn partition(&self) -> Option<i32> {
+        self.partition
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// The headers, to edit.
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+
     pub(crate) fn new(topic: String, payload: Bytes) -> Self {
         Outgoing {
             topic,

@@ -4,26 +4,24 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use super::panics;
 use super::*;
 use crate::error::Error;
 use crate::extract::Context;
+pub(crate) use crate::middleware::Messages;
+use crate::middleware::Request;
+use bytes::Bytes;
+
 use crate::message::CORRELATION_ID;
+use crate::response::Response;
 use crate::transport::Outgoing;
 
 /// A handler call that ended: its messages and what it returned.
 pub(crate) enum Completion {
     One(Message, Result<(), Error>),
     Batch(Vec<Message>, Result<(), Error>),
-}
-
-/// The messages of one handler call.
-pub(super) enum Messages {
-    One(Message),
-    Batch(Vec<Message>),
 }
 
 /// One handler call under way (SPEC section 2): the handler's future (panics caught, SPEC 2.3), then the
@@ -39,42 +37,44 @@ pub(crate) struct Call {
 }
 
 pub(super) enum Stage {
-    Handler(BoxFuture<'static, Result<Option<Bytes>, Error>>),
+    Handler(BoxFuture<'static, Result<Option<Response>, Error>>),
     Publishing(BoxFuture<'static, Result<(), Error>>),
     /// Ended before it started: the extraction or the call itself failed.
     Ended(Result<(), Error>),
 }
 
 impl Call {
-    /// Extracts the arguments and starts the handler.
+    /// Extracts the arguments and starts the handler (through its middleware, if it has any).
     pub(super) fn new(rt: &Arc<SubscriberRuntime>, messages: Messages) -> Self {
-        let stage = {
-            let cx = match &messages {
-                Messages::One(m) => Some(Context::single(m, &rt.state)),
-                Messages::Batch(v) => v.first().map(|first| Context {
+        let stage = match &rt.service {
+            Some(service) => Stage::Handler(Box::pin(service.clone().run(Request {
+                messages: messages.clone(),
+                payload: None,
+                state: rt.state.clone(),
+            }))),
+            None => {
+                let cx = messages.first().map(|first| Context {
                     message: first,
-                    batch: v,
+                    payload: first.payload(),
+                    batch: messages.as_slice(),
                     state: &rt.state,
-                }),
-            };
-            match cx.map(|cx| panics::catch(|| rt.handler.call(&cx))) {
-                Some(Ok(fut)) => Stage::Handler(fut),
-                Some(Err(panic)) => Stage::Ended(Err(Error::panic(panic))),
-                None => Stage::Ended(Ok(())),
+                });
+                match cx.map(|cx| panics::catch(|| rt.handler.call(&cx))) {
+                    Some(Ok(fut)) => Stage::Handler(fut),
+                    Some(Err(panic)) => Stage::Ended(Err(Error::panic(panic))),
+                    None => Stage::Ended(Ok(())),
+                }
             }
         };
         Call {
-            publish: (!rt.cfg.publish_to.is_empty()).then(|| rt.clone()),
+            publish: rt.publishes(messages.first()).then(|| rt.clone()),
             messages: Some(messages),
             stage,
         }
     }
 
     pub(super) fn first(&self) -> Option<&Message> {
-        match self.messages.as_ref()? {
-            Messages::One(m) => Some(m),
-            Messages::Batch(v) => v.first(),
-        }
+        self.messages.as_ref()?.first()
     }
 }
 
@@ -87,10 +87,10 @@ impl Future for Call {
             let result = match &mut this.stage {
                 Stage::Handler(fut) => match panics::catch(|| fut.as_mut().poll(cx)) {
                     Ok(Poll::Pending) => return Poll::Pending,
-                    Ok(Poll::Ready(Ok(Some(payload)))) if this.publish.is_some() => {
+                    Ok(Poll::Ready(Ok(response))) if this.publish.is_some() => {
                         match (this.first().cloned(), &this.publish) {
                             (Some(msg), Some(rt)) => {
-                                this.stage = Stage::Publishing(Box::pin(publish_result(rt.clone(), msg, payload)));
+                                this.stage = Stage::Publishing(Box::pin(publish_result(rt.clone(), msg, response)));
                                 continue;
                             }
                             _ => Ok(()),
@@ -115,16 +115,38 @@ impl Future for Call {
     }
 }
 
-/// SPEC 3.11: the result is published (and acknowledged) before the incoming message is settled.
-pub(super) async fn publish_result(rt: Arc<SubscriberRuntime>, msg: Message, payload: Bytes) -> Result<(), Error> {
+/// Guarantee 3.11: the result is published (and acknowledged) to every `publish_to` destination, and as
+/// the reply when the message asked for one, before the incoming message is settled. A request whose
+/// handler returned nothing gets an empty reply, so that the requester is not left waiting.
+pub(super) async fn publish_result(
+    rt: Arc<SubscriberRuntime>,
+    msg: Message,
+    response: Option<Response>,
+) -> Result<(), Error> {
+    let (payload, key, headers) = match response {
+        Some(r) => (Some(r.payload?), r.key, r.headers),
+        None => (None, None, Default::default()),
+    };
     let correlation = msg
         .correlation_id()
         .map(str::to_owned)
         .unwrap_or_else(|| format!("{}-{}", msg.topic_partition(), msg.offset()));
-    for topic in &rt.cfg.publish_to {
-        let mut out = Outgoing::new(topic.clone(), payload.clone());
-        out.key = msg.key().cloned();
+    let record = |topic: String, payload: Bytes| {
+        let mut out = Outgoing::new(topic, payload);
+        out.key = key.clone().or_else(|| msg.key().cloned());
+        out.headers = headers.clone();
         out.headers.set(CORRELATION_ID, correlation.clone().into_bytes());
+        out
+    };
+    if let Some(payload) = &payload {
+        for target in &rt.cfg.publish_to {
+            let mut out = record(target.topic.clone(), payload.clone());
+            target.defaults.apply(&mut out);
+            rt.publisher.send(out).await.map_err(Error::handler)?;
+        }
+    }
+    if let Some(reply_to) = msg.reply_to() {
+        let out = record(reply_to.to_owned(), payload.unwrap_or_default());
         rt.publisher.send(out).await.map_err(Error::handler)?;
     }
     Ok(())

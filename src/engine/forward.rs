@@ -11,8 +11,13 @@ use intake::header_attempts;
 /// Where a record is published before its offset is settled.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Forward {
-    DeadLetter,
-    Retry { delay: Duration },
+    /// Rejected by `by`: the settle is reported once the dead letter is published.
+    DeadLetter {
+        by: SettledBy,
+    },
+    Retry {
+        delay: Duration,
+    },
 }
 
 /// The dead-letter or retry-topic publish of a record ended.
@@ -34,7 +39,7 @@ impl<T: Transport> Engine<T> {
     pub(super) fn forward(&mut self, generation: u64, record: Record, reason: Option<String>, to: Forward) {
         let cfg = &self.rt.cfg;
         let topic = match to {
-            Forward::DeadLetter => cfg.dead_letter.clone(),
+            Forward::DeadLetter { .. } => cfg.dead_letter.clone(),
             Forward::Retry { .. } => cfg.retry_topic.clone(),
         };
         let Some(topic) = topic else { return };
@@ -48,7 +53,7 @@ impl<T: Transport> Engine<T> {
         };
         let attempts = base + record.attempts.max(1);
         match to {
-            Forward::DeadLetter => part.dead_lettering.insert(record.offset),
+            Forward::DeadLetter { .. } => part.dead_lettering.insert(record.offset),
             Forward::Retry { .. } => part.retrying.insert(record.offset),
         };
         let mut out = Outgoing::new(topic, record.payload.clone());
@@ -66,7 +71,7 @@ impl<T: Transport> Engine<T> {
         set(headers::SUBSCRIBER, cfg.name.trim_end_matches(".retry").to_owned());
         set(headers::GROUP, cfg.group_id.clone().unwrap_or_default());
         match to {
-            Forward::DeadLetter => set(headers::DEAD_LETTERED_AT, now.to_string()),
+            Forward::DeadLetter { .. } => set(headers::DEAD_LETTERED_AT, now.to_string()),
             Forward::Retry { delay } => {
                 // Rounded up to the millisecond, so the retry never comes before its backoff.
                 let due = std::time::SystemTime::now() + delay;

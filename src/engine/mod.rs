@@ -80,10 +80,20 @@ struct Settled {
 pub(crate) struct SubscriberRuntime {
     pub(crate) cfg: ResolvedSubscriber,
     pub(crate) handler: Arc<dyn ErasedHandler>,
-    pub(crate) state: StateMap,
+    /// The handler wrapped in its middleware; `None` without middleware (the handler is called directly).
+    pub(crate) service: Option<crate::middleware::Next>,
+    pub(crate) state: Arc<StateMap>,
     pub(crate) publisher: Arc<dyn Publisher>,
     pub(crate) hooks: Hooks,
     pub(crate) counters: Arc<Counters>,
+}
+
+impl SubscriberRuntime {
+    /// Whether a call of these messages publishes anything after the handler: a result to `publish_to`,
+    /// or a reply to a request.
+    pub(crate) fn publishes(&self, first: Option<&Message>) -> bool {
+        !self.cfg.publish_to.is_empty() || first.is_some_and(|m| m.reply_to().is_some())
+    }
 }
 
 /// Starts one subscriber's engine over the transport its broker makes.

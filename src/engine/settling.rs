@@ -133,20 +133,27 @@ impl<T: Transport> Engine<T> {
             by,
         } = settled;
         self.rt.counters.settled(settle);
-        self.rt.hooks.emit(|| HookEvent::Settled {
-            subscriber: &self.rt.cfg.name,
-            tp,
-            offset,
-            settle,
-            by,
-        });
+        let dead_letters = settle == Settle::Reject && record.is_some() && self.rt.cfg.dead_letter.is_some();
+        // A reject that goes to the dead-letter topic is reported settled once that publish is confirmed
+        // (until then it may still come back): an observer's settled message is finished for good.
+        if !dead_letters {
+            self.rt.hooks.emit(|| HookEvent::Settled {
+                subscriber: &self.rt.cfg.name,
+                tp,
+                offset,
+                settle,
+                by,
+            });
+        }
         if self.parts.get(tp).is_none_or(|p| p.generation != generation) {
             tracing::debug!(subscriber = %self.rt.cfg.name, %tp, offset, "settle of a revoked assignment ignored");
             return;
         }
         let non_blocking = self.rt.cfg.retry_topic.is_some() && by == SettledBy::Policy;
         match (settle, record, &self.rt.cfg.dead_letter) {
-            (Settle::Reject, Some(record), Some(_)) => self.forward(generation, *record, reason, Forward::DeadLetter),
+            (Settle::Reject, Some(record), Some(_)) => {
+                self.forward(generation, *record, reason, Forward::DeadLetter { by })
+            }
             (Settle::Ack | Settle::Reject, _, _) => self.transport.settle(tp, offset, settle),
             (Settle::Nack { delay }, Some(record), _) if non_blocking => {
                 let delay = delay.unwrap_or_default();
@@ -176,8 +183,17 @@ impl<T: Transport> Engine<T> {
         match result {
             Ok(()) => {
                 let subscriber = &self.rt.cfg.name;
+                if let Forward::DeadLetter { by } = to {
+                    self.rt.hooks.emit(|| HookEvent::Settled {
+                        subscriber,
+                        tp: &tp,
+                        offset,
+                        settle: Settle::Reject,
+                        by,
+                    });
+                }
                 self.rt.hooks.emit(|| match to {
-                    Forward::DeadLetter => HookEvent::DeadLettered {
+                    Forward::DeadLetter { .. } => HookEvent::DeadLettered {
                         subscriber,
                         tp: &tp,
                         offset,

@@ -31,7 +31,8 @@ fn runtime(cfg: SubscriberConfig) -> (Arc<SubscriberRuntime>, Hooks) {
     let rt = Arc::new(SubscriberRuntime {
         cfg: cfg.resolve(true).expect("valid config"),
         handler: Arc::new(Erased::new(handler)),
-        state: StateMap::default(),
+        service: None,
+        state: Default::default(),
         publisher: Arc::new(NoPublisher),
         hooks: hooks.clone(),
         counters: Arc::new(Counters::default()),
