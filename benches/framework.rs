@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use divan::counter::ItemsCount;
 use divan::{AllocProfiler, Bencher};
+use ferrostream::middleware::{self, Next, Request};
 use ferrostream::{AckPolicy, App, Batch, Broker, OffsetReset};
 
 #[global_allocator]
@@ -35,6 +36,8 @@ enum Mode {
     AtLeastOnce,
     AckFirst,
     Batch,
+    /// At least once through one pass-through `from_fn` middleware: what a middleware layer costs.
+    Middleware,
 }
 
 /// A broker holding the backlog, and a runtime to consume it with.
@@ -81,6 +84,13 @@ fn consume(rt: &tokio::runtime::Runtime, broker: &Broker, mode: Mode) {
             let tick = tick.clone();
             async move { tick(body.len().min(1)) }
         }),
+        Mode::Middleware => sub
+            .ack_policy(AckPolicy::NackOnError)
+            .layer(middleware::from_fn(|req: Request, next: Next| next.run(req)))
+            .handle(move |body: String| {
+                let tick = tick.clone();
+                async move { tick(body.len().min(1)) }
+            }),
         Mode::Batch => sub
             .ack_policy(AckPolicy::NackOnError)
             .batch(1000, Duration::from_millis(10))
@@ -118,4 +128,9 @@ fn ack_first(bencher: Bencher, partitions: i32) {
 #[divan::bench(args = [1, 4], sample_count = 10, sample_size = 1)]
 fn batch(bencher: Bencher, partitions: i32) {
     bench(bencher, partitions, Mode::Batch);
+}
+
+#[divan::bench(args = [1, 4], sample_count = 10, sample_size = 1)]
+fn with_middleware(bencher: Bencher, partitions: i32) {
+    bench(bencher, partitions, Mode::Middleware);
 }

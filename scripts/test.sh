@@ -7,7 +7,7 @@
 #   4. the broker-neutral suites (policy table, settling) plus the RabbitMQ-only tests (exchanges, retries,
 #      reconnect, SIGKILL crash test) against the RabbitMQ server on 127.0.0.1:5672 (FERROSTREAM_TEST_AMQP
 #      overrides its URL; it is a service of the machine, started with `rabbitmq-server -detached`);
-#   and the quickstart demo on every broker (it exits non-zero if any message is not settled as shown).
+#   and the demos (quickstart, orders) on every broker (it exits non-zero if any message is not settled as shown).
 # The optional features are tested in the memory stage: `macros` (#[debug_handler], compile-fail
 # snapshots) and `msgpack` (MessagePack codec; Python's `msgpack` package, installed here if missing,
 # checks that another language reads what we write).
@@ -29,6 +29,7 @@ cargo test --features macros,msgpack --doc
 cargo test -p ferrostream-macros
 echo "== the demo on memory://"
 cargo run -q --example quickstart >/dev/null
+cargo run -q --example orders >/dev/null
 
 echo "== tests on a real Kafka-protocol broker"
 scripts/kafka-broker.sh install
@@ -38,6 +39,7 @@ echo "broker: $url"
 FERROSTREAM_TEST_BROKER="$url" cargo test --features kafka
 echo "== the demo on $url"
 cargo run -q --features kafka --example quickstart -- --broker "$url" >/dev/null
+cargo run -q --features kafka --example orders -- --broker "$url" >/dev/null
 
 echo "== tests on RabbitMQ"
 amqp="${FERROSTREAM_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672/%2f}"
@@ -48,7 +50,9 @@ if [ -z "${FERROSTREAM_TEST_AMQP:-}" ] && ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>
 fi
 echo "broker: $amqp"
 FERROSTREAM_TEST_BROKER="$amqp" FERROSTREAM_TEST_AMQP="$amqp" \
-  cargo test --features amqp --test policy_table --test settling --test amqp --test amqp_crash
+  cargo test --features amqp --test policy_table --test settling --test application --test request_reply \
+  --test test_client --test amqp --test amqp_crash
 FERROSTREAM_TEST_AMQP="$amqp" cargo test --features amqp --doc
 echo "== the demo on RabbitMQ"
 cargo run -q --features amqp --example quickstart -- --broker "$amqp" >/dev/null
+cargo run -q --features amqp --example orders -- --broker "$amqp" >/dev/null

@@ -71,8 +71,16 @@
 //! 10. **Batches** ([`SubscriberBuilder::batch`](crate::SubscriberBuilder::batch)) settle every message of
 //!     a call; a batch handler may also settle messages one by one.
 //! 11. **Publishing** resolves once the broker acknowledged the record (`acks=all`); a handler's return
-//!     value is published to its `publish_to` topics, with the incoming correlation id, before the
-//!     incoming message is settled.
+//!     value is published to its `publish_to` topics (and publishers), with the incoming correlation id,
+//!     and as the reply to a message that carries `reply_to` (an empty reply when the handler returned
+//!     nothing), before the incoming message is settled. A failed result publish is the handler's
+//!     failure, settled by the policy. A request ([`Broker::request`](crate::Broker::request)) resolves
+//!     to the reply that carries its correlation id, or fails with `PublishError::NoReply` at its
+//!     deadline; a reply that comes later is dropped.
+//!
+//!     With filters ([`SubscriberBuilder::when`](crate::SubscriberBuilder::when)), a message that no
+//!     filter accepts and no default handler takes is rejected under every policy (dead-lettered where a
+//!     dead-letter topic is set).
 //! 12. **Retries and dead letters.** Blocking retries redeliver in place (order per key kept);
 //!     non-blocking ones go through a per-subscriber retry topic, never the source topic. A retry-topic or
 //!     dead-letter publish is acknowledged before the source offset is committed; if it fails, the source

@@ -134,7 +134,15 @@ impl Request {
 
 /// The rest of the chain after a middleware: the next middleware, or the handler.
 #[derive(Clone)]
-pub struct Next(BoxCloneSyncService<Request, Reply, Error>);
+pub struct Next(NextInner);
+
+#[derive(Clone)]
+enum NextInner {
+    /// The handler itself: called directly (no clone of a boxed service, no second box of its future).
+    Handler(Arc<dyn ErasedHandler>),
+    /// A middleware, type-erased.
+    Service(BoxCloneSyncService<Request, Reply, Error>),
+}
 
 impl Next {
     fn new<S>(service: S) -> Self
@@ -142,12 +150,31 @@ impl Next {
         S: Service<Request, Response = Reply, Error = Error> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
-        Next(BoxCloneSyncService::new(service))
+        Next(NextInner::Service(BoxCloneSyncService::new(service)))
     }
 
     /// Runs the rest of the chain.
     pub async fn run(self, req: Request) -> Result<Reply, Error> {
-        self.0.oneshot(req).await
+        match self.0 {
+            NextInner::Handler(handler) => call_handler(&handler, req).await,
+            NextInner::Service(service) => service.oneshot(req).await,
+        }
+    }
+
+    /// The chain's future for one call, as the engine polls it.
+    pub(crate) fn call_boxed(&self, req: Request) -> BoxFuture<'static, Result<Reply, Error>> {
+        match &self.0 {
+            NextInner::Handler(handler) => call_handler(handler, req),
+            NextInner::Service(service) => Box::pin(service.clone().oneshot(req)),
+        }
+    }
+}
+
+/// Extracts the arguments and calls the handler (the extraction is synchronous: the request may go).
+fn call_handler(handler: &Arc<dyn ErasedHandler>, req: Request) -> BoxFuture<'static, Result<Reply, Error>> {
+    match req.context() {
+        Some(cx) => handler.call(&cx),
+        None => Box::pin(std::future::ready(Ok(None))),
     }
 }
 
@@ -157,31 +184,16 @@ impl Service<Request> for Next {
     type Future = BoxFuture<'static, Result<Reply, Error>>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Error>> {
-        self.0.poll_ready(cx)
+        match &mut self.0 {
+            NextInner::Handler(_) => Poll::Ready(Ok(())),
+            NextInner::Service(service) => service.poll_ready(cx),
+        }
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        self.0.call(req)
-    }
-}
-
-/// The innermost service: extracts the arguments and calls the handler.
-#[derive(Clone)]
-struct CallHandler(Arc<dyn ErasedHandler>);
-
-impl Service<Request> for CallHandler {
-    type Response = Reply;
-    type Error = Error;
-    type Future = BoxFuture<'static, Result<Reply, Error>>;
-
-    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        match req.context() {
-            Some(cx) => self.0.call(&cx),
-            None => Box::pin(std::future::ready(Ok(None))),
+        match &mut self.0 {
+            NextInner::Handler(handler) => call_handler(handler, req),
+            NextInner::Service(service) => service.call(req),
         }
     }
 }
@@ -214,9 +226,9 @@ where
     <L::Service as Service<Outgoing>>::Future: Send + 'static,
 {
     Arc::new(move |next| {
-        PublishNext(BoxCloneSyncService::new(
+        PublishNext(PublishInner::Service(BoxCloneSyncService::new(
             layer.layer(next).map_err(|e| PublishError::from_box(e.into())),
-        ))
+        )))
     })
 }
 
@@ -226,7 +238,7 @@ pub(crate) fn handler_service(handler: Arc<dyn ErasedHandler>, layers: &[Handler
     if layers.is_empty() {
         return None;
     }
-    let inner = Next::new(CallHandler(handler));
+    let inner = Next(NextInner::Handler(handler));
     Some(layers.iter().rev().fold(inner, |next, layer| layer(next)))
 }
 
@@ -269,29 +281,36 @@ where
 {
     type Response = Reply;
     type Error = Error;
-    type Future = BoxFuture<'static, Result<Reply, Error>>;
+    type Future = Fut;
 
     fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Error>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request) -> Self::Future {
-        Box::pin((self.f)(req, self.next.clone()))
+    fn call(&mut self, req: Request) -> Fut {
+        (self.f)(req, self.next.clone())
     }
 }
 
 /// The rest of a publish chain: the next publish middleware, or the broker.
 #[derive(Clone)]
-pub struct PublishNext(BoxCloneSyncService<Outgoing, PublishAck, PublishError>);
+pub struct PublishNext(PublishInner);
+
+#[derive(Clone)]
+enum PublishInner {
+    /// The broker's sender itself, called directly.
+    Sender(Arc<dyn crate::transport::Publisher>),
+    /// A publish middleware, type-erased.
+    Service(BoxCloneSyncService<Outgoing, PublishAck, PublishError>),
+}
 
 impl PublishNext {
-    pub(crate) fn sender(sender: Arc<dyn crate::transport::Publisher>) -> Self {
-        PublishNext(BoxCloneSyncService::new(Send_(sender)))
-    }
-
     /// Sends the record on through the rest of the chain.
     pub async fn run(self, out: Outgoing) -> Result<PublishAck, PublishError> {
-        self.0.oneshot(out).await
+        match self.0 {
+            PublishInner::Sender(sender) => sender.send(out).await,
+            PublishInner::Service(service) => service.oneshot(out).await,
+        }
     }
 }
 
@@ -301,29 +320,17 @@ impl Service<Outgoing> for PublishNext {
     type Future = BoxFuture<'static, Result<PublishAck, PublishError>>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), PublishError>> {
-        self.0.poll_ready(cx)
+        match &mut self.0 {
+            PublishInner::Sender(_) => Poll::Ready(Ok(())),
+            PublishInner::Service(service) => service.poll_ready(cx),
+        }
     }
 
     fn call(&mut self, out: Outgoing) -> Self::Future {
-        self.0.call(out)
-    }
-}
-
-/// The innermost publish service: the broker's sender.
-#[derive(Clone)]
-struct Send_(Arc<dyn crate::transport::Publisher>);
-
-impl Service<Outgoing> for Send_ {
-    type Response = PublishAck;
-    type Error = PublishError;
-    type Future = BoxFuture<'static, Result<PublishAck, PublishError>>;
-
-    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), PublishError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, out: Outgoing) -> Self::Future {
-        self.0.send(out)
+        match &mut self.0 {
+            PublishInner::Sender(sender) => sender.send(out),
+            PublishInner::Service(service) => service.call(out),
+        }
     }
 }
 
@@ -335,13 +342,16 @@ pub(crate) fn layered_sender(
     if layers.is_empty() {
         return sender;
     }
-    let inner = PublishNext::sender(sender);
+    let inner = PublishNext(PublishInner::Sender(sender));
     Arc::new(layers.iter().rev().fold(inner, |next, layer| layer(next)))
 }
 
 impl crate::transport::Publisher for PublishNext {
     fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, PublishError>> {
-        Box::pin(self.clone().run(out))
+        match &self.0 {
+            PublishInner::Sender(sender) => sender.send(out),
+            PublishInner::Service(service) => Box::pin(service.clone().oneshot(out)),
+        }
     }
 }
 
@@ -393,13 +403,13 @@ where
 {
     type Response = PublishAck;
     type Error = PublishError;
-    type Future = BoxFuture<'static, Result<PublishAck, PublishError>>;
+    type Future = Fut;
 
     fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), PublishError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, out: Outgoing) -> Self::Future {
-        Box::pin((self.f)(out, self.next.clone()))
+    fn call(&mut self, out: Outgoing) -> Fut {
+        (self.f)(out, self.next.clone())
     }
 }

@@ -61,8 +61,12 @@ impl RouterInner {
         // An AckFirst subscriber (its own choice) commits before handling: it cannot retry or dead-letter,
         // so the router's budget and dead letter are not for it.
         if c.policy() != AckPolicy::AckFirst {
+            // Nor is it for the subscriber that reads the dead-letter topic itself.
             if let (None, Some(dl)) = (&c.dead_letter, &self.defaults.dead_letter) {
-                c.dead_letter = Some(format!("{prefix}{dl}"));
+                let dl = format!("{prefix}{dl}");
+                if dl != c.topic {
+                    c.dead_letter = Some(dl);
+                }
             }
             if c.retry.is_none() {
                 c.retry = self.defaults.retry;

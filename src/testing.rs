@@ -16,7 +16,9 @@
 //! #[derive(serde::Deserialize, serde::Serialize)]
 //! struct Order { id: u64, total: u64 }
 //!
-//! let broker = Broker::new(&ferrostream::testing::broker_url())?;
+//! // In a test suite: `Broker::new(&ferrostream::testing::broker_url())`, with fresh topics created
+//! // first when that is a real broker (see `tests/test_client.rs`).
+//! let broker = Broker::new("memory://")?;
 //! broker.subscriber("orders").group_id("billing").auto_commit(false)
 //!     .publish_to("invoices")
 //!     .handle(|Json(order): Json<Order>| async move { format!("invoice {} for {}", order.id, order.total) });

@@ -11,7 +11,12 @@ use ferrostream::{PublishError, Response};
 /// A subscriber that answers `n` with `n * 2`, and one that answers nothing.
 async fn doubling_service(prefix: &str) -> (ferrostream::Broker, String, String) {
     let broker = common::broker();
-    let doubles = common::topic(&broker, &format!("{prefix}-double"), if common::is_log() { 2 } else { 1 }).await;
+    let doubles = common::topic(
+        &broker,
+        &format!("{prefix}-double"),
+        if common::is_log() { 2 } else { 1 },
+    )
+    .await;
     let silent = common::topic(&broker, &format!("{prefix}-silent"), 1).await;
     common::member(&broker, &doubles, "doubler", &common::unique("g"))
         .auto_commit(false)

@@ -47,11 +47,11 @@ impl Call {
     /// Extracts the arguments and starts the handler (through its middleware, if it has any).
     pub(super) fn new(rt: &Arc<SubscriberRuntime>, messages: Messages) -> Self {
         let stage = match &rt.service {
-            Some(service) => Stage::Handler(Box::pin(service.clone().run(Request {
+            Some(service) => Stage::Handler(service.call_boxed(Request {
                 messages: messages.clone(),
                 payload: None,
                 state: rt.state.clone(),
-            }))),
+            })),
             None => {
                 let cx = messages.first().map(|first| Context {
                     message: first,
