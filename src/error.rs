@@ -150,6 +150,9 @@ impl fmt::Display for FailureKind {
 #[derive(Debug)]
 pub struct Error {
     kind: ErrorKind,
+    /// Why the framework interrupted the call (e.g. no filter accepted the message): what a dead-letter
+    /// record says instead of the generic interrupt text.
+    reason: Option<Box<str>>,
 }
 
 /// What an [`Error`] is.
@@ -182,6 +185,7 @@ impl Error {
             Ok(d) => {
                 return Error {
                     kind: ErrorKind::Decode(*d),
+                    reason: None,
                 };
             }
             Err(e) => e,
@@ -189,16 +193,32 @@ impl Error {
         if let Some(settle) = interrupt_in_chain(err.as_ref()) {
             return Error {
                 kind: ErrorKind::Interrupt(settle),
+                reason: None,
             };
         }
         Error {
             kind: ErrorKind::Handler(err),
+            reason: None,
         }
+    }
+
+    /// An interrupt the framework makes, with the reason a dead-letter record gives.
+    pub(crate) fn interrupt_because(settle: Settle, reason: impl Into<Box<str>>) -> Self {
+        Error {
+            kind: ErrorKind::Interrupt(settle),
+            reason: Some(reason.into()),
+        }
+    }
+
+    /// Why the framework interrupted the call, when it said.
+    pub(crate) fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
     }
 
     pub(crate) fn panic(message: String) -> Self {
         Error {
             kind: ErrorKind::Panic(message),
+            reason: None,
         }
     }
 
@@ -250,6 +270,7 @@ fn interrupt_in_chain(err: &(dyn StdError + 'static)) -> Option<Settle> {
         }
         if let Some(Error {
             kind: ErrorKind::Interrupt(s),
+            ..
         }) = e.downcast_ref::<Error>()
         {
             return Some(*s);
@@ -284,6 +305,7 @@ impl From<AckMessage> for Error {
     fn from(_: AckMessage) -> Self {
         Error {
             kind: ErrorKind::Interrupt(Settle::Ack),
+            reason: None,
         }
     }
 }
@@ -291,6 +313,7 @@ impl From<NackMessage> for Error {
     fn from(n: NackMessage) -> Self {
         Error {
             kind: ErrorKind::Interrupt(Settle::Nack { delay: n.delay }),
+            reason: None,
         }
     }
 }
@@ -298,6 +321,7 @@ impl From<RejectMessage> for Error {
     fn from(_: RejectMessage) -> Self {
         Error {
             kind: ErrorKind::Interrupt(Settle::Reject),
+            reason: None,
         }
     }
 }
@@ -305,6 +329,7 @@ impl From<DecodeError> for Error {
     fn from(d: DecodeError) -> Self {
         Error {
             kind: ErrorKind::Decode(d),
+            reason: None,
         }
     }
 }

@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::future::BoxFuture;
 
-use crate::error::{Error, RejectMessage};
+use crate::error::Error;
 use crate::extract::Context;
 use crate::handler::ErasedHandler;
 use crate::message::Message;
 use crate::response::Response;
+use crate::settle::Settle;
 
 /// A predicate on a message.
 pub(crate) type Accepts = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
@@ -62,7 +63,10 @@ impl ErasedHandler for Routed {
                  for the messages no filter accepts)"
             );
         }
-        Box::pin(std::future::ready(Err(Error::from(RejectMessage))))
+        Box::pin(std::future::ready(Err(Error::interrupt_because(
+            Settle::Reject,
+            "no filter of the subscriber accepts the message",
+        ))))
     }
 
     fn required_state(&self) -> Vec<(TypeId, &'static str)> {

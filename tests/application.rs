@@ -520,7 +520,12 @@ async fn filters_choose_the_handler_and_a_message_no_filter_accepts_is_rejected_
         common::settles_of_payload(&observer, "filtered", "3"),
         [(Settle::Reject, SettledBy::Interrupt)]
     );
-    assert_eq!(dead.all()[0].payload, "3");
+    let dead = dead.all();
+    assert_eq!(dead[0].payload, "3");
+    assert_eq!(
+        dead[0].header(ferrostream::retry::headers::ERROR),
+        Some("no filter of the subscriber accepts the message")
+    );
 }
 
 #[tokio::test]

@@ -40,7 +40,10 @@ impl Verdict {
         let (settle, reason) = match &outcome {
             Outcome::Interrupted(s) => (
                 Some((*s, SettledBy::Interrupt)),
-                (*s == Settle::Reject).then(|| "rejected with RejectMessage".to_owned()),
+                (*s == Settle::Reject).then(|| match result.as_ref().err().and_then(Error::reason) {
+                    Some(reason) => reason.to_owned(),
+                    None => "rejected with RejectMessage".to_owned(),
+                }),
             ),
             Outcome::Ok => (cfg.policy.after_handler(true).map(|s| (s, SettledBy::Policy)), None),
             Outcome::Failed { kind, message } => {
