@@ -39,6 +39,8 @@ struct Inner {
     publish_layers: Mutex<Vec<PublishLayer>>,
     /// The backend wrapped in the publish middleware (the backend itself without any).
     sender: RwLock<Arc<dyn Sender>>,
+    /// The innermost publish layer, next to the broker: the test client's recorder.
+    tap: Mutex<Option<PublishLayer>>,
     routers: Mutex<Vec<Router>>,
     publishers: Mutex<Vec<Arc<PublisherCore>>>,
     /// The reply topic and its consumer, started by the first request.
@@ -64,6 +66,23 @@ struct Inner {
 #[derive(Clone)]
 pub struct Broker {
     inner: Arc<Inner>,
+}
+
+/// A broker handle that does not keep the broker alive: what publishers and routers hold, so that the
+/// broker (its connections, its reply consumer) goes away with the last `Broker` the user holds.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct WeakBroker(std::sync::Weak<Inner>);
+
+impl WeakBroker {
+    pub(crate) fn upgrade(&self) -> Option<Broker> {
+        self.0.upgrade().map(|inner| Broker { inner })
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("url", &self.url).finish()
+    }
 }
 
 impl std::fmt::Debug for Broker {
@@ -112,11 +131,16 @@ impl Broker {
                 layers: Mutex::new(Vec::new()),
                 publish_layers: Mutex::new(Vec::new()),
                 sender: RwLock::new(backend.clone()),
+                tap: Mutex::new(None),
                 routers: Mutex::new(Vec::new()),
                 publishers: Mutex::new(Vec::new()),
                 replies: tokio::sync::OnceCell::new(),
             }),
         }
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakBroker {
+        WeakBroker(Arc::downgrade(&self.inner))
     }
 
     /// The URL this broker was created from, with any password or secret setting shown as `***` (this is
@@ -133,9 +157,14 @@ impl Broker {
     /// Declares a publisher of `topic`: its defaults (key, partition, headers) apply to every record it
     /// sends, and the service's description lists it. See [`Publisher`].
     pub fn publisher(&self, topic: &str) -> Publisher {
+        let mut publishers = lock(&self.inner.publishers);
+        // Declared again (e.g. in a handler): the same publisher, with fresh defaults.
+        if let Some(core) = publishers.iter().find(|c| c.topic() == topic) {
+            return Publisher::new(core.clone());
+        }
         let core = Arc::new(PublisherCore::declared(topic));
         core.bind(self, "");
-        lock(&self.inner.publishers).push(core.clone());
+        publishers.push(core.clone());
         Publisher::new(core)
     }
 
@@ -192,12 +221,30 @@ impl Broker {
         <L::Service as tower::Service<Outgoing>>::Error: Into<BoxError>,
         <L::Service as tower::Service<Outgoing>>::Future: Send + 'static,
     {
-        let mut layers = lock(&self.inner.publish_layers);
-        layers.push(middleware::publish_layer(layer));
-        let sender = middleware::layered_sender(self.inner.backend.clone(), &layers);
-        *self.inner.sender.write().unwrap_or_else(|p| p.into_inner()) = sender;
-        drop(layers);
+        lock(&self.inner.publish_layers).push(middleware::publish_layer(layer));
+        self.rebuild_sender();
         self
+    }
+
+    /// Puts a publish layer innermost, next to the broker, where it sees every record as it is sent
+    /// (after every other middleware).
+    pub(crate) fn set_publish_tap(&self, layer: PublishLayer) {
+        *lock(&self.inner.tap) = Some(layer);
+        self.rebuild_sender();
+    }
+
+    fn rebuild_sender(&self) {
+        let sender = self.publish_chain(&[]);
+        *self.inner.sender.write().unwrap_or_else(|p| p.into_inner()) = sender;
+    }
+
+    /// The backend wrapped in the broker's publish middleware, then `inner` (a router's or subscriber's),
+    /// then the tap.
+    fn publish_chain(&self, inner: &[PublishLayer]) -> Arc<dyn Sender> {
+        let mut layers = lock(&self.inner.publish_layers).clone();
+        layers.extend(inner.iter().cloned());
+        layers.extend(lock(&self.inner.tap).iter().cloned());
+        middleware::layered_sender(self.inner.backend.clone(), &layers)
     }
 
     fn sender(&self) -> Arc<dyn Sender> {
@@ -246,12 +293,20 @@ impl Broker {
     {
         let failed =
             |op: &'static str, e: String| PublishError::Broker(crate::BrokerError::Client { op, source: e.into() });
-        self.inner
-            .backend
-            .declare_topic(topic, 1)
-            .await
-            .map_err(|e| failed("create the reply topic", e.to_string()))?;
         let mut config = crate::config::SubscriberConfig::new(topic);
+        if self.inner.backend.log_admin().is_some() {
+            self.inner
+                .backend
+                .declare_topic(topic, 1)
+                .await
+                .map_err(|e| failed("create the reply topic", e.to_string()))?;
+        } else {
+            // A queue broker: the consumer declares it, gone with the consumer (no queue left behind).
+            #[cfg(feature = "amqp")]
+            {
+                config.queue = Some(crate::amqp::Queue::transient().auto_delete());
+            }
+        }
         config.group_id = Some(topic.to_owned());
         config.auto_commit = Some(true);
         config.auto_offset_reset = crate::OffsetReset::Earliest;
@@ -263,6 +318,8 @@ impl Broker {
             handler: Arc::new(crate::handler::Erased::new(handler)),
             layers: Vec::new(),
             publish_layers: Vec::new(),
+            inherited_retry: None,
+            inherited_dead_letter: None,
         };
         let (task, ready) = self
             .start_subscriber(cfg, &spec, stop)
@@ -382,9 +439,11 @@ impl Broker {
     /// surfaces before anything starts). A later `App` on the same broker starts only newer ones, which
     /// is how a test adds a second group member to a running in-memory broker.
     pub(crate) fn take_subscribers(&self) -> Result<Vec<(ResolvedSubscriber, SubscriberSpec)>, ConfigError> {
-        let mut specs = std::mem::take(&mut *lock(&self.inner.subscribers));
+        // Validated on copies: a start that fails keeps every declaration for the next try.
+        let mut specs = lock(&self.inner.subscribers).clone();
+        let own = specs.len();
         for router in lock(&self.inner.routers).iter() {
-            specs.extend(router.take_subscribers());
+            specs.extend(router.subscribers());
         }
         let layers = lock(&self.inner.layers).clone();
         for spec in &mut specs {
@@ -397,9 +456,22 @@ impl Broker {
         specs
             .into_iter()
             .map(|mut s| {
-                // The broker's default budget covers every at-least-once subscriber without its own.
-                if s.config.retry.is_none() && s.config.policy() != crate::AckPolicy::AckFirst {
-                    s.config.retry = default_retry;
+                // A router's budget and dead letter, then the broker's default budget, cover every
+                // at-least-once subscriber without its own (AckFirst cannot retry or dead-letter).
+                if s.config.policy() == crate::AckPolicy::AckFirst {
+                    if s.inherited_retry.is_some() || s.inherited_dead_letter.is_some() {
+                        tracing::warn!(topic = %s.config.topic,
+                            "an AckFirst subscriber takes neither its router's retry budget nor its dead letter; \
+                             give it an at-least-once policy (e.g. `.ack_policy(AckPolicy::NackOnError)`) to use them");
+                    }
+                } else {
+                    if s.config.retry.is_none() {
+                        s.config.retry = s.inherited_retry.or(default_retry);
+                    }
+                    if s.config.dead_letter.is_none() {
+                        // Not for the subscriber that reads the dead-letter topic itself.
+                        s.config.dead_letter = s.inherited_dead_letter.clone().filter(|dl| *dl != s.config.topic);
+                    }
                 }
                 let cfg = s.config.resolve(backend.has_groups())?;
                 if !names.insert(cfg.name.clone()) {
@@ -433,7 +505,13 @@ impl Broker {
                 backend.check(&cfg)?;
                 Ok((cfg, s))
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()
+            .inspect(|_| {
+                lock(&self.inner.subscribers).drain(..own);
+                for router in lock(&self.inner.routers).iter() {
+                    router.clear_subscribers();
+                }
+            })
     }
 
     /// Starts one subscriber's engine; the receiver fires on its first assignment.
@@ -450,10 +528,7 @@ impl Broker {
             service: middleware::handler_service(spec.handler.clone(), &spec.layers),
             state: Arc::new(lock(&self.inner.state).clone()),
             // The broker's publish middleware outside the subscriber's (and its routers').
-            publisher: middleware::layered_sender(
-                self.inner.backend.clone(),
-                &[lock(&self.inner.publish_layers).as_slice(), &spec.publish_layers].concat(),
-            ),
+            publisher: self.publish_chain(&spec.publish_layers),
             hooks: Hooks::new(lock(&self.inner.hooks).clone(), self.inner.observer.clone()),
         });
         let (ready, ready_rx) = oneshot::channel();

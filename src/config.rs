@@ -200,7 +200,8 @@ impl SubscriberConfig {
         }
         if self.filtered && self.batch.is_some() {
             return Err(invalid(
-                "filters (`when`) choose a handler per message, so they cannot serve a batch subscriber;                  filter inside the batch handler instead",
+                "filters (`when`) choose a handler per message, so they cannot serve a batch subscriber; \
+                 filter inside the batch handler instead",
             ));
         }
         if self.batch.is_some_and(|b| b.max_records == 0) {

@@ -283,7 +283,10 @@ fn interrupt_in_chain(err: &(dyn StdError + 'static)) -> Option<Settle> {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            ErrorKind::Interrupt(s) => write!(f, "processing interrupted: {s}"),
+            ErrorKind::Interrupt(s) => match &self.reason {
+                Some(reason) => write!(f, "processing interrupted: {s} ({reason})"),
+                None => write!(f, "processing interrupted: {s}"),
+            },
             ErrorKind::Decode(d) => d.fmt(f),
             ErrorKind::Panic(m) => write!(f, "handler panicked: {m}"),
             ErrorKind::Handler(e) => e.fmt(f),

@@ -41,6 +41,11 @@ impl Headers {
         self.0.push((name.to_owned(), value.into()));
     }
 
+    /// Removes every header of that name.
+    pub fn remove(&mut self, name: &str) {
+        self.0.retain(|(n, _)| n != name);
+    }
+
     /// The last value of a header.
     pub fn get(&self, name: &str) -> Option<&Bytes> {
         self.0.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v)

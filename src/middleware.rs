@@ -16,6 +16,9 @@
 //! ([`SubscriberBuilder::layer`](crate::SubscriberBuilder::layer)). The broker's run outermost, then the
 //! routers' from the outermost router in, then the subscriber's; at each level the first added runs
 //! first (outermost). A subscriber without middleware calls its handler directly and pays nothing.
+//! A layer is applied to each subscriber's chain on its own: state a layer keeps (a
+//! `ConcurrencyLimitLayer`'s permits) is per subscriber even when the layer is added on the broker; use
+//! `tower::limit::GlobalConcurrencyLimitLayer` for one limit across subscribers.
 //! Publish middleware follows the same order: the broker's wrap every publish (`broker.publish`,
 //! publisher objects, results, replies, dead letters); a router's or subscriber's wrap what the framework
 //! publishes for its subscribers (results, replies, dead letters, retries).
@@ -88,7 +91,8 @@ impl Messages {
 }
 
 /// One handler call going through middleware: the message (or the batch) and what the handler's
-/// extractors will see.
+/// extractors will see. Cheap to clone (handles and reference counts), so retrying layers can resend it.
+#[derive(Clone)]
 pub struct Request {
     pub(crate) messages: Messages,
     pub(crate) payload: Option<Bytes>,

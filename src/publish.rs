@@ -28,7 +28,7 @@ pub use crate::transport::PublishAck;
 /// ```
 #[must_use = "nothing is sent until the publish is awaited"]
 pub struct Publish {
-    broker: Option<Broker>,
+    broker: Result<Broker, PublishError>,
     record: Result<Outgoing, Error>,
     defaults: Option<Arc<PublishDefaults>>,
 }
@@ -37,7 +37,7 @@ impl Publish {
     pub(crate) fn new(broker: Broker, payload: impl IntoPayload, topic: &str) -> Self {
         let record = payload.into_payload().map(|p| Outgoing::new(topic.to_owned(), p));
         Publish {
-            broker: Some(broker),
+            broker: Ok(broker),
             record,
             defaults: None,
         }
@@ -46,7 +46,7 @@ impl Publish {
     pub(crate) fn from_publisher(publisher: &Publisher, payload: impl IntoPayload) -> Self {
         let record = payload.into_payload().map(|p| Outgoing::new(publisher.topic(), p));
         Publish {
-            broker: publisher.core.broker().cloned(),
+            broker: publisher.core.broker(),
             record,
             defaults: Some(publisher.defaults.clone()),
         }
@@ -112,10 +112,7 @@ impl IntoFuture for Publish {
             if let Some(defaults) = &self.defaults {
                 defaults.apply(&mut record);
             }
-            match self.broker {
-                Some(broker) => broker.send(record).await,
-                None => Err(PublishError::NotIncluded { topic: record.topic }),
-            }
+            self.broker?.send(record).await
         })
     }
 }

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, WeakBroker};
+use crate::error::{BrokerError, PublishError};
 use crate::handler::IntoPayload;
 use crate::message::Headers;
 use crate::publish::Publish;
@@ -49,7 +50,7 @@ pub(crate) struct PublisherCore {
     declared: String,
     /// The full topic.
     topic: Mutex<String>,
-    broker: OnceLock<Broker>,
+    broker: OnceLock<WeakBroker>,
 }
 
 impl PublisherCore {
@@ -65,21 +66,27 @@ impl PublisherCore {
         self.topic.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub(crate) fn broker(&self) -> Option<&Broker> {
-        self.broker.get()
+    /// The broker it publishes through: not yet included (a router's), or gone.
+    pub(crate) fn broker(&self) -> Result<Broker, PublishError> {
+        match self.broker.get() {
+            None => Err(PublishError::NotIncluded { topic: self.topic() }),
+            Some(weak) => weak.upgrade().ok_or(PublishError::Broker(BrokerError::Closed)),
+        }
     }
 
     /// Sends through `broker`, to the declared topic under `prefix`.
     pub(crate) fn bind(&self, broker: &Broker, prefix: &str) {
         *self.topic.lock().unwrap_or_else(|p| p.into_inner()) = format!("{prefix}{}", self.declared);
-        let _ = self.broker.set(broker.clone());
+        let _ = self.broker.set(broker.downgrade());
     }
 }
 
 /// A publisher of one topic, declared once with [`Broker::publisher`] or
 /// [`Router::publisher`](crate::Router::publisher), with the defaults every record it sends gets. Cheap
 /// to clone: hand it to handlers as state, or make it a subscriber's result destination with
-/// [`publish_to`](crate::SubscriberBuilder::publish_to).
+/// [`publish_to`](crate::SubscriberBuilder::publish_to). It does not keep its broker alive: once every
+/// `Broker` handle (and the app) is gone, its publishes fail with
+/// [`BrokerError::Closed`](crate::BrokerError::Closed).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]

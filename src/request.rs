@@ -158,7 +158,9 @@ impl PendingRequest {
     }
 
     /// How long to wait for the reply (default 30 s); then the request fails with
-    /// [`PublishError::NoReply`].
+    /// [`PublishError::NoReply`]. The first request of a broker handle also starts its reply consumer
+    /// (on Kafka: creates the reply topic and joins a group of its own, a few seconds) before this
+    /// deadline starts.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -188,12 +190,9 @@ impl IntoFuture for PendingRequest {
             self.publish.reply_to(replies.topic.clone()).correlation_id(id).await?;
             match tokio::time::timeout(self.timeout, reply).await {
                 Ok(Ok(msg)) => Ok(msg),
-                // The sender went away without a reply: the reply consumer stopped.
-                Ok(Err(_)) => Err(PublishError::NoReply {
-                    topic: self.topic,
-                    timeout: self.timeout,
-                }),
-                Err(_) => Err(PublishError::NoReply {
+                // The waiting entry went without a reply (the broker handle is going away) or the
+                // deadline passed.
+                Ok(Err(_)) | Err(_) => Err(PublishError::NoReply {
                     topic: self.topic,
                     timeout: self.timeout,
                 }),

@@ -29,6 +29,8 @@ pub mod headers {
     pub const GROUP: &str = "x-ferrostream-group";
     /// When it was dead-lettered, in milliseconds since the Unix epoch.
     pub const DEAD_LETTERED_AT: &str = "x-ferrostream-dead-lettered-at";
+    /// A dead letter's original `reply_to` (a dead letter answers nobody, so the header is renamed).
+    pub const ORIGINAL_REPLY_TO: &str = "x-ferrostream-original-reply-to";
 }
 
 /// A retry budget with exponential backoff, jitter and a cap.

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, WeakBroker};
 use crate::config::SubscriberConfig;
 use crate::error::BoxError;
 use crate::middleware::{self, HandlerLayer, Next, Outgoing, PublishAck, PublishLayer, PublishNext, Reply, Request};
@@ -31,7 +31,7 @@ pub(crate) struct RouterInner {
     publishers: Vec<Arc<PublisherCore>>,
     routers: Vec<Router>,
     /// Once included (all the way up to a broker): the broker and the prefix of the routers above.
-    bound: Option<(Broker, String)>,
+    bound: Option<(WeakBroker, String)>,
 }
 
 impl RouterInner {
@@ -58,19 +58,15 @@ impl RouterInner {
         if let Some(dl) = &mut c.dead_letter {
             *dl = format!("{prefix}{dl}");
         }
-        // An AckFirst subscriber (its own choice) commits before handling: it cannot retry or dead-letter,
-        // so the router's budget and dead letter are not for it.
-        if c.policy() != AckPolicy::AckFirst {
-            // Nor is it for the subscriber that reads the dead-letter topic itself.
-            if let (None, Some(dl)) = (&c.dead_letter, &self.defaults.dead_letter) {
-                let dl = format!("{prefix}{dl}");
-                if dl != c.topic {
-                    c.dead_letter = Some(dl);
-                }
-            }
-            if c.retry.is_none() {
-                c.retry = self.defaults.retry;
-            }
+        // The retry budget and dead letter wait for the final policy (an outer router may set it):
+        // the innermost router that sets one wins.
+        if let Some(dl) = &mut spec.inherited_dead_letter {
+            *dl = format!("{prefix}{dl}");
+        } else if let Some(dl) = &self.defaults.dead_letter {
+            spec.inherited_dead_letter = Some(format!("{prefix}{dl}"));
+        }
+        if spec.inherited_retry.is_none() {
+            spec.inherited_retry = self.defaults.retry;
         }
         spec.layers.splice(0..0, self.layers.iter().cloned());
         spec.publish_layers.splice(0..0, self.publish_layers.iter().cloned());
@@ -96,9 +92,9 @@ impl RouterInner {
 ///     .ack_policy(AckPolicy::NackOnError)
 ///     .retry(RetryPolicy::new(3))
 ///     .dead_letter("dlt"); // orders.dlt
-/// let created = orders.publisher("billed"); // orders.billed
+/// let billed = orders.publisher("billed"); // orders.billed
 /// orders.subscriber("created") // orders.created, group billing
-///     .publish_to(&created)
+///     .publish_to(&billed)
 ///     .handle(|body: String| async move { format!("billed {body}") });
 ///
 /// let broker = Broker::new("memory://")?;
@@ -198,8 +194,10 @@ impl Router {
     pub fn publisher(&self, topic: &str) -> Publisher {
         let core = Arc::new(PublisherCore::declared(topic));
         let mut inner = self.lock();
-        if let Some((broker, above)) = &inner.bound {
-            core.bind(broker, &format!("{above}{}", inner.prefix));
+        if let Some((broker, above)) = &inner.bound
+            && let Some(broker) = broker.upgrade()
+        {
+            core.bind(&broker, &format!("{above}{}", inner.prefix));
         }
         inner.publishers.push(core.clone());
         Publisher::new(core)
@@ -209,8 +207,10 @@ impl Router {
     /// middleware apply to its subscribers where its own do not say otherwise.
     pub fn include_router(&self, router: Router) {
         let mut inner = self.lock();
-        if let Some((broker, above)) = &inner.bound {
-            router.bind(broker, &format!("{above}{}", inner.prefix));
+        if let Some((broker, above)) = &inner.bound
+            && let Some(broker) = broker.upgrade()
+        {
+            router.bind(&broker, &format!("{above}{}", inner.prefix));
         }
         inner.routers.push(router);
     }
@@ -225,7 +225,7 @@ impl Router {
         for child in &inner.routers {
             child.bind(broker, &prefix);
         }
-        inner.bound = Some((broker.clone(), above.to_owned()));
+        inner.bound = Some((broker.downgrade(), above.to_owned()));
     }
 
     /// Every publisher declared in this router and the routers included into it.
@@ -238,15 +238,24 @@ impl Router {
         all
     }
 
-    /// Takes the subscribers declared since the last take (of its included routers too), with this
-    /// router's prefix, defaults and middleware applied.
-    pub(crate) fn take_subscribers(&self) -> Vec<SubscriberSpec> {
-        let mut inner = self.lock();
-        let mut specs = std::mem::take(&mut inner.subscribers);
+    /// The subscribers declared since the last start (of its included routers too), with this router's
+    /// prefix, defaults and middleware applied.
+    pub(crate) fn subscribers(&self) -> Vec<SubscriberSpec> {
+        let inner = self.lock();
+        let mut specs = inner.subscribers.clone();
         for child in &inner.routers {
-            specs.extend(child.take_subscribers());
+            specs.extend(child.subscribers());
         }
         specs.into_iter().map(|s| inner.apply(s)).collect()
+    }
+
+    /// Forgets the subscribers an app started.
+    pub(crate) fn clear_subscribers(&self) {
+        let mut inner = self.lock();
+        inner.subscribers.clear();
+        for child in &inner.routers {
+            child.clear_subscribers();
+        }
     }
 }
 

@@ -60,6 +60,10 @@ pub(crate) struct SubscriberSpec {
     pub(crate) layers: Vec<HandlerLayer>,
     /// Publish middleware, outermost first.
     pub(crate) publish_layers: Vec<PublishLayer>,
+    /// The innermost router's retry budget and dead letter (full topic name), for a subscriber without
+    /// its own: applied once the ack policy is final (all routers applied), unless that is `AckFirst`.
+    pub(crate) inherited_retry: Option<crate::RetryPolicy>,
+    pub(crate) inherited_dead_letter: Option<String>,
 }
 
 /// Where a declared subscriber is registered: on a broker, or on a router to be included into one.
@@ -339,6 +343,8 @@ impl SubscriberBuilder {
             handler,
             layers: self.layers,
             publish_layers: self.publish_layers,
+            inherited_retry: None,
+            inherited_dead_letter: None,
         });
     }
 }

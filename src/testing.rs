@@ -81,11 +81,18 @@ pub struct HandlerCall {
     pub outcome: Outcome,
 }
 
+/// What the app published, and a wake-up for those waiting for more.
+#[derive(Default)]
+struct Recorded {
+    records: Mutex<Vec<Published>>,
+    added: tokio::sync::Notify,
+}
+
 /// A running app under test. See the [module docs](self).
 pub struct TestApp {
     broker: Broker,
     observer: Observer,
-    published: Arc<Mutex<Vec<Published>>>,
+    published: Arc<Recorded>,
     running: RunningApp,
     timeout: Duration,
 }
@@ -99,22 +106,26 @@ impl TestApp {
 
     /// Starts an app built with its hooks and settings (`App::new(broker.clone())...`).
     pub async fn start_app(app: App, broker: Broker) -> Result<TestApp, StartError> {
-        let published: Arc<Mutex<Vec<Published>>> = Arc::default();
+        let published: Arc<Recorded> = Arc::default();
         let record = published.clone();
-        let broker = broker.publish_layer(middleware::publish_from_fn(move |out: Outgoing, next: PublishNext| {
-            let record = record.clone();
-            async move {
-                let seen = Published {
-                    topic: out.topic().to_owned(),
-                    key: out.key().cloned(),
-                    payload: out.payload().clone(),
-                    headers: out.headers().clone(),
-                };
-                let ack = next.run(out).await?;
-                record.lock().unwrap_or_else(|p| p.into_inner()).push(seen);
-                Ok(ack)
-            }
-        }));
+        // Innermost, next to the broker: records what is really sent, after every publish middleware.
+        broker.set_publish_tap(middleware::publish_layer(middleware::publish_from_fn(
+            move |out: Outgoing, next: PublishNext| {
+                let record = record.clone();
+                async move {
+                    let seen = Published {
+                        topic: out.topic().to_owned(),
+                        key: out.key().cloned(),
+                        payload: out.payload().clone(),
+                        headers: out.headers().clone(),
+                    };
+                    let ack = next.run(out).await?;
+                    record.records.lock().unwrap_or_else(|p| p.into_inner()).push(seen);
+                    record.added.notify_waiters();
+                    Ok(ack)
+                }
+            },
+        )));
         let observer = broker.observer();
         let running = app.start().await?;
         Ok(TestApp {
@@ -176,7 +187,7 @@ impl TestApp {
 
     /// What the app published to `topic` so far (acknowledged by the broker), in order.
     pub fn published(&self, topic: &str) -> Vec<Published> {
-        let all = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let all = self.published.records.lock().unwrap_or_else(|p| p.into_inner());
         all.iter().filter(|p| p.topic == topic).cloned().collect()
     }
 
@@ -184,19 +195,20 @@ impl TestApp {
     pub async fn wait_published(&self, topic: &str, n: usize) -> Result<Vec<Published>, WaitTimeout> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
+            let added = self.published.added.notified();
+            tokio::pin!(added);
+            added.as_mut().enable();
             let seen = self.published(topic);
             if seen.len() >= n {
                 return Ok(seen);
             }
-            // Publishes are recorded outside the event log; a short poll keeps this simple and exact.
-            if tokio::time::Instant::now() >= deadline {
+            if tokio::time::timeout_at(deadline, added).await.is_err() {
                 return Err(WaitTimeout {
                     what: format!("{n} records published to `{topic}`"),
                     timeout: self.timeout,
                     seen: seen.len(),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

@@ -543,3 +543,126 @@ async fn filters_on_a_batch_subscriber_are_refused_at_start() {
     };
     assert!(err.to_string().contains("filters"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inner_router_retry_and_dead_letter_apply_when_the_policy_comes_from_an_outer_router() {
+    common::init_tracing();
+    let broker = common::broker();
+    let observer = broker.observer();
+    let base = common::unique("nest");
+    let outer = Router::new(format!("{base}."))
+        .group_id(common::unique("g"))
+        .ack_policy(AckPolicy::NackOnError);
+    let inner = Router::new("in.")
+        .retry(RetryPolicy::new(2).backoff(Duration::from_millis(5), Duration::from_millis(5)))
+        .dead_letter("dlt");
+    inner
+        .subscriber("work")
+        .name("nested-work")
+        .auto_offset_reset(ferrostream::OffsetReset::Earliest)
+        .handle(|_: String| async { Err::<(), _>(std::io::Error::other("always fails")) });
+    outer.include_router(inner);
+    broker.include_router(outer);
+    let (work, dlt) = (format!("{base}.in.work"), format!("{base}.in.dlt"));
+    for t in [&work, &dlt] {
+        broker.create_topic(t, 1).await.unwrap();
+    }
+    let dead = Inbox::default();
+    record_into(&broker, &dlt, "nested-dead", &dead);
+    let app = common::start(&broker).await;
+    broker.publish("x", &work).await.unwrap();
+    observer.wait_handled("nested-dead", 1, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    assert_eq!(
+        observer.handled("nested-work").len(),
+        2,
+        "the inner router's budget of 2 attempts"
+    );
+    assert_eq!(dead.all()[0].header(ferrostream::retry::headers::ATTEMPTS), Some("2"));
+}
+
+#[tokio::test]
+async fn a_start_that_fails_keeps_every_declaration_for_the_next_try() {
+    #[derive(Clone)]
+    struct Db;
+    let broker = Broker::new("memory://").unwrap();
+    let observer = broker.observer();
+    let router = Router::new("r.").group_id("g").auto_commit(false);
+    router
+        .subscriber("a")
+        .handle(|_: String, State(_db): State<Db>| async {});
+    broker.include_router(router);
+    broker
+        .subscriber("b")
+        .group_id("g")
+        .auto_commit(false)
+        .handle(|_: String| async {});
+    let Err(err) = ferrostream::App::new(broker.clone()).start().await else {
+        panic!("started without the state its handler needs");
+    };
+    assert!(
+        matches!(
+            err,
+            ferrostream::StartError::Config(ferrostream::ConfigError::MissingState { .. })
+        ),
+        "{err}"
+    );
+    let broker = broker.with_state(Db);
+    let app = ferrostream::App::new(broker.clone()).start().await.unwrap();
+    broker.publish("1", "r.a").await.unwrap();
+    broker.publish("2", "b").await.unwrap();
+    observer.wait_finished("r.a@g", 1, common::WAIT).await.unwrap();
+    observer.wait_finished("b@g", 1, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    // Declaring a publisher again does not list it twice.
+    let _ = broker.publisher("audit");
+    let _ = broker.publisher("audit").key("k");
+    assert_eq!(broker.publisher_topics(), ["audit"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_publish_middleware_fails_the_call_and_the_subscriber_keeps_running() {
+    common::init_tracing();
+    let broker = common::broker();
+    let observer = broker.observer();
+    let topic = common::topic(&broker, "pmw-panic", 1).await;
+    let out = common::topic(&broker, "pmw-panic-out", 1).await;
+    let panicked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let p = panicked.clone();
+    common::member(&broker, &topic, "panicky", &common::unique("g"))
+        .ack_policy(AckPolicy::NackOnError)
+        .retry(RetryPolicy::new(3).backoff(Duration::from_millis(5), Duration::from_millis(5)))
+        .publish_to(out.as_str())
+        .publish_layer(middleware::publish_from_fn(move |o: Outgoing, next: PublishNext| {
+            let first = !p.swap(true, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if first {
+                    panic!("publish middleware bug");
+                }
+                next.run(o).await
+            }
+        }))
+        .handle(|body: String| async move { format!("r-{body}") });
+    let results = Inbox::default();
+    record_into(&broker, &out, "panic-results", &results);
+    let app = common::start(&broker).await;
+    broker.publish("1", &topic).await.unwrap();
+    broker.publish("2", &topic).await.unwrap();
+    observer.wait_finished("panicky", 2, common::WAIT).await.unwrap();
+    observer.wait_handled("panic-results", 2, common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    let handled = observer.handled("panicky");
+    assert!(
+        matches!(
+            &handled[0].3,
+            Outcome::Failed {
+                kind: ferrostream::FailureKind::Panic,
+                ..
+            }
+        ),
+        "{handled:?}"
+    );
+    let mut got: Vec<_> = results.all().into_iter().map(|s| s.payload).collect();
+    got.sort();
+    assert_eq!(got, ["r-1", "r-2"]);
+}

@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use ferrostream::observe::Outcome;
 use ferrostream::{PublishError, Response};
 
 /// A subscriber that answers `n` with `n * 2`, and one that answers nothing.
@@ -109,4 +110,107 @@ async fn a_request_nobody_answers_times_out_with_a_typed_error_and_stops_waiting
     let dropped = tokio::time::timeout(Duration::from_millis(50), broker.request("x", &nobody).into_future()).await;
     assert!(dropped.is_err());
     assert_eq!(broker.waiting_requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_subscriber_replies_to_every_request_of_its_batch() {
+    common::init_tracing();
+    let broker = common::broker();
+    let topic = common::topic(&broker, "rr-batch", 1).await;
+    common::member(&broker, &topic, "batcher", &common::unique("g"))
+        .auto_commit(false)
+        .batch(50, Duration::from_millis(200))
+        .handle(|ferrostream::Batch(bodies): ferrostream::Batch<String>| async move {
+            format!("batch of {}", bodies.len())
+        });
+    let app = common::start(&broker).await;
+    let requests = (0..5).map(|i| {
+        broker
+            .request(i.to_string(), &topic)
+            .timeout(common::WAIT)
+            .into_future()
+    });
+    let replies = futures::future::join_all(requests).await;
+    for r in &replies {
+        let r = r.as_ref().expect("every request of the batch got a reply");
+        assert!(String::from_utf8_lossy(r.payload()).starts_with("batch of "));
+    }
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_does_not_answer_the_original_request() {
+    common::init_tracing();
+    let broker = common::broker();
+    let observer = broker.observer();
+    let topic = common::topic(&broker, "rr-dl", 1).await;
+    let dlt = common::topic(&broker, "rr-dl-dlt", 1).await;
+    common::member(&broker, &topic, "failing", &common::unique("g"))
+        .ack_policy(ferrostream::AckPolicy::NackOnError)
+        .retry(ferrostream::RetryPolicy::new(1))
+        .dead_letter(dlt.as_str())
+        .handle(|_: String| async { Err::<String, _>(std::io::Error::other("no")) });
+    // A subscriber of the dead-letter topic that returns a value: it must not reply to the requester.
+    common::member(&broker, &dlt, "dlt-reader", &common::unique("g"))
+        .auto_commit(false)
+        .handle(|msg: ferrostream::Message| async move {
+            assert!(msg.reply_to().is_none());
+            assert!(
+                msg.headers()
+                    .get(ferrostream::retry::headers::ORIGINAL_REPLY_TO)
+                    .is_some()
+            );
+            "from the dead-letter reader".to_owned()
+        });
+    let app = common::start(&broker).await;
+    let request = broker
+        .request("x", &topic)
+        .timeout(Duration::from_secs(5))
+        .into_future();
+    let request = tokio::spawn(request);
+    let handled = observer.wait_handled("dlt-reader", 1, common::WAIT).await.unwrap();
+    assert_eq!(handled[0].3, Outcome::Ok, "the reader's own checks passed");
+    let err = request.await.unwrap().unwrap_err();
+    assert!(matches!(err, PublishError::NoReply { .. }), "{err}");
+    app.shutdown().await.unwrap();
+}
+
+/// A hook that says when the last holder of it is gone: the broker and every engine it started (the
+/// reply consumer's too) hold their broker's hooks.
+struct GoneSignal(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl ferrostream::hooks::Hook for GoneSignal {
+    fn on_event(&self, _: &ferrostream::hooks::HookEvent<'_>) {}
+}
+
+impl Drop for GoneSignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_reply_consumer_stops_when_the_last_broker_handle_goes() {
+    let (gone_tx, gone) = tokio::sync::oneshot::channel();
+    let broker = ferrostream::Broker::new("memory://")
+        .unwrap()
+        .with_hook(GoneSignal(Some(gone_tx)));
+    broker
+        .subscriber("echo")
+        .group_id("g")
+        .auto_commit(false)
+        .handle(|b: String| async move { b });
+    // Neither publishers nor routers keep the broker alive.
+    let _publisher = broker.publisher("audit");
+    broker.include_router(ferrostream::Router::new("r."));
+    let app = ferrostream::App::new(broker.clone()).start().await.unwrap();
+    broker.request("hi", "echo").timeout(common::WAIT).await.unwrap();
+    app.shutdown().await.unwrap();
+    drop(broker);
+    tokio::time::timeout(common::WAIT, gone)
+        .await
+        .expect("the broker and its reply consumer went away")
+        .unwrap();
 }

@@ -76,3 +76,27 @@ async fn a_test_awaits_results_reads_publishes_and_waits_for_finished_messages_n
     assert_eq!(billed, ["invoice 1 for 30".as_bytes(), "invoice 2 for 5".as_bytes()]);
     app.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_client_records_what_is_sent_after_every_publish_middleware() {
+    use ferrostream::middleware::{self, Outgoing, PublishNext};
+    common::init_tracing();
+    let broker = common::broker();
+    let orders = common::topic(&broker, "tc-mw", 1).await;
+    let out = common::topic(&broker, "tc-mw-out", 1).await;
+    common::member(&broker, &orders, "tagged", &common::unique("g"))
+        .auto_commit(false)
+        .publish_to(out.as_str())
+        .publish_layer(middleware::publish_from_fn(
+            |mut o: Outgoing, next: PublishNext| async move {
+                o.headers_mut().set("stage", "subscriber");
+                next.run(o).await
+            },
+        ))
+        .handle(|body: String| async move { format!("r-{body}") });
+    let app = TestApp::start(broker).await.unwrap().timeout(common::WAIT);
+    app.publish("1", &orders).await.unwrap();
+    let sent = app.wait_published(&out, 1).await.unwrap();
+    assert_eq!(sent[0].headers.get_str("stage"), Some("subscriber"));
+    app.shutdown().await.unwrap();
+}

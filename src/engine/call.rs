@@ -67,14 +67,10 @@ impl Call {
             }
         };
         Call {
-            publish: rt.publishes(messages.first()).then(|| rt.clone()),
+            publish: rt.publishes(messages.as_slice()).then(|| rt.clone()),
             messages: Some(messages),
             stage,
         }
-    }
-
-    pub(super) fn first(&self) -> Option<&Message> {
-        self.messages.as_ref()?.first()
     }
 }
 
@@ -88,9 +84,10 @@ impl Future for Call {
                 Stage::Handler(fut) => match panics::catch(|| fut.as_mut().poll(cx)) {
                     Ok(Poll::Pending) => return Poll::Pending,
                     Ok(Poll::Ready(Ok(response))) if this.publish.is_some() => {
-                        match (this.first().cloned(), &this.publish) {
-                            (Some(msg), Some(rt)) => {
-                                this.stage = Stage::Publishing(Box::pin(publish_result(rt.clone(), msg, response)));
+                        match (this.messages.clone(), &this.publish) {
+                            (Some(messages), Some(rt)) => {
+                                this.stage =
+                                    Stage::Publishing(Box::pin(publish_result(rt.clone(), messages, response)));
                                 continue;
                             }
                             _ => Ok(()),
@@ -99,9 +96,11 @@ impl Future for Call {
                     Ok(Poll::Ready(r)) => r.map(|_| ()),
                     Err(panic) => Err(Error::panic(panic)),
                 },
-                Stage::Publishing(fut) => match fut.as_mut().poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(r) => r,
+                // Publish middleware is user code too: a panic in it fails this call, not the engine.
+                Stage::Publishing(fut) => match panics::catch(|| fut.as_mut().poll(cx)) {
+                    Ok(Poll::Pending) => return Poll::Pending,
+                    Ok(Poll::Ready(r)) => r,
+                    Err(panic) => Err(Error::panic(panic)),
                 },
                 Stage::Ended(r) => std::mem::replace(r, Ok(())),
             };
@@ -115,39 +114,50 @@ impl Future for Call {
     }
 }
 
-/// Guarantee 3.11: the result is published (and acknowledged) to every `publish_to` destination, and as
-/// the reply when the message asked for one, before the incoming message is settled. A request whose
-/// handler returned nothing gets an empty reply, so that the requester is not left waiting.
+/// Guarantee 3.11: the result is published (and acknowledged) to every `publish_to` destination before
+/// the incoming message is settled, and sent as the reply to each message of the call that asked for one
+/// (a request whose handler returned nothing gets an empty reply, so that the requester is not left
+/// waiting). A failed result publish fails the call; a failed reply does not (the requester may be gone:
+/// it times out), it is logged.
 pub(super) async fn publish_result(
     rt: Arc<SubscriberRuntime>,
-    msg: Message,
+    messages: Messages,
     response: Option<Response>,
 ) -> Result<(), Error> {
+    let Some(first) = messages.first() else {
+        return Ok(());
+    };
     let (payload, key, headers) = match response {
         Some(r) => (Some(r.payload?), r.key, r.headers),
         None => (None, None, Default::default()),
     };
-    let correlation = msg
-        .correlation_id()
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("{}-{}", msg.topic_partition(), msg.offset()));
-    let record = |topic: String, payload: Bytes| {
+    let correlation = |msg: &Message| {
+        msg.correlation_id()
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("{}-{}", msg.topic_partition(), msg.offset()))
+    };
+    let record = |msg: &Message, topic: String, payload: Bytes| {
         let mut out = Outgoing::new(topic, payload);
         out.key = key.clone().or_else(|| msg.key().cloned());
         out.headers = headers.clone();
-        out.headers.set(CORRELATION_ID, correlation.clone().into_bytes());
+        out.headers.set(CORRELATION_ID, correlation(msg).into_bytes());
         out
     };
     if let Some(payload) = &payload {
         for target in &rt.cfg.publish_to {
-            let mut out = record(target.topic.clone(), payload.clone());
+            let mut out = record(first, target.topic.clone(), payload.clone());
             target.defaults.apply(&mut out);
             rt.publisher.send(out).await.map_err(Error::handler)?;
         }
     }
-    if let Some(reply_to) = msg.reply_to() {
-        let out = record(reply_to.to_owned(), payload.unwrap_or_default());
-        rt.publisher.send(out).await.map_err(Error::handler)?;
+    for msg in messages.as_slice() {
+        if let Some(reply_to) = msg.reply_to() {
+            let out = record(msg, reply_to.to_owned(), payload.clone().unwrap_or_default());
+            if let Err(e) = rt.publisher.send(out).await {
+                tracing::warn!(subscriber = %rt.cfg.name, reply_to, error = %e,
+                    "the reply could not be published; the requester will time out");
+            }
+        }
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::message::Record;
+use crate::message::{REPLY_TO, Record};
 use crate::retry::headers;
 use crate::transport::Outgoing;
 use intake::header_attempts;
@@ -59,6 +59,14 @@ impl<T: Transport> Engine<T> {
         let mut out = Outgoing::new(topic, record.payload.clone());
         out.key = record.key.clone();
         out.headers = record.headers.clone();
+        if let Forward::DeadLetter { .. } = to {
+            // A dead letter answers nobody: whoever reads the dead-letter topic must not reply to the
+            // original requester (it gets its timeout). The retry topic keeps it: a retry may still reply.
+            if let Some(reply_to) = out.headers.get(REPLY_TO).cloned() {
+                out.headers.remove(REPLY_TO);
+                out.headers.set(headers::ORIGINAL_REPLY_TO, reply_to);
+            }
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
@@ -97,10 +105,18 @@ impl<T: Transport> Engine<T> {
                 out.headers.set(name, value.into_bytes());
             }
         }
-        let send = self.rt.publisher.send(out);
+        // Publish middleware runs in this send: a panic in it is a failed publish (the record comes
+        // back), never a forward that never reports and leaves its partition blocked.
+        let send = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.rt.publisher.send(out)));
         let events = self.forwards_tx.clone();
         tokio::spawn(async move {
-            let result = send.await.map(|_| ()).map_err(|e| e.to_string());
+            let result = match send {
+                Ok(send) => match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(send)).await {
+                    Ok(r) => r.map(|_| ()).map_err(|e| e.to_string()),
+                    Err(_) => Err("the publish panicked (in a publish middleware?)".to_owned()),
+                },
+                Err(_) => Err("the publish panicked (in a publish middleware?)".to_owned()),
+            };
             let _ = events.send(Forwarded {
                 tp: record.tp.clone(),
                 generation,

@@ -91,8 +91,8 @@ pub(crate) struct SubscriberRuntime {
 impl SubscriberRuntime {
     /// Whether a call of these messages publishes anything after the handler: a result to `publish_to`,
     /// or a reply to a request.
-    pub(crate) fn publishes(&self, first: Option<&Message>) -> bool {
-        !self.cfg.publish_to.is_empty() || first.is_some_and(|m| m.reply_to().is_some())
+    pub(crate) fn publishes(&self, messages: &[Message]) -> bool {
+        !self.cfg.publish_to.is_empty() || messages.iter().any(|m| m.reply_to().is_some())
     }
 }
 

@@ -151,6 +151,7 @@ struct Binding {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queue {
     durable: bool,
+    auto_delete: bool,
     kind: QueueType,
     bindings: Vec<Binding>,
     prefetch: Option<u16>,
@@ -161,6 +162,7 @@ impl Queue {
     pub fn durable() -> Self {
         Queue {
             durable: true,
+            auto_delete: false,
             kind: QueueType::Classic,
             bindings: Vec::new(),
             prefetch: None,
@@ -173,6 +175,13 @@ impl Queue {
             durable: false,
             ..Self::durable()
         }
+    }
+
+    /// Deleted by the broker when its last consumer goes away (a reply queue, a temporary subscription);
+    /// messages that arrive while it has no consumer are lost.
+    pub fn auto_delete(mut self) -> Self {
+        self.auto_delete = true;
+        self
     }
 
     /// A quorum queue (always durable).
@@ -260,6 +269,7 @@ async fn declare(channel: &Channel, queue: &str, decl: &Queue) -> Result<(), Bro
     }
     let opts = QueueDeclareOptions {
         durable: decl.durable,
+        auto_delete: decl.auto_delete,
         ..Default::default()
     };
     channel
