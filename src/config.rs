@@ -17,6 +17,20 @@ pub enum OffsetReset {
     Latest,
 }
 
+/// What a subscriber does with a message whose payload does not decode into its handler's argument
+/// ([guarantee 2.4](crate::guarantees)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnDecodeError {
+    /// Rejects it (dead-letters it where a dead-letter topic is set) under every policy, with an ERROR
+    /// naming its coordinates: decoding is deterministic, so delivering it again cannot help.
+    #[default]
+    Reject,
+    /// Treats it as any handler error: the ack policy and the retry budget settle it (under
+    /// `NackOnError` without a budget it comes back, and on a log blocks its partition, until code changes).
+    AsHandlerError,
+}
+
 /// Batch mode settings (SPEC 3.10).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct BatchConfig {
@@ -73,6 +87,7 @@ pub(crate) struct SubscriberConfig {
     pub(crate) dead_letter: Option<String>,
     /// Handlers chosen by filters (`when`).
     pub(crate) filtered: bool,
+    pub(crate) decode_errors: OnDecodeError,
     /// RabbitMQ: how the queue is declared.
     #[cfg(feature = "amqp")]
     pub(crate) queue: Option<crate::amqp::Queue>,
@@ -101,6 +116,7 @@ pub(crate) struct ResolvedSubscriber {
     pub(crate) retry_topic: Option<String>,
     /// True for the internal subscriber that consumes `retry_topic`.
     pub(crate) retry_consumer: bool,
+    pub(crate) decode_errors: OnDecodeError,
     /// RabbitMQ: how the queue is declared.
     #[cfg(feature = "amqp")]
     pub(crate) queue: Option<crate::amqp::Queue>,
@@ -126,6 +142,7 @@ impl SubscriberConfig {
             retry: None,
             dead_letter: None,
             filtered: false,
+            decode_errors: OnDecodeError::default(),
             #[cfg(feature = "amqp")]
             queue: None,
         }
@@ -240,6 +257,7 @@ impl SubscriberConfig {
                 _ => None,
             },
             retry_consumer: false,
+            decode_errors: self.decode_errors,
             #[cfg(feature = "amqp")]
             queue: self.queue.clone(),
         })

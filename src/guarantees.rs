@@ -30,15 +30,21 @@
 //!    an error. The consumer keeps running.
 //! 4. A payload that does not decode into the handler's argument type is a typed
 //!    [`DecodeError`](crate::DecodeError) naming the subscriber, the type and the cause; the consumer keeps
-//!    running and the message is settled by the policy.
+//!    running. Decoding is deterministic, so by default such a message is not delivered again under any
+//!    policy: it is rejected (dead-lettered where a dead-letter topic is set) with an ERROR naming its
+//!    coordinates, under `Manual` too (user code never saw it). A subscriber may opt into handling it as
+//!    any handler error ([`OnDecodeError::AsHandlerError`](crate::OnDecodeError)), and a
+//!    [`RetryPolicy`](crate::RetryPolicy) with `retry_decode_errors(true)` retries it; a batch call with
+//!    an undecodable message is settled by the policy (the error does not say which message it was).
 //! 5. Every error and panic is logged and counted ([`Broker::metrics`](crate::Broker::metrics)).
 //! 6. A nack may carry a delay ([`Message::nack_after`](crate::Message::nack_after)): the message comes
 //!    back no earlier than that.
 //! 7. No configuration makes a failing message loop hot: without a delay of its own, a nacked message
-//!    comes back after 10 ms, then 20, 40... doubling up to 5 s; a [`RetryPolicy`](crate::RetryPolicy)
+//!    comes back after 10 ms, then 20, 40... doubling up to 30 s; a [`RetryPolicy`](crate::RetryPolicy)
 //!    backs off exponentially with jitter up to its cap, and every redelivery waits at least 10 ms. A
-//!    panicking handler is logged once per attempt, without a backtrace (the process's panic hook is not
-//!    run for handler panics; the log line says where it panicked).
+//!    message that fails again and again is logged in full at its 1st, 2nd, 4th, 8th... attempt (the others
+//!    at DEBUG), and a panicking handler without a backtrace (the process's panic hook is not run for
+//!    handler panics; the log line says where it panicked).
 //!
 //! # 3. Logs: Kafka and `memory://`
 //!

@@ -145,4 +145,4 @@ pub use response::Response;
 pub use retry::RetryPolicy;
 pub use router::Router;
 pub use settle::{AckPolicy, Settle, SettleOutcome};
-pub use subscriber::{OffsetReset, PublishTo, SubscriberBuilder};
+pub use subscriber::{OffsetReset, OnDecodeError, PublishTo, SubscriberBuilder};

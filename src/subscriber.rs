@@ -6,8 +6,8 @@ use std::time::Duration;
 use std::sync::Mutex;
 
 use crate::broker::Broker;
-pub use crate::config::OffsetReset;
 use crate::config::{BatchConfig, PublishTarget, SubscriberConfig};
+pub use crate::config::{OffsetReset, OnDecodeError};
 use crate::error::BoxError;
 #[cfg(test)]
 use crate::error::ConfigError;
@@ -294,6 +294,15 @@ impl SubscriberBuilder {
     /// ```
     pub fn retry(mut self, policy: crate::RetryPolicy) -> Self {
         self.config.retry = Some(policy);
+        self
+    }
+
+    /// What to do with a message whose payload does not decode ([guarantee 2.4](crate::guarantees)):
+    /// by default it is rejected (dead-lettered where a dead-letter topic is set) under every policy,
+    /// since delivering it again cannot help; [`OnDecodeError::AsHandlerError`] hands it to the ack policy
+    /// and retry budget like any handler error (for users who prefer to block the partition).
+    pub fn on_decode_error(mut self, what: OnDecodeError) -> Self {
+        self.config.decode_errors = what;
         self
     }
 

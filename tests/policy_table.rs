@@ -49,7 +49,10 @@ enum Behaviour {
     Success,
     Error,
     Panic,
+    /// m1 never decodes (rejected by default).
     Decode,
+    /// m1 never decodes, and the subscriber treats decode errors as handler errors.
+    DecodeAsError,
 }
 
 struct CaseResult {
@@ -71,9 +74,11 @@ const M2: &str = r#"{"id":2,"fail":"none"}"#;
 /// acked and m1 is back in the queue, at least once), none otherwise.
 fn expected_unsettled(policy: AckPolicy, behaviour: Behaviour) -> impl Fn(u64) -> bool {
     move |n| match (policy, behaviour) {
+        // Guarantee 2.4: the framework rejects m1, which user code never saw; m2 is the handler's to settle.
+        (AckPolicy::Manual, Behaviour::Decode) => n == 1,
         (AckPolicy::Manual, _) => n == 2,
-        (AckPolicy::NackOnError, Behaviour::Decode) if common::is_log() => n == 2,
-        (AckPolicy::NackOnError, Behaviour::Decode) => n >= 1,
+        (AckPolicy::NackOnError, Behaviour::DecodeAsError) if common::is_log() => n == 2,
+        (AckPolicy::NackOnError, Behaviour::DecodeAsError) => n >= 1,
         _ => n == 0,
     }
 }
@@ -84,22 +89,27 @@ async fn run_case(policy: AckPolicy, behaviour: Behaviour) -> CaseResult {
     let topic = common::topic(&broker, "policy", 1).await;
     let group = common::unique("g");
     let observer = broker.observer();
+    let on_decode_error = match behaviour {
+        Behaviour::DecodeAsError => ferrostream::OnDecodeError::AsHandlerError,
+        _ => ferrostream::OnDecodeError::Reject,
+    };
     common::member(&broker, &topic, "sub", &group)
         .ack_policy(policy)
+        .on_decode_error(on_decode_error)
         .handle(handler);
     let app = common::start(&broker).await;
     let m1 = match behaviour {
         Behaviour::Success => r#"{"id":1,"fail":"none"}"#,
         Behaviour::Error => r#"{"id":1,"fail":"error"}"#,
         Behaviour::Panic => r#"{"id":1,"fail":"panic"}"#,
-        Behaviour::Decode => "this is not json",
+        Behaviour::Decode | Behaviour::DecodeAsError => "this is not json",
     };
     broker.publish(m1, &topic).await.unwrap();
     broker.publish(M2, &topic).await.unwrap();
 
-    if policy == AckPolicy::NackOnError && behaviour == Behaviour::Decode {
-        // It can never decode: it is nacked and redelivered, and blocks the partition (retry budgets are
-        // a later feature). Watch three attempts, then stop.
+    if policy == AckPolicy::NackOnError && behaviour == Behaviour::DecodeAsError {
+        // It can never decode and is handled as a handler error: nacked and redelivered, it blocks the
+        // partition. Watch three attempts, then stop.
         observer
             .wait_until("three attempts at m1", common::WAIT, |_| {
                 let m2_done = common::is_log() || !observer_calls(&observer, M2).is_empty();
@@ -163,7 +173,7 @@ fn check(policy: AckPolicy, behaviour: Behaviour, r: &CaseResult) {
             matches!(first, Outcome::Failed { kind: ferrostream::FailureKind::Panic, message } if message.contains("exploded")),
             "{first:?}"
         ),
-        Decode => assert!(
+        Decode | DecodeAsError => assert!(
             matches!(first, Outcome::Failed { kind: ferrostream::FailureKind::Decode, message }
                 if message.contains("sub") && message.contains("Item") && message.contains("expected")),
             "decode errors name subscriber, target type and cause: {first:?}"
@@ -174,32 +184,38 @@ fn check(policy: AckPolicy, behaviour: Behaviour, r: &CaseResult) {
         Success => r.metrics.handler_errors + r.metrics.panics + r.metrics.decode_errors == 0,
         Error => r.metrics.handler_errors >= 1,
         Panic => r.metrics.panics >= 1,
-        Decode => r.metrics.decode_errors >= 1,
+        Decode | DecodeAsError => r.metrics.decode_errors >= 1,
     };
     assert!(counted, "{behaviour:?} counted in {:?}", r.metrics);
 
-    match policy {
-        AckPolicy::AckFirst => {
+    match (policy, behaviour) {
+        (AckPolicy::AckFirst, _) => {
             assert_eq!(r.settles, vec![(Settle::Ack, Receipt)]);
             assert_eq!(r.calls.len(), 1, "at most once: never handled again");
         }
-        AckPolicy::Ack => {
+        // Guarantee 2.4: under every other policy a message that cannot decode is rejected, once.
+        (_, Decode) => {
+            assert_eq!(r.settles, vec![(Settle::Reject, Policy)]);
+            assert_eq!(r.calls.len(), 1, "an undecodable message is never delivered again");
+            assert_eq!(r.m2_calls, 1, "nothing waits behind it");
+        }
+        (AckPolicy::Ack, _) => {
             assert_eq!(r.settles, vec![(Settle::Ack, Policy)]);
             assert_eq!(r.calls.len(), 1);
         }
-        AckPolicy::RejectOnError => {
+        (AckPolicy::RejectOnError, _) => {
             let expected = if failed { Settle::Reject } else { Settle::Ack };
             assert_eq!(r.settles, vec![(expected, Policy)]);
             assert_eq!(r.calls.len(), 1, "a rejected message is never delivered again");
         }
-        AckPolicy::NackOnError => match behaviour {
+        (AckPolicy::NackOnError, _) => match behaviour {
             Success => assert_eq!(r.settles, vec![(Settle::Ack, Policy)]),
             Error | Panic => {
                 assert_eq!(r.settles, vec![(Settle::NACK, Policy), (Settle::Ack, Policy)]);
                 assert_eq!(r.calls.len(), 2, "redelivered once, then succeeded");
                 assert_eq!(r.calls[1], Outcome::Ok);
             }
-            Decode => {
+            Decode | DecodeAsError => {
                 assert!(
                     r.settles.len() >= 3 && r.settles.iter().all(|s| *s == (Settle::NACK, Policy)),
                     "{:?}",
@@ -212,7 +228,7 @@ fn check(policy: AckPolicy, behaviour: Behaviour, r: &CaseResult) {
                 }
             }
         },
-        AckPolicy::Manual => {
+        (AckPolicy::Manual, _) => {
             assert!(
                 r.settles.is_empty(),
                 "Manual: the framework settles nothing: {:?}",
@@ -260,3 +276,8 @@ case!(manual_success, Manual, Success);
 case!(manual_error, Manual, Error);
 case!(manual_panic, Manual, Panic);
 case!(manual_decode_failure, Manual, Decode);
+case!(
+    nack_on_error_decode_failure_as_handler_error,
+    NackOnError,
+    DecodeAsError
+);

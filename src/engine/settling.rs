@@ -12,10 +12,10 @@ use verdict::Verdict;
 /// The least time between a nack and the redelivery of its message.
 const REDELIVERY_FLOOR: Duration = Duration::from_millis(10);
 /// Without a delay of its own, a nacked message waits the floor doubled per delivery so far, up to this.
-const REDELIVERY_CAP: Duration = Duration::from_secs(5);
+const REDELIVERY_CAP: Duration = Duration::from_secs(30);
 
 /// How long a message nacked without a delay of its own waits, after `deliveries` deliveries (guarantee
-/// 2.7): 10 ms, 20 ms, 40 ms... up to 5 s. A nack with a delay (a retry policy's backoff, `nack_after`)
+/// 2.7): 10 ms, 20 ms, 40 ms... up to 30 s. A nack with a delay (a retry policy's backoff, `nack_after`)
 /// waits that delay, at least the floor.
 fn redelivery_delay(requested: Option<Duration>, deliveries: u32) -> Duration {
     match requested {
@@ -258,8 +258,10 @@ mod tests {
     fn without_a_delay_of_its_own_a_redelivery_backs_off_exponentially_to_a_cap() {
         let ms = |n| redelivery_delay(None, n).as_millis();
         assert_eq!([ms(1), ms(2), ms(3), ms(4)], [10, 20, 40, 80]);
-        assert_eq!(ms(10), 5_000);
-        assert_eq!(ms(u32::MAX), 5_000);
+        assert_eq!(ms(10), 5_120);
+        assert_eq!(ms(12), 20_480);
+        assert_eq!(ms(13), 30_000);
+        assert_eq!(ms(u32::MAX), 30_000);
         assert_eq!(redelivery_delay(Some(Duration::from_millis(1)), 9), REDELIVERY_FLOOR);
         assert_eq!(
             redelivery_delay(Some(Duration::from_secs(30)), 1),
