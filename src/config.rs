@@ -88,6 +88,7 @@ pub(crate) struct SubscriberConfig {
     /// Handlers chosen by filters (`when`).
     pub(crate) filtered: bool,
     pub(crate) decode_errors: OnDecodeError,
+    pub(crate) stall_warning: Duration,
     /// RabbitMQ: how the queue is declared.
     #[cfg(feature = "amqp")]
     pub(crate) queue: Option<crate::amqp::Queue>,
@@ -117,6 +118,9 @@ pub(crate) struct ResolvedSubscriber {
     /// True for the internal subscriber that consumes `retry_topic`.
     pub(crate) retry_consumer: bool,
     pub(crate) decode_errors: OnDecodeError,
+    /// How long an unsettled offset may hold a partition's commit back, while later ones are settled,
+    /// before a warning names it.
+    pub(crate) stall_warning: Duration,
     /// RabbitMQ: how the queue is declared.
     #[cfg(feature = "amqp")]
     pub(crate) queue: Option<crate::amqp::Queue>,
@@ -143,6 +147,7 @@ impl SubscriberConfig {
             dead_letter: None,
             filtered: false,
             decode_errors: OnDecodeError::default(),
+            stall_warning: Duration::from_secs(60),
             #[cfg(feature = "amqp")]
             queue: None,
         }
@@ -258,6 +263,7 @@ impl SubscriberConfig {
             },
             retry_consumer: false,
             decode_errors: self.decode_errors,
+            stall_warning: self.stall_warning,
             #[cfg(feature = "amqp")]
             queue: self.queue.clone(),
         })

@@ -53,6 +53,9 @@
 //! 1. **Offsets.** For each assigned partition the committed offset is always one past the highest
 //!    offset `h` such that every delivered offset up to `h` is acked or rejected: an ack of a later
 //!    offset never commits past an unsettled earlier one (see [`offset`](crate::offset) for the invariant).
+//!    An unsettled offset that holds the commit back while later messages are settled is named in a
+//!    WARN (and a `Stalled` event) once it has done so for longer than the subscriber's
+//!    [`stall_warning`](crate::SubscriberBuilder::stall_warning) (60 s by default).
 //! 2. **Nack** of offset `o`: nothing at or after `o` is committed until `o` is acked or rejected; `o` is
 //!    delivered again before the later messages of its key, by this consumer, or after a rebalance or a
 //!    crash by the next owner from the committed offset.

@@ -130,6 +130,18 @@ pub enum HookEvent<'a> {
         /// Committed offset.
         offset: i64,
     },
+    /// A partition's commit has not moved for `stalled_for` because `offset` is unsettled, while later
+    /// messages were settled (a `Manual` handler that never settles, a message held by user code).
+    Stalled {
+        /// Subscriber name.
+        subscriber: &'a Arc<str>,
+        /// The partition.
+        tp: &'a TopicPartition,
+        /// The unsettled offset that holds the commit back.
+        offset: i64,
+        /// How long it has held it.
+        stalled_for: Duration,
+    },
 }
 
 /// Receives the events of a broker's subscribers. Called on the subscriber's engine task: keep it quick

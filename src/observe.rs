@@ -103,6 +103,17 @@ pub enum Event {
         /// Committed offset.
         offset: i64,
     },
+    /// The partition's commit is held back by the unsettled `offset` while later messages were settled.
+    Stalled {
+        /// Subscriber name.
+        subscriber: Arc<str>,
+        /// Partition.
+        tp: TopicPartition,
+        /// The unsettled offset.
+        offset: i64,
+        /// For how long.
+        stalled_for: Duration,
+    },
 }
 
 impl Event {
@@ -116,7 +127,8 @@ impl Event {
             | Event::FlowControl { subscriber, .. }
             | Event::DeadLettered { subscriber, .. }
             | Event::RetryScheduled { subscriber, .. }
-            | Event::Committed { subscriber, .. } => subscriber,
+            | Event::Committed { subscriber, .. }
+            | Event::Stalled { subscriber, .. } => subscriber,
         }
     }
 }
@@ -241,6 +253,17 @@ impl Hook for Observer {
                 subscriber: subscriber.clone(),
                 tp: tp.clone(),
                 offset,
+            },
+            HookEvent::Stalled {
+                subscriber,
+                tp,
+                offset,
+                stalled_for,
+            } => Event::Stalled {
+                subscriber: subscriber.clone(),
+                tp: tp.clone(),
+                offset,
+                stalled_for,
             },
         };
         self.record(event);

@@ -306,6 +306,14 @@ impl SubscriberBuilder {
         self
     }
 
+    /// On a log: how long an unsettled message may hold its partition's commit back, while later
+    /// messages were settled, before a warning names its offset (default 60 s; the observer and hooks
+    /// see it as a `Stalled` event). A `Manual` handler that forgets to settle is the usual cause.
+    pub fn stall_warning(mut self, after: Duration) -> Self {
+        self.config.stall_warning = after;
+        self
+    }
+
     /// Publishes rejected messages to this topic (original key, payload and headers, plus the
     /// [`retry::headers`](crate::retry::headers)) before their offset is committed; if that publish
     /// fails, the message stays unsettled and comes back ([guarantee 3.3](crate::guarantees)).

@@ -279,3 +279,54 @@ async fn commit_every_triggers_before_the_interval() {
         Some(&100)
     );
 }
+
+/// Guarantee 3.1's other side: an unsettled message that holds its partition's commit back while later
+/// ones are settled is named in a warning (and a `Stalled` event) once it has done so for longer than the
+/// subscriber's threshold; a partition whose settles come in order never is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offset_that_holds_the_commit_back_is_named_after_the_threshold() {
+    common::init_tracing();
+    let broker = common::broker();
+    let observer = broker.observer();
+    let topic = common::topic(&broker, "stall", 1).await;
+    let threshold = std::time::Duration::from_millis(200);
+    common::member(&broker, &topic, "forgetful", &common::unique("g"))
+        .ack_policy(ferrostream::AckPolicy::Manual)
+        .max_in_flight(4)
+        .stall_warning(threshold)
+        .handle(|body: String, msg: ferrostream::Message| async move {
+            if body != "held" {
+                let _ = msg.ack().await; // forgets to settle "held"
+            }
+        });
+    let app = common::start(&broker).await;
+    let held = broker.publish("held", &topic).key("a").await.unwrap();
+    broker.publish("later-1", &topic).key("b").await.unwrap();
+    observer.wait_settled("forgetful", 1, common::WAIT).await.unwrap();
+    // The behaviour under test is a duration: let it pass, then settle one more.
+    tokio::time::sleep(threshold + std::time::Duration::from_millis(50)).await;
+    broker.publish("later-2", &topic).key("c").await.unwrap();
+    let stalled = observer
+        .wait_until("a Stalled event", common::WAIT, |events| {
+            events.iter().find_map(|e| match e {
+                Event::Stalled {
+                    offset, stalled_for, ..
+                } => Some((*offset, *stalled_for)),
+                _ => None,
+            })
+        })
+        .await
+        .unwrap();
+    app.shutdown().await.unwrap();
+    assert_eq!(
+        stalled.0, held.offset,
+        "the warning names the offset that holds the commit"
+    );
+    assert!(stalled.1 >= threshold, "{:?}", stalled.1);
+    let stalls = observer
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Stalled { .. }))
+        .count();
+    assert_eq!(stalls, 1, "said once per stalled offset");
+}

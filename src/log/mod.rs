@@ -120,6 +120,17 @@ pub(crate) struct LogTransport<C> {
     subscriber: Arc<str>,
     hooks: Hooks,
     counters: Arc<Counters>,
+    /// Partitions whose front offset is unsettled while later ones were settled: since when, and whether
+    /// that was said. Empty while settles come in order (the usual case costs one `is_empty`).
+    stalls: rustc_hash::FxHashMap<TopicPartition, Stall>,
+    stall_warning: Duration,
+}
+
+/// An unsettled offset holding a partition's commit back.
+struct Stall {
+    offset: i64,
+    since: Instant,
+    warned: bool,
 }
 
 impl<C: LogConsumer> LogTransport<C> {
@@ -132,7 +143,45 @@ impl<C: LogConsumer> LogTransport<C> {
             subscriber: cfg.name.clone(),
             hooks,
             counters,
+            stalls: rustc_hash::FxHashMap::default(),
+            stall_warning: cfg.stall_warning,
         }
+    }
+
+    /// A settle behind an unsettled `front` offset: says so once when `front` has held the partition's
+    /// commit back for longer than the warning threshold.
+    fn note_stall(&mut self, tp: &TopicPartition, front: i64) {
+        let now = Instant::now();
+        let stall = match self.stalls.get_mut(tp) {
+            Some(s) if s.offset == front => s,
+            _ => {
+                self.stalls.insert(
+                    tp.clone(),
+                    Stall {
+                        offset: front,
+                        since: now,
+                        warned: false,
+                    },
+                );
+                return;
+            }
+        };
+        let stalled_for = now - stall.since;
+        if stall.warned || stalled_for < self.stall_warning {
+            return;
+        }
+        stall.warned = true;
+        tracing::warn!(subscriber = %self.subscriber, topic = %tp.topic, partition = tp.partition, offset = front,
+            stalled_for = ?stalled_for,
+            "the partition's committed offset has not moved: this offset is unsettled while later messages were \
+             settled (a Manual handler that never settles it, or a handle kept by user code?)");
+        let subscriber = &self.subscriber;
+        self.hooks.emit(|| HookEvent::Stalled {
+            subscriber,
+            tp,
+            offset: front,
+            stalled_for,
+        });
     }
 
     /// The offsets to commit last for `tps`: their watermarks, held back at each `holdback` offset, and
@@ -244,7 +293,13 @@ impl<C: LogConsumer> Transport for LogTransport<C> {
             return; // the engine redelivers it; its offset stays unsettled
         }
         if let Some(p) = self.tracker.partition(source) {
-            p.settle(seq);
+            if p.settle(seq) {
+                if !self.stalls.is_empty() {
+                    self.stalls.remove(source);
+                }
+            } else if let Some(front) = p.watermark().filter(|&front| front < seq) {
+                self.note_stall(source, front);
+            }
         }
         if self.commits_enabled {
             self.cadence.note(1, false);
