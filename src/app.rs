@@ -239,7 +239,15 @@ impl App {
     /// shutdown exits the process at once (exit code 130); so does the shutdown's deadline (twice the
     /// shutdown timeout plus 5 s, exit code 1) when a handler blocks its thread and never returns.
     pub async fn run(self) -> Result<(), StartError> {
-        let running = self.start().await?;
+        // A signal during the start (a broker that hangs, a hook that waits) stops it: Ctrl-C works at
+        // every moment, not only once the app is consuming.
+        let running = tokio::select! {
+            started = self.start() => started?,
+            _ = wait_for_signal() => {
+                tracing::warn!("shutdown signal during start: stopping what was started");
+                return Err(StartError::Interrupted);
+            }
+        };
         wait_for_signal().await;
         let limit = running.limit();
         tracing::info!(deadline = ?limit, "shutdown signal received; a second one exits at once");

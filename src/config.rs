@@ -89,6 +89,8 @@ pub(crate) struct SubscriberConfig {
     pub(crate) filtered: bool,
     pub(crate) decode_errors: OnDecodeError,
     pub(crate) stall_warning: Duration,
+    /// Creates the topic with this many partitions at start if it does not exist.
+    pub(crate) create_partitions: Option<i32>,
     /// RabbitMQ: how the queue is declared.
     #[cfg(feature = "amqp")]
     pub(crate) queue: Option<crate::amqp::Queue>,
@@ -121,6 +123,8 @@ pub(crate) struct ResolvedSubscriber {
     /// How long an unsettled offset may hold a partition's commit back, while later ones are settled,
     /// before a warning names it.
     pub(crate) stall_warning: Duration,
+    /// Creates the topic with this many partitions at start if it does not exist.
+    pub(crate) create_partitions: Option<i32>,
     /// RabbitMQ: how the queue is declared.
     #[cfg(feature = "amqp")]
     pub(crate) queue: Option<crate::amqp::Queue>,
@@ -148,6 +152,7 @@ impl SubscriberConfig {
             filtered: false,
             decode_errors: OnDecodeError::default(),
             stall_warning: Duration::from_secs(60),
+            create_partitions: None,
             #[cfg(feature = "amqp")]
             queue: None,
         }
@@ -196,6 +201,9 @@ impl SubscriberConfig {
         };
         if self.topic.is_empty() {
             return Err(invalid("the topic name is empty"));
+        }
+        if self.create_partitions.is_some_and(|n| n < 1) {
+            return Err(invalid("create_topic needs at least 1 partition"));
         }
         if self.max_in_flight == 0 {
             return Err(invalid("max_in_flight must be at least 1"));
@@ -264,6 +272,7 @@ impl SubscriberConfig {
             retry_consumer: false,
             decode_errors: self.decode_errors,
             stall_warning: self.stall_warning,
+            create_partitions: self.create_partitions,
             #[cfg(feature = "amqp")]
             queue: self.queue.clone(),
         })

@@ -576,6 +576,23 @@ pub enum StartError {
     /// Declaring what a subscriber needs (a retry topic) failed.
     #[error(transparent)]
     Admin(#[from] AdminError),
+    /// A subscribed topic does not exist on the broker (Kafka creates no topic for a consumer).
+    #[error(
+        "subscriber `{subscriber}`: topic `{topic}` does not exist on the broker at {url}; create it first \
+         (`broker.create_topic(\"{topic}\", partitions).await`) or let the subscriber create it with \
+         `.create_topic(partitions)`"
+    )]
+    MissingTopic {
+        /// The subscriber.
+        subscriber: String,
+        /// The topic.
+        topic: String,
+        /// The broker's URL (credentials hidden).
+        url: String,
+    },
+    /// A shutdown signal (SIGINT, SIGTERM) arrived while [`App::run`](crate::App::run) was starting.
+    #[error("interrupted by a shutdown signal during start")]
+    Interrupted,
     /// A lifecycle hook (`on_startup`, `after_startup`) failed.
     #[error("the {stage} hook failed: {source}")]
     Hook {

@@ -306,6 +306,16 @@ impl SubscriberBuilder {
         self
     }
 
+    /// Creates the subscribed topic with this many partitions when the app starts, if it does not
+    /// exist yet (an existing topic is kept as it is). Without it, a topic that does not exist fails
+    /// the start on Kafka with [`StartError::MissingTopic`](crate::StartError::MissingTopic) (Kafka creates
+    /// no topic for a consumer, which would wait forever); `memory://` creates topics on first use, and
+    /// RabbitMQ declares the subscriber's queue either way.
+    pub fn create_topic(mut self, partitions: i32) -> Self {
+        self.config.create_partitions = Some(partitions);
+        self
+    }
+
     /// On a log: how long an unsettled message may hold its partition's commit back, while later
     /// messages were settled, before a warning names its offset (default 60 s; the observer and hooks
     /// see it as a `Stalled` event). A `Manual` handler that forgets to settle is the usual cause.

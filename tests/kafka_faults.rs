@@ -175,3 +175,19 @@ async fn a_broker_that_is_down_fails_the_start_in_seconds_with_the_cause() {
         "{text}"
     );
 }
+
+/// Issue 16, ready means ready: a publish while no broker answers fails with a typed timeout after the
+/// delivery timeout (`message.timeout.ms`, 30 s by default; librdkafka's own default is 5 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_with_no_broker_fails_after_the_delivery_timeout() {
+    let broker =
+        Broker::kafka(ferrostream::kafka::KafkaConfig::new("127.0.0.1:1").set_producer("message.timeout.ms", "1500"))
+            .unwrap();
+    let started = std::time::Instant::now();
+    let err = broker.publish("x", "orders").await.unwrap_err();
+    assert!(
+        matches!(err, ferrostream::PublishError::Timeout { timeout } if timeout == Duration::from_millis(1500)),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+}

@@ -152,11 +152,29 @@ async fn signal_child() {
     });
     let app = App::new(broker).shutdown_timeout(Duration::from_secs(if blocks { 1 } else { 60 }));
     let app = app.after_startup(|broker| async move { broker.publish("job", "work").await.map(|_| ()) });
-    app.run().await.unwrap();
+    // Mode `starting`: a start that does not finish (a hook waiting, like a broker that hangs).
+    let app = if mode == "starting" {
+        app.on_startup(|_| async {
+            println!("starting");
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            Ok::<_, std::io::Error>(())
+        })
+    } else {
+        app
+    };
+    match app.run().await {
+        Err(ferrostream::StartError::Interrupted) => std::process::exit(3),
+        other => other.unwrap(),
+    }
 }
 
 /// Starts the child app and returns it once its handler is running.
 fn child(mode: &str) -> std::process::Child {
+    child_at(mode, "handling")
+}
+
+/// Starts the child app and returns it once it printed `marker`.
+fn child_at(mode: &str, marker: &str) -> std::process::Child {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", CHILD, "--nocapture", "--test-threads", "1"])
         .env(MODE, mode)
@@ -168,8 +186,8 @@ fn child(mode: &str) -> std::process::Child {
     let out = child.stdout.take().unwrap();
     let mut lines = std::io::BufReader::new(out).lines();
     assert!(
-        lines.any(|l| l.is_ok_and(|l| l.contains("handling"))),
-        "the child's handler runs"
+        lines.any(|l| l.is_ok_and(|l| l.contains(marker))),
+        "the child printed {marker:?}"
     );
     child
 }
@@ -222,4 +240,12 @@ fn a_handler_blocking_its_thread_cannot_hold_the_process_past_the_shutdown_deadl
         took >= Duration::from_secs(7) && took < Duration::from_secs(15),
         "{took:?}"
     );
+}
+
+#[test]
+fn a_signal_during_start_stops_the_app_at_once() {
+    let mut c = child_at("starting", "starting");
+    signal(&c, "-INT");
+    let (code, took) = wait_exit(&mut c, Duration::from_secs(5));
+    assert_eq!(code, Some(3), "App::run returned StartError::Interrupted (in {took:?})");
 }

@@ -54,6 +54,42 @@ struct Ctx {
     fetch: OnceLock<FetchQueue>,
     /// Repeated client errors (a broker that is down) are logged once per quiet period.
     throttle: Arc<Throttle>,
+    /// Where a partition without a committed offset starts: resolved when it is assigned.
+    reset: crate::OffsetReset,
+}
+
+/// How long resolving an assigned partition's start position may take before librdkafka is left to do it.
+const POSITION_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Ctx {
+    /// Resolves now, before the assignment takes effect, where each newly assigned partition without a
+    /// committed offset starts under `Latest`: its end offset at this moment. librdkafka would resolve it
+    /// only once fetching starts, so a record published right after the app reported ready could fall
+    /// before that position and never be seen by a new group ("ready means ready").
+    fn resolve_latest(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        if self.reset != crate::OffsetReset::Latest || tpl.count() == 0 {
+            return;
+        }
+        let committed = match consumer.committed_offsets(tpl.clone(), POSITION_TIMEOUT) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(subscriber = %self.name, error = %e, "committed offsets unknown; librdkafka resolves positions");
+                return;
+            }
+        };
+        for e in committed.elements() {
+            if matches!(e.offset(), Offset::Offset(_)) {
+                continue; // the group's committed offset is where it starts
+            }
+            match consumer.fetch_watermarks(e.topic(), e.partition(), POSITION_TIMEOUT) {
+                Ok((_, high)) => {
+                    let _ = tpl.set_partition_offset(e.topic(), e.partition(), Offset::Offset(high));
+                }
+                Err(err) => tracing::debug!(subscriber = %self.name, topic = e.topic(), partition = e.partition(),
+                    error = %err, "end offset unknown; librdkafka resolves the position"),
+            }
+        }
+    }
 }
 
 impl ClientContext for Ctx {
@@ -67,6 +103,52 @@ impl ClientContext for Ctx {
 }
 
 impl ConsumerContext for Ctx {
+    /// rdkafka's own sequence (pre-rebalance, assign or unassign, post-rebalance), with the start positions
+    /// of `Latest` partitions resolved before the assignment (see [`Ctx::resolve_latest`]).
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::consumer::RebalanceProtocol;
+        use rdkafka::types::RDKafkaRespErr;
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.resolve_latest(consumer, tpl);
+                self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = assigned {
+                    tracing::error!(subscriber = %self.name, error = %e, "assigning partitions failed");
+                }
+                self.post_rebalance(consumer, &Rebalance::Assign(tpl));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
+                let unassigned = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = unassigned {
+                    tracing::error!(subscriber = %self.name, error = %e, "releasing partitions failed");
+                }
+                self.post_rebalance(consumer, &Rebalance::Revoke(tpl));
+            }
+            other => {
+                let code: rdkafka::error::RDKafkaErrorCode = other.into();
+                tracing::warn!(subscriber = %self.name, error = %code, "rebalance error");
+                let _ = consumer.unassign();
+                self.post_rebalance(consumer, &Rebalance::Error(KafkaError::Rebalance(code)));
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let (Rebalance::Assign(tpl), Some(fetch)) = (rebalance, self.fetch.get()) {
             // Before librdkafka starts fetching them: every message of these partitions then comes
@@ -176,6 +258,7 @@ impl KafkaConsumer {
             revoke_wait: cfg.drain_timeout + Duration::from_secs(5),
             fetch: OnceLock::new(),
             throttle: Arc::default(),
+            reset: cfg.auto_offset_reset,
         };
         let throttle = ctx.throttle.clone();
         let mut consumer: BaseConsumer<Ctx> = config

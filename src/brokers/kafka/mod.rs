@@ -12,6 +12,7 @@
 //! | `enable.idempotence` | `true` | no duplicates from producer retries |
 //! | `acks` | `all` | `publish` resolves once every in-sync replica has the record |
 //! | `linger.ms` | `1` | a lone publish is not held back; concurrent ones still batch |
+//! | `message.timeout.ms` | `30000` | a publish the broker has not acknowledged in 30 s fails with `PublishError::Timeout` (librdkafka's default waits 5 minutes, e.g. for a broker that is down) |
 //!
 //! Memory on a backlog: ferrostream pauses a partition once `max_buffered` records wait in its queue, but
 //! librdkafka prefetches on its own too (`queued.min.messages`, default 100000 per partition, and up to
@@ -54,6 +55,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a record may wait in the producer queue before `publish` fails.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default delivery timeout of a publish (`message.timeout.ms`), in milliseconds.
+const DELIVERY_TIMEOUT_MS: &str = "30000";
 
 /// Kafka client settings: bootstrap servers plus any librdkafka setting, passed through as is.
 ///
@@ -186,7 +189,8 @@ impl KafkaConfig {
         c.set("bootstrap.servers", &self.bootstrap)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "1");
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", DELIVERY_TIMEOUT_MS);
         for (k, v) in self.common.iter().chain(&self.producer) {
             c.set(k, v);
         }
@@ -234,6 +238,8 @@ pub(crate) struct KafkaBackend {
     max_message_bytes: usize,
     /// A broker answered a probe once: later subscribers of this backend start without one.
     reached: Arc<std::sync::atomic::AtomicBool>,
+    /// How long a publish may wait for the broker's acknowledgement (`message.timeout.ms`).
+    delivery_timeout: Duration,
 }
 
 impl KafkaBackend {
@@ -245,6 +251,14 @@ impl KafkaBackend {
                 url: format!("kafka://{}", config.bootstrap),
                 reason: format!("cannot create the Kafka producer: {e}"),
             })?;
+        let delivery_timeout = config
+            .producer
+            .get("message.timeout.ms")
+            .or_else(|| config.common.get("message.timeout.ms"))
+            .map_or(DELIVERY_TIMEOUT_MS, String::as_str)
+            .parse()
+            .map(Duration::from_millis)
+            .unwrap_or(PUBLISH_TIMEOUT);
         let max_message_bytes = config
             .producer
             .get("message.max.bytes")
@@ -255,6 +269,7 @@ impl KafkaBackend {
             config: Arc::new(config),
             producer,
             max_message_bytes,
+            delivery_timeout,
             reached: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
@@ -303,7 +318,7 @@ impl KafkaBackend {
                     max: self.max_message_bytes,
                 }),
                 (Some(RDKafkaErrorCode::MessageTimedOut), _) => Err(PublishError::Timeout {
-                    timeout: PUBLISH_TIMEOUT,
+                    timeout: self.delivery_timeout,
                 }),
                 _ => Err(client_error("publish", e).into()),
             },
@@ -347,6 +362,26 @@ impl KafkaBackend {
                     ),
                 )
             })
+    }
+
+    /// The subscribed topic exists, or is created when the subscriber asks for it: a consumer of a topic
+    /// that does not exist would wait for the group join's timeout and say nothing useful.
+    async fn ensure_topic(&self, cfg: &crate::config::ResolvedSubscriber) -> Result<(), StartError> {
+        let consumer = self.metadata_consumer(None)?;
+        let topic = cfg.topic.clone();
+        let partitions = blocking("metadata", move || Self::partitions_of(&consumer, &topic)).await;
+        match partitions {
+            Ok(p) if !p.is_empty() => Ok(()),
+            Ok(_) | Err(AdminError::UnknownTopic { .. }) => match cfg.create_partitions {
+                Some(n) => Ok(self.create_topic(&cfg.topic, n).await?),
+                None => Err(StartError::MissingTopic {
+                    subscriber: cfg.name.to_string(),
+                    topic: cfg.topic.clone(),
+                    url: format!("kafka://{}", self.config.bootstrap),
+                }),
+            },
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub(crate) async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), AdminError> {
@@ -481,6 +516,7 @@ impl Backend for KafkaBackend {
     fn start(&self, launch: Launch) -> BoxFuture<'_, Result<JoinHandle<()>, StartError>> {
         Box::pin(async move {
             self.probe().await?;
+            self.ensure_topic(&launch.rt.cfg).await?;
             let consumer = KafkaConsumer::start(&self.config, &launch.rt.cfg)?;
             Ok(spawn_log(launch, consumer))
         })

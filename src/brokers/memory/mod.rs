@@ -535,6 +535,12 @@ impl Backend for MemoryBroker {
 impl MemoryBroker {
     fn start_now(&self, launch: Launch) -> Result<JoinHandle<()>, StartError> {
         let cfg = &launch.rt.cfg;
+        // Topics are created on first use here; `create_topic(n)` gives a new one its partitions.
+        if let Some(n) = cfg.create_partitions
+            && !self.lock().topics.contains_key(cfg.topic.as_str())
+        {
+            self.create_topic(&cfg.topic, n)?;
+        }
         let consumer = self.join(
             cfg.group_id.as_deref(),
             &cfg.topic,
