@@ -241,18 +241,19 @@ impl App {
     pub async fn run(self) -> Result<(), StartError> {
         // A signal during the start (a broker that hangs, a hook that waits) stops it: Ctrl-C works at
         // every moment, not only once the app is consuming.
+        let mut signals = Signals::new();
         let running = tokio::select! {
             started = self.start() => started?,
-            _ = wait_for_signal() => {
+            _ = signals.recv() => {
                 tracing::warn!("shutdown signal during start: stopping what was started");
                 return Err(StartError::Interrupted);
             }
         };
-        wait_for_signal().await;
+        signals.recv().await;
         let limit = running.limit();
         tracing::info!(deadline = ?limit, "shutdown signal received; a second one exits at once");
-        tokio::spawn(async {
-            wait_for_signal().await;
+        tokio::spawn(async move {
+            signals.recv().await;
             tracing::warn!("second shutdown signal: exiting now, without waiting for handlers");
             std::process::exit(130);
         });
@@ -277,25 +278,55 @@ impl App {
     }
 }
 
-async fn wait_for_signal() {
+/// SIGINT and SIGTERM, listened to from the moment this is made (a signal that arrives before the first
+/// `recv` is kept, never left to the default action that kills the process).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    int: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Signals {
+                int: signal(SignalKind::interrupt()).ok(),
+                term: signal(SignalKind::terminate()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        {
+            Signals {}
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            if self.int.is_none() && self.term.is_none() {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+            tokio::select! {
+                _ = next(&mut self.int) => {}
+                _ = next(&mut self.term) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
