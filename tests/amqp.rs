@@ -20,6 +20,10 @@ fn url() -> String {
     std::env::var("FERROSTREAM_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// The tests of this binary share one publisher connection (it is per process); the test that closes it
+/// from the server runs alone, so no other test's publish meets the closure.
+static SHARED_PUBLISHER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn broker() -> Broker {
     common::init_tracing();
     Broker::new(&url()).expect("amqp URL")
@@ -98,6 +102,7 @@ fn close_connections(names: &[&str]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_exchange_routes_by_pattern_and_an_unroutable_publish_is_an_error() {
+    let _shared = SHARED_PUBLISHER.read().await;
     let broker = broker();
     let (queue, exchange) = (common::unique("orders"), common::unique("events"));
     let seen = Seen::default();
@@ -135,6 +140,7 @@ async fn a_topic_exchange_routes_by_pattern_and_an_unroutable_publish_is_an_erro
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_and_headers_exchanges_route_to_their_bound_queues() {
+    let _shared = SHARED_PUBLISHER.read().await;
     let broker = broker();
     let (fan, hdr) = (common::unique("fan"), common::unique("hdr"));
     let (a, b, invoices) = (common::unique("a"), common::unique("b"), common::unique("invoices"));
@@ -188,6 +194,7 @@ async fn fanout_and_headers_exchanges_route_to_their_bound_queues() {
 /// unacknowledged message while the later ones are gone from the queue).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_message_never_delays_the_ack_of_a_later_one() {
+    let _shared = SHARED_PUBLISHER.read().await;
     let broker = broker();
     let queue = common::unique("slow");
     broker.create_topic(&queue, 1).await.unwrap();
@@ -235,6 +242,7 @@ async fn a_slow_message_never_delays_the_ack_of_a_later_one() {
 /// classic queue's attempt header), the backoff waits, and after the budget the message is published to
 /// the dead-letter queue (confirmed) before the source delivery is acked.
 async fn retries_then_dead_letters(queue_type: Queue) {
+    let _shared = SHARED_PUBLISHER.read().await;
     let broker = broker();
     let queue = common::unique("retry");
     let dlt = format!("{queue}.dlt");
@@ -313,6 +321,7 @@ async fn a_classic_queue_counts_attempts_in_a_header_and_dead_letters_after_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_key_correlation_id_and_reply_to_round_trip() {
+    let _shared = SHARED_PUBLISHER.read().await;
     let broker = broker();
     let queue = common::unique("props");
     broker.create_topic(&queue, 1).await.unwrap();
@@ -358,6 +367,7 @@ async fn headers_key_correlation_id_and_reply_to_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_finishes_what_runs_and_returns_the_rest_to_the_queue() {
     const N: usize = 40;
+    let _shared = SHARED_PUBLISHER.read().await;
     let broker = broker();
     let queue = common::unique("drain");
     broker.create_topic(&queue, 1).await.unwrap();
@@ -394,6 +404,8 @@ async fn graceful_shutdown_finishes_what_runs_and_returns_the_rest_to_the_queue(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_closed_by_the_server_is_reopened_and_nothing_is_lost() {
     const N: usize = 3000;
+    // It closes this process's publisher connection, which the other tests here publish on: alone.
+    let _alone = SHARED_PUBLISHER.write().await;
     let broker = broker();
     let queue = common::unique("reconnect");
     broker.create_topic(&queue, 1).await.unwrap();
@@ -465,6 +477,7 @@ async fn a_connection_closed_by_the_server_is_reopened_and_nothing_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_first_still_handles_what_it_acked_when_the_connection_is_lost() {
     const N: usize = 1000;
+    let _shared = SHARED_PUBLISHER.read().await;
     let broker = broker();
     let queue = common::unique("ackfirst-lost");
     broker.create_topic(&queue, 1).await.unwrap();
@@ -516,6 +529,7 @@ async fn ack_first_still_handles_what_it_acked_when_the_connection_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_errors_are_typed() {
+    let _shared = SHARED_PUBLISHER.read().await;
     let broker = broker();
     let missing = common::unique("missing");
     let err = broker.queue_depth(&missing).await.expect_err("no such queue");
