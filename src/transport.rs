@@ -131,6 +131,10 @@ pub struct Outgoing {
     pub(crate) payload: Bytes,
     pub(crate) headers: Headers,
     pub(crate) timestamp: Option<i64>,
+    /// RabbitMQ: a record no queue takes is an error (`mandatory`); false for replies, which a requester
+    /// that went away no longer takes (and whose returns lapin could credit to another publish of the
+    /// channel acknowledged by the same `multiple` ack).
+    pub(crate) mandatory: bool,
 }
 
 impl Outgoing {
@@ -183,6 +187,7 @@ impl Outgoing {
             payload,
             headers: Headers::new(),
             timestamp: None,
+            mandatory: true,
         }
     }
 }

@@ -152,7 +152,8 @@ pub(super) async fn publish_result(
     }
     for msg in messages.as_slice() {
         if let Some(reply_to) = msg.reply_to() {
-            let out = record(msg, reply_to.to_owned(), payload.clone().unwrap_or_default());
+            let mut out = record(msg, reply_to.to_owned(), payload.clone().unwrap_or_default());
+            out.mandatory = false;
             if let Err(e) = rt.publisher.send(out).await {
                 tracing::warn!(subscriber = %rt.cfg.name, reply_to, error = %e,
                     "the reply could not be published; the requester will time out");

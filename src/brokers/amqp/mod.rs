@@ -392,7 +392,7 @@ impl AmqpBackend {
             attempt += 1;
             let channel = Self::channel(publishing, uri).await?;
             let opts = BasicPublishOptions {
-                mandatory: true,
+                mandatory: out.mandatory,
                 ..Default::default()
             };
             let sent = channel
