@@ -10,12 +10,12 @@ use tokio::task::JoinHandle;
 use crate::brokers::{self, Backend, LogAdmin};
 use crate::config::ResolvedSubscriber;
 use crate::engine::{Launch, SubscriberRuntime};
-use crate::error::{AdminError, BoxError, ConfigError, PublishError, StartError};
+use crate::error::{AdminError, ConfigError, PublishError, StartError};
 use crate::extract::StateMap;
 use crate::handler::IntoPayload;
 use crate::hooks::{Hook, Hooks};
 use crate::metrics::Metrics;
-use crate::middleware::{self, HandlerLayer, Next, Outgoing, PublishAck, PublishLayer, PublishNext, Reply, Request};
+use crate::middleware::{self, HandlerLayer, HandlerMiddleware, Outgoing, PublishAck, PublishLayer, PublishMiddleware};
 use crate::observe::Observer;
 use crate::publish::Publish;
 use crate::publisher::{Publisher, PublisherCore};
@@ -201,27 +201,15 @@ impl Broker {
     /// ));
     /// # let _ = broker;
     /// ```
-    pub fn layer<L>(self, layer: L) -> Self
-    where
-        L: tower::Layer<Next> + Send + Sync + 'static,
-        L::Service: tower::Service<Request, Response = Reply> + Clone + Send + Sync + 'static,
-        <L::Service as tower::Service<Request>>::Error: Into<BoxError>,
-        <L::Service as tower::Service<Request>>::Future: Send + 'static,
-    {
-        lock(&self.inner.layers).push(middleware::handler_layer(layer));
+    pub fn layer(self, layer: impl HandlerMiddleware) -> Self {
+        lock(&self.inner.layers).push(layer.erase());
         self
     }
 
     /// Adds middleware around every publish made through this broker: `publish`, publishers, handler
     /// results, replies, dead letters (outermost first). See [`middleware`](crate::middleware).
-    pub fn publish_layer<L>(self, layer: L) -> Self
-    where
-        L: tower::Layer<PublishNext> + Send + Sync + 'static,
-        L::Service: tower::Service<Outgoing, Response = PublishAck> + Clone + Send + Sync + 'static,
-        <L::Service as tower::Service<Outgoing>>::Error: Into<BoxError>,
-        <L::Service as tower::Service<Outgoing>>::Future: Send + 'static,
-    {
-        lock(&self.inner.publish_layers).push(middleware::publish_layer(layer));
+    pub fn publish_layer(self, layer: impl PublishMiddleware) -> Self {
+        lock(&self.inner.publish_layers).push(layer.erase());
         self.rebuild_sender();
         self
     }

@@ -203,37 +203,58 @@ impl Service<Request> for Next {
 }
 
 /// A handler middleware with its type erased: wraps the rest of the chain.
-pub(crate) type HandlerLayer = Arc<dyn Fn(Next) -> Next + Send + Sync>;
+#[doc(hidden)]
+pub type HandlerLayer = Arc<dyn Fn(Next) -> Next + Send + Sync>;
 
 /// A publish middleware with its type erased.
-pub(crate) type PublishLayer = Arc<dyn Fn(PublishNext) -> PublishNext + Send + Sync>;
+#[doc(hidden)]
+pub type PublishLayer = Arc<dyn Fn(PublishNext) -> PublishNext + Send + Sync>;
 
-/// Erases a user's layer over handler calls; its errors become the handler's ([`Error::from_box`]
-/// keeps a ferrostream error, an interrupt included, as it was).
-pub(crate) fn handler_layer<L>(layer: L) -> HandlerLayer
+/// A tower [`Layer`] usable as handler middleware: over [`Next`], making a `Clone + Send + Sync`
+/// service from a [`Request`] to the handler's result whose error converts into a boxed error (which
+/// becomes the handler's error; [`Error::from_box`] keeps a ferrostream error, an interrupt included, as
+/// it was). Implemented for every such layer; it only names those bounds once.
+pub trait HandlerMiddleware: Send + Sync + 'static {
+    /// The layer with its type erased.
+    #[doc(hidden)]
+    fn erase(self) -> HandlerLayer;
+}
+
+impl<L> HandlerMiddleware for L
 where
     L: Layer<Next> + Send + Sync + 'static,
     L::Service: Service<Request, Response = Reply> + Clone + Send + Sync + 'static,
     <L::Service as Service<Request>>::Error: Into<BoxError>,
     <L::Service as Service<Request>>::Future: Send + 'static,
 {
-    Arc::new(move |next| Next::new(layer.layer(next).map_err(|e| Error::from_box(e.into()))))
+    fn erase(self) -> HandlerLayer {
+        Arc::new(move |next| Next::new(self.layer(next).map_err(|e| Error::from_box(e.into()))))
+    }
 }
 
-/// Erases a user's layer over publishes; its errors that are not publish errors become
-/// [`PublishError::Middleware`].
-pub(crate) fn publish_layer<L>(layer: L) -> PublishLayer
+/// A tower [`Layer`] usable as publish middleware: over [`PublishNext`], making a `Clone + Send + Sync`
+/// service from an [`Outgoing`] record to a [`PublishAck`]; an error that is not a [`PublishError`]
+/// becomes [`PublishError::Middleware`]. Implemented for every such layer.
+pub trait PublishMiddleware: Send + Sync + 'static {
+    /// The layer with its type erased.
+    #[doc(hidden)]
+    fn erase(self) -> PublishLayer;
+}
+
+impl<L> PublishMiddleware for L
 where
     L: Layer<PublishNext> + Send + Sync + 'static,
     L::Service: Service<Outgoing, Response = PublishAck> + Clone + Send + Sync + 'static,
     <L::Service as Service<Outgoing>>::Error: Into<BoxError>,
     <L::Service as Service<Outgoing>>::Future: Send + 'static,
 {
-    Arc::new(move |next| {
-        PublishNext(PublishInner::Service(BoxCloneSyncService::new(
-            layer.layer(next).map_err(|e| PublishError::from_box(e.into())),
-        )))
-    })
+    fn erase(self) -> PublishLayer {
+        Arc::new(move |next| {
+            PublishNext(PublishInner::Service(BoxCloneSyncService::new(
+                self.layer(next).map_err(|e| PublishError::from_box(e.into())),
+            )))
+        })
+    }
 }
 
 /// The handler of a subscriber wrapped in its middleware (outermost first in `layers`); `None` without

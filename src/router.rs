@@ -5,8 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::broker::{Broker, WeakBroker};
 use crate::config::SubscriberConfig;
-use crate::error::BoxError;
-use crate::middleware::{self, HandlerLayer, Next, Outgoing, PublishAck, PublishLayer, PublishNext, Reply, Request};
+use crate::middleware::{HandlerLayer, HandlerMiddleware, PublishLayer, PublishMiddleware};
 use crate::publisher::{Publisher, PublisherCore};
 use crate::settle::AckPolicy;
 use crate::subscriber::{Registry, SubscriberBuilder, SubscriberSpec};
@@ -159,27 +158,15 @@ impl Router {
 
     /// Adds middleware around the handler calls of every subscriber of this router (and of routers
     /// included into it). See [`middleware`](crate::middleware).
-    pub fn layer<L>(self, layer: L) -> Self
-    where
-        L: tower::Layer<Next> + Send + Sync + 'static,
-        L::Service: tower::Service<Request, Response = Reply> + Clone + Send + Sync + 'static,
-        <L::Service as tower::Service<Request>>::Error: Into<BoxError>,
-        <L::Service as tower::Service<Request>>::Future: Send + 'static,
-    {
-        let layer = middleware::handler_layer(layer);
+    pub fn layer(self, layer: impl HandlerMiddleware) -> Self {
+        let layer = layer.erase();
         self.edit(|r| r.layers.push(layer))
     }
 
     /// Adds middleware around what the framework publishes for this router's subscribers (results,
     /// replies, dead letters, retries).
-    pub fn publish_layer<L>(self, layer: L) -> Self
-    where
-        L: tower::Layer<PublishNext> + Send + Sync + 'static,
-        L::Service: tower::Service<Outgoing, Response = PublishAck> + Clone + Send + Sync + 'static,
-        <L::Service as tower::Service<Outgoing>>::Error: Into<BoxError>,
-        <L::Service as tower::Service<Outgoing>>::Future: Send + 'static,
-    {
-        let layer = middleware::publish_layer(layer);
+    pub fn publish_layer(self, layer: impl PublishMiddleware) -> Self {
+        let layer = layer.erase();
         self.edit(|r| r.publish_layers.push(layer))
     }
 

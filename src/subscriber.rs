@@ -8,13 +8,12 @@ use std::sync::Mutex;
 use crate::broker::Broker;
 use crate::config::{BatchConfig, PublishTarget, SubscriberConfig};
 pub use crate::config::{OffsetReset, OnDecodeError};
-use crate::error::BoxError;
 #[cfg(test)]
 use crate::error::ConfigError;
 use crate::filter::{Route, Routed};
 use crate::handler::{Erased, ErasedHandler, Handler};
 use crate::message::Message;
-use crate::middleware::{self, HandlerLayer, Next, Outgoing, PublishAck, PublishLayer, PublishNext, Reply, Request};
+use crate::middleware::{HandlerLayer, HandlerMiddleware, PublishLayer, PublishMiddleware};
 use crate::router::RouterInner;
 use crate::settle::AckPolicy;
 
@@ -126,27 +125,15 @@ impl SubscriberBuilder {
     ///     .layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(5)))
     ///     .handle(|body: String| async move { println!("{body}") });
     /// ```
-    pub fn layer<L>(mut self, layer: L) -> Self
-    where
-        L: tower::Layer<Next> + Send + Sync + 'static,
-        L::Service: tower::Service<Request, Response = Reply> + Clone + Send + Sync + 'static,
-        <L::Service as tower::Service<Request>>::Error: Into<BoxError>,
-        <L::Service as tower::Service<Request>>::Future: Send + 'static,
-    {
-        self.layers.push(middleware::handler_layer(layer));
+    pub fn layer(mut self, layer: impl HandlerMiddleware) -> Self {
+        self.layers.push(layer.erase());
         self
     }
 
     /// Adds middleware around what the framework publishes for this subscriber: its results, replies,
     /// dead letters and retries (inside the broker's and its routers' publish middleware).
-    pub fn publish_layer<L>(mut self, layer: L) -> Self
-    where
-        L: tower::Layer<PublishNext> + Send + Sync + 'static,
-        L::Service: tower::Service<Outgoing, Response = PublishAck> + Clone + Send + Sync + 'static,
-        <L::Service as tower::Service<Outgoing>>::Error: Into<BoxError>,
-        <L::Service as tower::Service<Outgoing>>::Future: Send + 'static,
-    {
-        self.publish_layers.push(middleware::publish_layer(layer));
+    pub fn publish_layer(mut self, layer: impl PublishMiddleware) -> Self {
+        self.publish_layers.push(layer.erase());
         self
     }
 

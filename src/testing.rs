@@ -48,7 +48,7 @@ use crate::broker::Broker;
 use crate::error::{BrokerError, StartError};
 use crate::handler::IntoPayload;
 use crate::message::Headers;
-use crate::middleware::{self, Outgoing, PublishNext};
+use crate::middleware::{self, Outgoing, PublishMiddleware, PublishNext};
 use crate::observe::{Observer, Outcome, SettledMessage, WaitTimeout};
 use crate::publish::Publish;
 use crate::request::PendingRequest;
@@ -109,7 +109,7 @@ impl TestApp {
         let published: Arc<Recorded> = Arc::default();
         let record = published.clone();
         // Innermost, next to the broker: records what is really sent, after every publish middleware.
-        broker.set_publish_tap(middleware::publish_layer(middleware::publish_from_fn(
+        broker.set_publish_tap(PublishMiddleware::erase(middleware::publish_from_fn(
             move |out: Outgoing, next: PublishNext| {
                 let record = record.clone();
                 async move {
