@@ -86,7 +86,7 @@ struct Args {
 }
 
 /// What a contender measures about itself (the same fields the Python side prints).
-#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, schemars::JsonSchema)]
 struct Report {
     /// Messages handled, including any past the clock's end (a redelivery would show here).
     n: usize,

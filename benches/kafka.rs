@@ -75,7 +75,7 @@ struct Args {
 }
 
 /// What a contender measures about itself.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, schemars::JsonSchema)]
 struct Report {
     /// Messages handled (or published), including any past the clock's end.
     n: usize,

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
-use crate::error::{BoxError, BrokerError, StartError};
+use crate::error::{BoxError, BrokerError, ConfigError, StartError};
 
 /// A lifecycle hook: given the broker, it may fail.
 type Hook = Box<dyn FnOnce(Broker) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
@@ -56,6 +56,7 @@ async fn run_shutdown_hooks(hooks: Vec<Hook>, broker: &Broker, stage: &'static s
 /// ```
 pub struct App {
     broker: Broker,
+    info: crate::asyncapi::Info,
     shutdown_timeout: Duration,
     ready_timeout: Duration,
     on_startup: Vec<Hook>,
@@ -69,6 +70,7 @@ impl App {
     pub fn new(broker: Broker) -> Self {
         App {
             broker,
+            info: crate::asyncapi::Info::default(),
             shutdown_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(60),
             on_startup: Vec::new(),
@@ -76,6 +78,37 @@ impl App {
             on_shutdown: Vec::new(),
             after_shutdown: Vec::new(),
         }
+    }
+
+    /// The service's title in its AsyncAPI document and docs page (default: the executable's name).
+    pub fn title(mut self, title: impl Into<String>) -> Self {
+        self.info.title = title.into();
+        self
+    }
+
+    /// The service's version in its AsyncAPI document (default `0.1.0`; e.g.
+    /// `env!("CARGO_PKG_VERSION")`).
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.info.version = version.into();
+        self
+    }
+
+    /// What the service does, for its AsyncAPI document and docs page.
+    pub fn description(mut self, text: impl Into<String>) -> Self {
+        self.info.description = Some(text.into());
+        self
+    }
+
+    /// The service's AsyncAPI 3.0 document: every subscriber declared on the broker and its routers (and
+    /// started by an app), every declared publisher. Fails like [`start`](Self::start) would on a
+    /// subscriber declared wrong. See [`asyncapi`](crate::asyncapi).
+    pub fn asyncapi(&self) -> Result<crate::asyncapi::Document, ConfigError> {
+        Ok(crate::asyncapi::generate(&self.info, &self.broker.declarations()?))
+    }
+
+    /// The broker this app runs.
+    pub fn broker(&self) -> &Broker {
+        &self.broker
     }
 
     /// Runs before any subscriber connects: it may register state (`broker.with_state(..)`) or declare

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::asyncapi::{Declarations, DescribedPublisher, DescribedSubscriber};
 use crate::brokers::{self, Backend, LogAdmin};
 use crate::config::ResolvedSubscriber;
 use crate::engine::{Launch, SubscriberRuntime};
@@ -45,6 +46,8 @@ struct Inner {
     publishers: Mutex<Vec<Arc<PublisherCore>>>,
     /// The reply topic and its consumer, started by the first request.
     replies: tokio::sync::OnceCell<Arc<Replies>>,
+    /// The subscribers apps have started, as the service's description shows them.
+    started: Mutex<Vec<Arc<DescribedSubscriber>>>,
 }
 
 /// A connection to one broker, chosen by URL: `memory://` (optionally `memory://?partitions=N`, the
@@ -135,6 +138,7 @@ impl Broker {
                 routers: Mutex::new(Vec::new()),
                 publishers: Mutex::new(Vec::new()),
                 replies: tokio::sync::OnceCell::new(),
+                started: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -427,7 +431,60 @@ impl Broker {
     /// surfaces before anything starts). A later `App` on the same broker starts only newer ones, which
     /// is how a test adds a second group member to a running in-memory broker.
     pub(crate) fn take_subscribers(&self) -> Result<Vec<(ResolvedSubscriber, SubscriberSpec)>, ConfigError> {
-        // Validated on copies: a start that fails keeps every declaration for the next try.
+        let (resolved, own) = self.pending_subscribers()?;
+        lock(&self.inner.subscribers).drain(..own);
+        for router in lock(&self.inner.routers).iter() {
+            router.clear_subscribers();
+        }
+        lock(&self.inner.started).extend(resolved.iter().map(|(cfg, spec)| {
+            Arc::new(DescribedSubscriber {
+                cfg: cfg.clone(),
+                handler: spec.handler.clone(),
+            })
+        }));
+        Ok(resolved)
+    }
+
+    /// What the service's description is made from: the subscribers started and declared, the
+    /// publishers declared.
+    pub(crate) fn declarations(&self) -> Result<Declarations, ConfigError> {
+        let started = lock(&self.inner.started).clone();
+        let pending = self.pending_subscribers()?.0;
+        let mut subscribers: Vec<DescribedSubscriber> = started
+            .iter()
+            .map(|s| DescribedSubscriber {
+                cfg: s.cfg.clone(),
+                handler: s.handler.clone(),
+            })
+            .collect();
+        subscribers.extend(pending.into_iter().map(|(cfg, spec)| DescribedSubscriber {
+            cfg,
+            handler: spec.handler,
+        }));
+        let mut cores = lock(&self.inner.publishers).clone();
+        for router in lock(&self.inner.routers).iter() {
+            cores.extend(router.publishers());
+        }
+        let publishers = cores
+            .iter()
+            .map(|c| DescribedPublisher {
+                topic: c.topic(),
+                exchange: None,
+                description: c.description(),
+            })
+            .collect();
+        Ok(Declarations {
+            url: self.inner.url.clone(),
+            subscribers,
+            publishers,
+        })
+    }
+
+    /// The subscribers declared since the last start, validated (on copies: a start that fails keeps
+    /// every declaration for the next try), and how many of them the broker itself holds (the rest are
+    /// its routers').
+    #[allow(clippy::type_complexity)]
+    fn pending_subscribers(&self) -> Result<(Vec<(ResolvedSubscriber, SubscriberSpec)>, usize), ConfigError> {
         let mut specs = lock(&self.inner.subscribers).clone();
         let own = specs.len();
         for router in lock(&self.inner.routers).iter() {
@@ -494,12 +551,7 @@ impl Broker {
                 Ok((cfg, s))
             })
             .collect::<Result<Vec<_>, _>>()
-            .inspect(|_| {
-                lock(&self.inner.subscribers).drain(..own);
-                for router in lock(&self.inner.routers).iter() {
-                    router.clear_subscribers();
-                }
-            })
+            .map(|resolved| (resolved, own))
     }
 
     /// Starts one subscriber's engine; the receiver fires on its first assignment.

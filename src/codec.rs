@@ -136,6 +136,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::asyncapi::{Payload, Schemas};
 use crate::error::{BoxError, Error};
 use crate::extract::{Context, FromMessage};
 use crate::handler::{HandlerReturn, IntoPayload};
@@ -284,17 +285,26 @@ impl<C: Decode<T>, T: Send + 'static> FromMessage for Encoded<C, T> {
             .map(Encoded::new)
             .map_err(|e| cx.decode_error::<T>(e))
     }
+    fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+        Some(schemas.opaque::<T>(C::CONTENT_TYPE))
+    }
 }
 
 impl<C: Encode<T>, T> IntoPayload for Encoded<C, T> {
     fn into_payload(self) -> Result<Bytes, Error> {
         C::encode(&self.value).map_err(Error::handler)
     }
+    fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+        Some(schemas.opaque::<T>(C::CONTENT_TYPE))
+    }
 }
 
 impl<C: Encode<T>, T: Send + 'static> HandlerReturn for Encoded<C, T> {
     fn into_outcome(self) -> Result<Option<Response>, Error> {
         Ok(Some(Response::new(self)))
+    }
+    fn describe_result(schemas: &mut Schemas) -> Option<Payload> {
+        Some(schemas.opaque::<T>(C::CONTENT_TYPE))
     }
 }
 
@@ -310,6 +320,7 @@ mod msgpack {
     use serde::de::DeserializeOwned;
 
     use super::{Codec, Decode, Encode};
+    use crate::asyncapi::{Payload, Schemas};
     use crate::error::{BoxError, Error};
     use crate::extract::{Context, FromMessage};
     use crate::handler::{HandlerReturn, IntoPayload};
@@ -379,17 +390,26 @@ mod msgpack {
                 .map(MsgPack)
                 .map_err(|e| cx.decode_error::<T>(e))
         }
+        fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+            Some(schemas.opaque::<T>(MsgPackCodec::CONTENT_TYPE))
+        }
     }
 
     impl<T: Serialize> IntoPayload for MsgPack<T> {
         fn into_payload(self) -> Result<Bytes, Error> {
             MsgPackCodec::encode(&self.0).map_err(Error::handler)
         }
+        fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+            Some(schemas.opaque::<T>(MsgPackCodec::CONTENT_TYPE))
+        }
     }
 
     impl<T: Serialize + Send + 'static> HandlerReturn for MsgPack<T> {
         fn into_outcome(self) -> Result<Option<Response>, Error> {
             Ok(Some(Response::new(self)))
+        }
+        fn describe_result(schemas: &mut Schemas) -> Option<Payload> {
+            Some(schemas.opaque::<T>(MsgPackCodec::CONTENT_TYPE))
         }
     }
 }

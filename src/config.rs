@@ -91,6 +91,8 @@ pub(crate) struct SubscriberConfig {
     pub(crate) stall_warning: Duration,
     /// Creates the topic with this many partitions at start if it does not exist.
     pub(crate) create_partitions: Option<i32>,
+    /// What the service's description says it does.
+    pub(crate) description: Option<String>,
     /// RabbitMQ: how the queue is declared.
     #[cfg(feature = "amqp")]
     pub(crate) queue: Option<crate::amqp::Queue>,
@@ -125,6 +127,8 @@ pub(crate) struct ResolvedSubscriber {
     pub(crate) stall_warning: Duration,
     /// Creates the topic with this many partitions at start if it does not exist.
     pub(crate) create_partitions: Option<i32>,
+    /// What the service's description says it does.
+    pub(crate) description: Option<String>,
     /// RabbitMQ: how the queue is declared.
     #[cfg(feature = "amqp")]
     pub(crate) queue: Option<crate::amqp::Queue>,
@@ -153,6 +157,7 @@ impl SubscriberConfig {
             decode_errors: OnDecodeError::default(),
             stall_warning: Duration::from_secs(60),
             create_partitions: None,
+            description: None,
             #[cfg(feature = "amqp")]
             queue: None,
         }
@@ -273,6 +278,7 @@ impl SubscriberConfig {
             decode_errors: self.decode_errors,
             stall_warning: self.stall_warning,
             create_partitions: self.create_partitions,
+            description: self.description.clone(),
             #[cfg(feature = "amqp")]
             queue: self.queue.clone(),
         })

@@ -8,8 +8,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 
+use crate::asyncapi::{Payload, Schemas};
 use crate::error::{DecodeError, Error};
 use crate::message::{Headers, Message};
 
@@ -98,7 +100,7 @@ impl<'a> Context<'a> {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a handler argument",
     label = "not an extractor",
-    note = "handler arguments are extractors: `String`, `Bytes`, `Vec<u8>`, `Json<T>` (for a `T: Deserialize`), \
+    note = "handler arguments are extractors: `String`, `Bytes`, `Vec<u8>`, `Json<T>` (for a `T: Deserialize + JsonSchema`), \
             `Message`, `Headers`, `Key`, `Attempt`, `State<T>`, `Batch<T>`",
     note = "for your own struct, take `Json<YourStruct>`; for text, an owned `String` (not `&str`)"
 )]
@@ -109,6 +111,12 @@ pub trait FromMessage: Sized + Send + 'static {
     /// The shared state this extractor needs registered ([`State<T>`]: `T`), checked when the app starts.
     #[doc(hidden)]
     fn required_state() -> Option<(TypeId, &'static str)> {
+        None
+    }
+
+    /// The payload this extractor reads, for the service's AsyncAPI description: `None` (the default)
+    /// for an extractor that does not read the payload (headers, the key, state...).
+    fn describe_payload(_schemas: &mut Schemas) -> Option<Payload> {
         None
     }
 }
@@ -123,11 +131,17 @@ impl FromMessage for Bytes {
     fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
         Ok(cx.payload.clone())
     }
+    fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+        Some(schemas.bytes())
+    }
 }
 
 impl FromMessage for Vec<u8> {
     fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
         Ok(cx.payload.to_vec())
+    }
+    fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+        Some(schemas.bytes())
     }
 }
 
@@ -137,6 +151,9 @@ impl FromMessage for String {
             Ok(s) => Ok(s.to_owned()),
             Err(e) => Err(cx.decode_error::<String>(e)),
         }
+    }
+    fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+        Some(schemas.text())
     }
 }
 
@@ -183,7 +200,7 @@ impl FromMessage for Attempt {
 /// A payload decoded from (or encoded to) JSON with serde.
 ///
 /// ```
-/// #[derive(serde::Deserialize)]
+/// #[derive(serde::Deserialize, schemars::JsonSchema)]
 /// struct Order { id: u64 }
 /// async fn handler(ferrostream::Json(order): ferrostream::Json<Order>) {
 ///     let _ = order.id;
@@ -192,11 +209,14 @@ impl FromMessage for Attempt {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Json<T>(pub T);
 
-impl<T: DeserializeOwned + Send + 'static> FromMessage for Json<T> {
+impl<T: DeserializeOwned + JsonSchema + Send + 'static> FromMessage for Json<T> {
     fn from_message(cx: &Context<'_>) -> Result<Self, Error> {
         serde_json::from_slice(cx.payload)
             .map(Json)
             .map_err(|e| cx.decode_error::<T>(e))
+    }
+    fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+        Some(schemas.json::<T>())
     }
 }
 
@@ -257,6 +277,9 @@ impl<T: FromMessage> FromMessage for Batch<T> {
             .map(|m| T::from_message(&Context::single(m, cx.state)))
             .collect::<Result<Vec<_>, _>>()
             .map(Batch)
+    }
+    fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+        T::describe_payload(schemas)
     }
 }
 

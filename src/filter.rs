@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::future::BoxFuture;
 
+use crate::asyncapi::{Payload, Schemas};
 use crate::error::Error;
 use crate::extract::Context;
 use crate::handler::ErasedHandler;
@@ -76,5 +77,20 @@ impl ErasedHandler for Routed {
             .chain(&self.fallback)
             .flat_map(|h| h.required_state())
             .collect()
+    }
+
+    fn describe(&self, schemas: &mut Schemas) -> (Vec<Payload>, Vec<Payload>) {
+        let (mut received, mut results) = (Vec::new(), Vec::new());
+        for handler in self.routes.iter().map(|r| &r.handler).chain(&self.fallback) {
+            let (r, p) = handler.describe(schemas);
+            for (all, new) in [(&mut received, r), (&mut results, p)] {
+                for payload in new {
+                    if !all.contains(&payload) {
+                        all.push(payload);
+                    }
+                }
+            }
+        }
+        (received, results)
     }
 }

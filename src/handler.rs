@@ -10,8 +10,10 @@ use std::marker::PhantomData;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use schemars::JsonSchema;
 use serde::Serialize;
 
+use crate::asyncapi::{Payload, Schemas};
 use crate::error::{BoxError, Error};
 use crate::extract::{Context, FromMessage, Json};
 use crate::response::Response;
@@ -20,31 +22,54 @@ use crate::response::Response;
 pub trait IntoPayload {
     /// Encodes the value.
     fn into_payload(self) -> Result<Bytes, Error>;
+
+    /// What the payload looks like, for the service's AsyncAPI description (`None`: not described).
+    fn describe_payload(_schemas: &mut Schemas) -> Option<Payload>
+    where
+        Self: Sized,
+    {
+        None
+    }
 }
 
 impl IntoPayload for Bytes {
     fn into_payload(self) -> Result<Bytes, Error> {
         Ok(self)
     }
+    fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+        Some(schemas.bytes())
+    }
 }
 impl IntoPayload for Vec<u8> {
     fn into_payload(self) -> Result<Bytes, Error> {
         Ok(Bytes::from(self))
+    }
+    fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+        Some(schemas.bytes())
     }
 }
 impl IntoPayload for String {
     fn into_payload(self) -> Result<Bytes, Error> {
         Ok(Bytes::from(self))
     }
+    fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+        Some(schemas.text())
+    }
 }
 impl IntoPayload for &'static str {
     fn into_payload(self) -> Result<Bytes, Error> {
         Ok(Bytes::from_static(self.as_bytes()))
     }
+    fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+        Some(schemas.text())
+    }
 }
-impl<T: Serialize> IntoPayload for Json<T> {
+impl<T: Serialize + JsonSchema> IntoPayload for Json<T> {
     fn into_payload(self) -> Result<Bytes, Error> {
         serde_json::to_vec(&self.0).map(Bytes::from).map_err(Error::handler)
+    }
+    fn describe_payload(schemas: &mut Schemas) -> Option<Payload> {
+        Some(schemas.json::<T>())
     }
 }
 
@@ -60,6 +85,11 @@ impl<T: Serialize> IntoPayload for Json<T> {
 pub trait HandlerReturn: Send + 'static {
     /// Converts the return value.
     fn into_outcome(self) -> Result<Option<Response>, Error>;
+
+    /// What a successful call publishes (and replies), for the service's AsyncAPI description.
+    fn describe_result(_schemas: &mut Schemas) -> Option<Payload> {
+        None
+    }
 }
 
 impl HandlerReturn for () {
@@ -75,11 +105,17 @@ impl<R: HandlerReturn, E: Into<BoxError> + Send + 'static> HandlerReturn for Res
             Err(e) => Err(Error::from_box(e.into())),
         }
     }
+    fn describe_result(schemas: &mut Schemas) -> Option<Payload> {
+        R::describe_result(schemas)
+    }
 }
 
 impl<P: IntoPayload + Send + 'static> HandlerReturn for Option<P> {
     fn into_outcome(self) -> Result<Option<Response>, Error> {
         Ok(self.map(Response::new))
+    }
+    fn describe_result(schemas: &mut Schemas) -> Option<Payload> {
+        P::describe_payload(schemas)
     }
 }
 
@@ -105,15 +141,21 @@ macro_rules! payload_return {
             fn into_outcome(self) -> Result<Option<Response>, Error> {
                 Ok(Some(Response::new(self)))
             }
+            fn describe_result(schemas: &mut Schemas) -> Option<Payload> {
+                <$t as IntoPayload>::describe_payload(schemas)
+            }
         }
     )*};
 }
 
 payload_return!(Bytes, Vec<u8>, String, &'static str);
 
-impl<T: Serialize + Send + 'static> HandlerReturn for Json<T> {
+impl<T: Serialize + JsonSchema + Send + 'static> HandlerReturn for Json<T> {
     fn into_outcome(self) -> Result<Option<Response>, Error> {
         Ok(Some(Response::new(self)))
+    }
+    fn describe_result(schemas: &mut Schemas) -> Option<Payload> {
+        Some(schemas.json::<T>())
     }
 }
 
@@ -122,7 +164,7 @@ impl<T: Serialize + Send + 'static> HandlerReturn for Json<T> {
 ///
 /// ```
 /// use ferrostream::{Message, Json};
-/// #[derive(serde::Deserialize)]
+/// #[derive(serde::Deserialize, schemars::JsonSchema)]
 /// struct Order { id: u64 }
 /// async fn handle(Json(order): Json<Order>, msg: Message) -> Result<(), ferrostream::Error> {
 ///     if order.id == 0 {
@@ -154,6 +196,13 @@ pub trait Handler<Args>: Clone + Send + Sync + 'static {
     fn required_state(&self) -> Vec<(TypeId, &'static str)> {
         Vec::new()
     }
+
+    /// The payload it reads (its first argument that reads one) and the payload it returns, for the
+    /// service's AsyncAPI description.
+    #[doc(hidden)]
+    fn describe(&self, _schemas: &mut Schemas) -> (Option<Payload>, Option<Payload>) {
+        (None, None)
+    }
 }
 
 macro_rules! impl_handler {
@@ -182,6 +231,12 @@ macro_rules! impl_handler {
                     [$($arg::required_state(),)*];
                 needed.into_iter().flatten().collect()
             }
+
+            fn describe(&self, schemas: &mut Schemas) -> (Option<Payload>, Option<Payload>) {
+                let received: Option<Payload> = None;
+                $(let received = received.or_else(|| $arg::describe_payload(schemas));)*
+                (received, R::describe_result(schemas))
+            }
         }
     };
 }
@@ -200,6 +255,8 @@ impl_handler!(A1, A2, A3, A4, A5, A6, A7, A8);
 pub(crate) trait ErasedHandler: Send + Sync + 'static {
     fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Response>, Error>>;
     fn required_state(&self) -> Vec<(TypeId, &'static str)>;
+    /// What it receives and what it returns (several, for a subscriber with filters).
+    fn describe(&self, schemas: &mut Schemas) -> (Vec<Payload>, Vec<Payload>);
 }
 
 pub(crate) struct Erased<H, Args> {
@@ -219,6 +276,11 @@ impl<H, Args> Erased<H, Args> {
 impl<H: Handler<Args>, Args: 'static> ErasedHandler for Erased<H, Args> {
     fn required_state(&self) -> Vec<(TypeId, &'static str)> {
         self.handler.required_state()
+    }
+
+    fn describe(&self, schemas: &mut Schemas) -> (Vec<Payload>, Vec<Payload>) {
+        let (received, result) = self.handler.describe(schemas);
+        (received.into_iter().collect(), result.into_iter().collect())
     }
 
     fn call(&self, cx: &Context<'_>) -> BoxFuture<'static, Result<Option<Response>, Error>> {

@@ -51,6 +51,7 @@
 pub struct ReadmeDoctests;
 
 mod app;
+pub mod asyncapi;
 mod broker;
 mod brokers;
 pub mod codec;
@@ -100,7 +101,7 @@ pub use extract::{Attempt, Batch, Json, Key, State};
 /// ```
 /// use ferrostream::{Broker, Json, Message, State, debug_handler};
 ///
-/// #[derive(serde::Deserialize)]
+/// #[derive(serde::Deserialize, schemars::JsonSchema)]
 /// struct Order {
 ///     id: u64,
 /// }

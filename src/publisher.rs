@@ -51,6 +51,8 @@ pub(crate) struct PublisherCore {
     /// The full topic.
     topic: Mutex<String>,
     broker: OnceLock<WeakBroker>,
+    /// What the service's description says about it.
+    description: Mutex<Option<String>>,
 }
 
 impl PublisherCore {
@@ -64,6 +66,10 @@ impl PublisherCore {
 
     pub(crate) fn topic(&self) -> String {
         self.topic.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn description(&self) -> Option<String> {
+        self.description.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The broker it publishes through: not yet included (a router's), or gone.
@@ -143,6 +149,13 @@ impl Publisher {
     pub fn exchange(self, exchange: impl Into<String>) -> Self {
         let exchange = exchange.into();
         self.edit(|d| d.exchange = Some(exchange))
+    }
+
+    /// What it publishes, in a sentence or two: the description of its operation in the service's
+    /// AsyncAPI document and docs page.
+    pub fn description(self, text: impl Into<String>) -> Self {
+        *self.core.description.lock().unwrap_or_else(|p| p.into_inner()) = Some(text.into());
+        self
     }
 
     /// The topic it publishes to (with its routers' prefixes once included).

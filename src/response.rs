@@ -12,7 +12,7 @@ use crate::message::Headers;
 ///
 /// ```
 /// use ferrostream::{Json, Response};
-/// #[derive(serde::Serialize)]
+/// #[derive(serde::Serialize, schemars::JsonSchema)]
 /// struct Shipped { order: u64 }
 /// async fn ship(body: String) -> Response {
 ///     Response::new(Json(Shipped { order: body.len() as u64 }))

@@ -145,7 +145,7 @@ impl SubscriberBuilder {
     /// ```
     /// # let broker = ferrostream::Broker::new("memory://").unwrap();
     /// use ferrostream::{Json, Message};
-    /// #[derive(serde::Deserialize)]
+    /// #[derive(serde::Deserialize, schemars::JsonSchema)]
     /// struct Created { id: u64 }
     /// let kind = |k: &'static str| move |m: &Message| m.headers().get_str("kind") == Some(k);
     /// broker.subscriber("orders").group_id("g").auto_commit(false)
@@ -175,6 +175,13 @@ impl SubscriberBuilder {
     /// Names the subscriber in logs, metrics and errors (default `topic@group`).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.config.name = Some(name.into());
+        self
+    }
+
+    /// What this subscriber does, in a sentence or two: the description of its operation in the service's
+    /// AsyncAPI document and docs page (its [`name`](Self::name) is the title).
+    pub fn description(mut self, text: impl Into<String>) -> Self {
+        self.config.description = Some(text.into());
         self
     }
 

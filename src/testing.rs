@@ -13,7 +13,7 @@
 //! use std::time::Duration;
 //! use ferrostream::{Broker, Json, Settle, testing::TestApp};
 //!
-//! #[derive(serde::Deserialize, serde::Serialize)]
+//! #[derive(serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
 //! struct Order { id: u64, total: u64 }
 //!
 //! // In a test suite: `Broker::new(&ferrostream::testing::broker_url())`, with fresh topics created

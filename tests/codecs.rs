@@ -183,7 +183,7 @@ mod msgpack {
 
     use super::*;
 
-    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
     struct Order {
         id: u64,
         customer: String,
@@ -191,14 +191,14 @@ mod msgpack {
         note: Option<String>,
     }
 
-    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
     struct Item {
         sku: String,
         quantity: u32,
         price: f64,
     }
 
-    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
     struct Billed {
         order: u64,
         total: f64,

@@ -257,7 +257,7 @@ async fn shutting_down_two_members_of_one_group_commits_both_members_offsets() {
     );
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 struct Order {
     id: u32,
     explode: bool,

@@ -15,7 +15,7 @@ use ferrostream::observe::Outcome;
 use ferrostream::{AckPolicy, Json, Settle, SettledBy, State};
 use serde::Deserialize;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 struct Item {
     id: u32,
     fail: String,

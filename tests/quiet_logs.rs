@@ -47,7 +47,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountErrors {
     }
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 struct Order {
     #[allow(dead_code)]
     id: u64,

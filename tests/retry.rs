@@ -165,7 +165,7 @@ async fn a_poison_message_on_four_partitions_is_tried_five_times_then_dead_lette
     poison_among_many(4).await;
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 struct Order {
     #[allow(dead_code)]
     id: u64,

@@ -11,7 +11,7 @@ use ferrostream::observe::Outcome;
 use ferrostream::testing::TestApp;
 use ferrostream::{AckPolicy, Json, RetryPolicy, Settle};
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 struct Order {
     id: u64,
     total: u64,

@@ -230,6 +230,34 @@ impl Queue {
         self.kind
     }
 
+    /// The AsyncAPI AMQP channel binding of the queue `name` (the exchanges it is bound to as an
+    /// extension: the binding has no field for them).
+    pub(crate) fn describe(&self, name: &str, binding_version: &str) -> serde_json::Value {
+        let bindings: Vec<serde_json::Value> = self
+            .bindings
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "exchange": b.exchange.name,
+                    "type": format!("{:?}", b.exchange.kind).to_lowercase(),
+                    "routingKey": b.routing_key,
+                    "arguments": b.arguments.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "is": "queue",
+            "queue": {
+                "name": name,
+                "durable": self.durable,
+                "exclusive": false,
+                "autoDelete": self.auto_delete,
+            },
+            "x-bindings": bindings,
+            "bindingVersion": binding_version,
+        })
+    }
+
     /// The prefetch for a subscriber running `max_in_flight` handlers at once.
     pub(crate) fn prefetch_for(&self, max_in_flight: usize) -> u16 {
         self.prefetch

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use ferrostream::{App, Batch, Broker, Json, Message, Settle, State, debug_handler};
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 struct Order {
     id: u64,
 }
