@@ -8,6 +8,10 @@
 #      reconnect, SIGKILL crash test) against the RabbitMQ server on 127.0.0.1:5672 (FERROSTREAM_TEST_AMQP
 #      overrides its URL; it is a service of the machine, started with `rabbitmq-server -detached`);
 #   and the demos (quickstart, orders) on every broker (it exits non-zero if any message is not settled as shown).
+# The service's docs and command line (features `docs`, `cli`) are tested on every broker: the AsyncAPI
+# document checked by the official parser (npm's @asyncapi/parser) and the docs page in Debian's headless
+# chromium (driven by npm's playwright-core), both installed here once per machine by scripts/docs-tools.sh;
+# the page's screenshot is kept in target/artifacts/docs-page.png.
 # The optional features are tested in the memory stage: `macros` (#[debug_handler], compile-fail
 # snapshots) and `msgpack` (MessagePack codec; Python's `msgpack` package, installed here if missing,
 # checks that another language reads what we write).
@@ -16,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 echo "== lint"
 cargo fmt --all -- --check
-cargo clippy --all-targets --features kafka,amqp,macros,msgpack -- -D warnings
+cargo clippy --all-targets --features kafka,amqp,macros,msgpack,cli -- -D warnings
 cargo clippy -p ferrostream-macros --all-targets -- -D warnings
 
 echo "== tests on memory://"
@@ -25,8 +29,11 @@ python3 -c "import msgpack" 2>/dev/null || pip3 install --quiet msgpack || pip3 
 # The compile-error snapshots list the extractor types of the default build: `macros` alone.
 cargo test --features macros --test debug_handler
 cargo test --features msgpack --test codecs --lib
-cargo test --features macros,msgpack --doc
+cargo test --features macros,msgpack,cli --doc
 cargo test -p ferrostream-macros
+echo "== the docs and the command line on memory://"
+scripts/docs-tools.sh
+cargo test --features cli --lib --test asyncapi --test docs_page --test cli
 echo "== the demo on memory://"
 cargo run -q --example quickstart >/dev/null
 cargo run -q --example orders >/dev/null
@@ -36,10 +43,10 @@ scripts/kafka-broker.sh install
 url="$(scripts/kafka-broker.sh start)"
 trap 'scripts/kafka-broker.sh stop' EXIT
 echo "broker: $url"
-FERROSTREAM_TEST_BROKER="$url" cargo test --features kafka
+FERROSTREAM_TEST_BROKER="$url" cargo test --features kafka,cli
 echo "== the demo on $url"
-cargo run -q --features kafka --example quickstart -- --broker "$url" >/dev/null
-cargo run -q --features kafka --example orders -- --broker "$url" >/dev/null
+cargo run -q --features kafka,cli --example quickstart -- --broker "$url" >/dev/null
+cargo run -q --features kafka,cli --example orders -- --broker "$url" >/dev/null
 
 echo "== tests on RabbitMQ"
 amqp="${FERROSTREAM_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672/%2f}"
@@ -50,9 +57,9 @@ if [ -z "${FERROSTREAM_TEST_AMQP:-}" ] && ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>
 fi
 echo "broker: $amqp"
 FERROSTREAM_TEST_BROKER="$amqp" FERROSTREAM_TEST_AMQP="$amqp" \
-  cargo test --features amqp --test policy_table --test settling --test application --test request_reply \
-  --test test_client --test amqp --test amqp_crash
-FERROSTREAM_TEST_AMQP="$amqp" cargo test --features amqp --doc
+  cargo test --features amqp,cli --test policy_table --test settling --test application --test request_reply \
+  --test test_client --test amqp --test amqp_crash --test asyncapi --test docs_page --test cli
+FERROSTREAM_TEST_AMQP="$amqp" cargo test --features amqp,cli --doc
 echo "== the demo on RabbitMQ"
-cargo run -q --features amqp --example quickstart -- --broker "$amqp" >/dev/null
-cargo run -q --features amqp --example orders -- --broker "$amqp" >/dev/null
+cargo run -q --features amqp,cli --example quickstart -- --broker "$amqp" >/dev/null
+cargo run -q --features amqp,cli --example orders -- --broker "$amqp" >/dev/null

@@ -106,6 +106,11 @@ impl App {
         Ok(crate::asyncapi::generate(&self.info, &self.broker.declarations()?))
     }
 
+    #[cfg(feature = "cli")]
+    pub(crate) fn info(&self) -> &crate::asyncapi::Info {
+        &self.info
+    }
+
     /// The broker this app runs.
     pub fn broker(&self) -> &Broker {
         &self.broker

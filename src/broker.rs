@@ -8,7 +8,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::asyncapi::{Declarations, DescribedPublisher, DescribedSubscriber};
-use crate::brokers::{self, Backend, LogAdmin};
+use crate::brokers::{self, Backend};
 use crate::config::ResolvedSubscriber;
 use crate::engine::{Launch, SubscriberRuntime};
 use crate::error::{AdminError, ConfigError, PublishError, StartError};
@@ -26,8 +26,11 @@ use crate::subscriber::{SubscriberBuilder, SubscriberSpec};
 use crate::transport::Publisher as Sender;
 
 struct Inner {
+    /// The URL the broker was created with, and the one [`Broker::reconnect`] replaced it with (once,
+    /// before an app starts), with the backend it chose.
     url: String,
-    backend: Arc<dyn Backend>,
+    reconnected: OnceLock<String>,
+    backend: RwLock<Arc<dyn Backend>>,
     subscribers: Mutex<Vec<SubscriberSpec>>,
     state: Mutex<StateMap>,
     observer: Arc<OnceLock<Observer>>,
@@ -84,13 +87,15 @@ impl WeakBroker {
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("url", &self.url).finish()
+        f.debug_struct("Broker")
+            .field("url", self.reconnected.get().unwrap_or(&self.url))
+            .finish()
     }
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("url", &self.inner.url).finish()
+        f.debug_struct("Broker").field("url", &self.url()).finish()
     }
 }
 
@@ -124,7 +129,8 @@ impl Broker {
         Broker {
             inner: Arc::new(Inner {
                 url: crate::redact::url(url),
-                backend: backend.clone(),
+                reconnected: OnceLock::new(),
+                backend: RwLock::new(backend.clone()),
                 subscribers: Mutex::new(Vec::new()),
                 state: Mutex::new(StateMap::default()),
                 observer: Arc::new(OnceLock::new()),
@@ -150,7 +156,29 @@ impl Broker {
     /// The URL this broker was created from, with any password or secret setting shown as `***` (this is
     /// what logs, errors and `Debug` show).
     pub fn url(&self) -> &str {
-        &self.inner.url
+        self.inner.reconnected.get().unwrap_or(&self.inner.url)
+    }
+
+    /// Points this broker at another URL (the command line's `--broker`): what it declared stays, the
+    /// connections go to the new broker. Only before an app starts; calls made earlier went to the old
+    /// one.
+    #[cfg(feature = "cli")]
+    pub(crate) fn reconnect(&self, url: &str) -> Result<(), ConfigError> {
+        let backend = brokers::open(url)?;
+        if self.inner.reconnected.set(crate::redact::url(url)).is_err() {
+            return Err(ConfigError::InvalidUrl {
+                url: crate::redact::url(url),
+                reason: "this broker was already pointed at another URL (the command line's --broker does it once)"
+                    .to_owned(),
+            });
+        }
+        *self.inner.backend.write().unwrap_or_else(|p| p.into_inner()) = backend;
+        self.rebuild_sender();
+        Ok(())
+    }
+
+    fn backend(&self) -> Arc<dyn Backend> {
+        read(&self.inner.backend).clone()
     }
 
     /// Declares a subscriber to `topic`.
@@ -236,7 +264,7 @@ impl Broker {
         let mut layers = lock(&self.inner.publish_layers).clone();
         layers.extend(inner.iter().cloned());
         layers.extend(lock(&self.inner.tap).iter().cloned());
-        middleware::layered_sender(self.inner.backend.clone(), &layers)
+        middleware::layered_sender(self.backend(), &layers)
     }
 
     fn sender(&self) -> Arc<dyn Sender> {
@@ -286,9 +314,8 @@ impl Broker {
         let failed =
             |op: &'static str, e: String| PublishError::Broker(crate::BrokerError::Client { op, source: e.into() });
         let mut config = crate::config::SubscriberConfig::new(topic);
-        if self.inner.backend.log_admin().is_some() {
-            self.inner
-                .backend
+        if self.backend().log_admin().is_some() {
+            self.backend()
                 .declare_topic(topic, 1)
                 .await
                 .map_err(|e| failed("create the reply topic", e.to_string()))?;
@@ -303,7 +330,7 @@ impl Broker {
         config.auto_commit = Some(true);
         config.auto_offset_reset = crate::OffsetReset::Earliest;
         let cfg = config
-            .resolve(self.inner.backend.has_groups())
+            .resolve(self.backend().has_groups())
             .map_err(|e| failed("configure the reply consumer", e.to_string()))?;
         let spec = SubscriberSpec {
             config,
@@ -379,11 +406,11 @@ impl Broker {
         self
     }
 
-    fn log_admin(&self, op: &'static str) -> Result<&dyn LogAdmin, AdminError> {
-        self.inner.backend.log_admin().ok_or_else(|| AdminError::Unsupported {
+    fn unsupported(&self, op: &'static str) -> AdminError {
+        AdminError::Unsupported {
             op,
-            url: self.inner.url.clone(),
-        })
+            url: self.url().to_string(),
+        }
     }
 
     /// The counters of this broker's subscribers.
@@ -394,29 +421,35 @@ impl Broker {
     /// Creates a topic with this many partitions (or grows an in-memory one); existing topics are kept.
     /// On RabbitMQ it declares a durable classic queue of that name (one partition only).
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), AdminError> {
-        self.inner.backend.declare_topic(topic, partitions).await
+        self.backend().declare_topic(topic, partitions).await
     }
 
     /// How many messages wait in a queue (RabbitMQ; ready ones, not those delivered and unacked). Log
     /// brokers answer [`AdminError::Unsupported`]: ask [`committed_offsets`](Self::committed_offsets).
     pub async fn queue_depth(&self, queue: &str) -> Result<u64, AdminError> {
-        match self.inner.backend.queue_depth(queue) {
+        match self.backend().queue_depth(queue) {
             Some(depth) => depth.await,
             None => Err(AdminError::Unsupported {
                 op: "queue_depth",
-                url: self.inner.url.clone(),
+                url: self.url().to_string(),
             }),
         }
     }
 
     /// The offsets a consumer group has committed for a topic, by partition.
     pub async fn committed_offsets(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>, AdminError> {
-        self.log_admin("committed_offsets")?.committed(group, topic).await
+        let backend = self.backend();
+        let admin = backend
+            .log_admin()
+            .ok_or_else(|| self.unsupported("committed_offsets"))?;
+        admin.committed(group, topic).await
     }
 
     /// The next offset to be written in each partition of a topic (the high watermarks).
     pub async fn end_offsets(&self, topic: &str) -> Result<BTreeMap<i32, i64>, AdminError> {
-        self.log_admin("end_offsets")?.end_offsets(topic).await
+        let backend = self.backend();
+        let admin = backend.log_admin().ok_or_else(|| self.unsupported("end_offsets"))?;
+        admin.end_offsets(topic).await
     }
 
     pub(crate) async fn send(&self, out: Outgoing) -> Result<PublishAck, PublishError> {
@@ -474,7 +507,7 @@ impl Broker {
             })
             .collect();
         Ok(Declarations {
-            url: self.inner.url.clone(),
+            url: self.url().to_string(),
             subscribers,
             publishers,
         })
@@ -495,7 +528,7 @@ impl Broker {
             spec.layers.splice(0..0, layers.iter().cloned());
         }
         let default_retry = *lock(&self.inner.default_retry);
-        let backend = &self.inner.backend;
+        let backend = &self.backend();
         let state = lock(&self.inner.state).clone();
         let mut names = std::collections::HashSet::new();
         specs
@@ -572,9 +605,14 @@ impl Broker {
             hooks: Hooks::new(lock(&self.inner.hooks).clone(), self.inner.observer.clone()),
         });
         let (ready, ready_rx) = oneshot::channel();
-        let task = self.inner.backend.start(Launch { rt, shutdown, ready }).await?;
+        let task = self.backend().start(Launch { rt, shutdown, ready }).await?;
         Ok((task, ready_rx))
     }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // Replaced whole, never half-written.
+    l.read().unwrap_or_else(|p| p.into_inner())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

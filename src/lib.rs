@@ -54,8 +54,12 @@ mod app;
 pub mod asyncapi;
 mod broker;
 mod brokers;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod codec;
 mod config;
+#[cfg(feature = "docs")]
+pub mod docs;
 mod engine;
 mod error;
 pub mod extract;

@@ -72,15 +72,28 @@ impl Document {
         &self.0
     }
 
-    /// Pretty-printed JSON.
+    /// Pretty-printed JSON, its sections in the specification's order.
     pub fn to_json_pretty(&self) -> String {
-        serde_json::to_string_pretty(&self.0).unwrap_or_default()
+        serde_json::to_string_pretty(&self.ordered()).unwrap_or_default()
     }
 
-    /// YAML (feature `docs`).
+    /// YAML (feature `docs`), its sections in the specification's order.
     #[cfg(feature = "docs")]
     pub fn to_yaml(&self) -> String {
-        serde_norway::to_string(&self.0).unwrap_or_default()
+        serde_norway::to_string(&self.ordered()).unwrap_or_default()
+    }
+
+    fn ordered(&self) -> Ordered<'_> {
+        let section = |k: &str| self.0.get(k);
+        Ordered {
+            asyncapi: section("asyncapi"),
+            info: section("info"),
+            default_content_type: section("defaultContentType"),
+            servers: section("servers"),
+            channels: section("channels"),
+            operations: section("operations"),
+            components: section("components"),
+        }
     }
 
     /// Every channel address, operation and message name, as a person looks for them on the docs page.
@@ -100,6 +113,20 @@ impl Document {
         names.dedup();
         names
     }
+}
+
+/// The document's top level in the order people read it (a JSON map would sort it).
+#[derive(serde::Serialize)]
+struct Ordered<'a> {
+    asyncapi: Option<&'a Value>,
+    info: Option<&'a Value>,
+    #[serde(rename = "defaultContentType")]
+    default_content_type: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    servers: Option<&'a Value>,
+    channels: Option<&'a Value>,
+    operations: Option<&'a Value>,
+    components: Option<&'a Value>,
 }
 
 /// A subscriber as the document describes it.
