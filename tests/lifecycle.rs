@@ -636,3 +636,53 @@ async fn with_latest_a_message_published_right_after_start_is_seen() {
         assert_eq!(payloads, ["after"], "round {round}");
     }
 }
+
+/// With `Latest`, where a new group starts is committed when its partitions are first assigned: another
+/// member joining the group (here a subscriber of another topic, as routers with a shared group do) before
+/// the first commit must not resolve `Latest` again and skip what was published in between (seen in CI:
+/// a message published right after start, during the group's second rebalance, was never handled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_latest_the_start_position_survives_a_rebalance_before_the_first_commit() {
+    common::init_tracing();
+    let broker = common::broker();
+    let observer = broker.observer();
+    let orders = common::topic(&broker, "latest-orders", 2).await;
+    let other = common::topic(&broker, "latest-other", 1).await;
+    broker.publish("before", &orders).key("k").await.unwrap();
+    let group = common::unique("shared");
+    broker
+        .subscriber(&orders)
+        .name("orders")
+        .group_id(&group)
+        .auto_commit(false)
+        .handle(|_: String| async {});
+    let app = common::start(&broker).await;
+    // The start position is the group's committed offset before anything was handled.
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        let committed = broker.committed_offsets(&group, &orders).await.unwrap();
+        let end = broker.end_offsets(&orders).await.unwrap();
+        if committed == end {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "start positions not committed: {committed:?} vs end {end:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A second member of the group joins: the group rebalances; a message published now is still seen.
+    broker
+        .subscriber(&other)
+        .name("other")
+        .group_id(&group)
+        .auto_commit(false)
+        .handle(|_: String| async {});
+    let second = common::start(&broker).await;
+    broker.publish("after", &orders).key("k").await.unwrap();
+    let handled = observer.wait_handled("orders", 1, common::WAIT).await.unwrap();
+    let payloads: Vec<_> = handled.iter().map(|h| h.2.as_str()).collect();
+    assert_eq!(payloads, ["after"]);
+    second.shutdown().await.unwrap();
+    app.shutdown().await.unwrap();
+}

@@ -77,6 +77,7 @@ impl Ctx {
                 return;
             }
         };
+        let mut resolved = TopicPartitionList::new();
         for e in committed.elements() {
             if matches!(e.offset(), Offset::Offset(_)) {
                 continue; // the group's committed offset is where it starts
@@ -84,10 +85,19 @@ impl Ctx {
             match consumer.fetch_watermarks(e.topic(), e.partition(), POSITION_TIMEOUT) {
                 Ok((_, high)) => {
                     let _ = tpl.set_partition_offset(e.topic(), e.partition(), Offset::Offset(high));
+                    let _ = resolved.add_partition_offset(e.topic(), e.partition(), Offset::Offset(high));
                 }
                 Err(err) => tracing::debug!(subscriber = %self.name, topic = e.topic(), partition = e.partition(),
                     error = %err, "end offset unknown; librdkafka resolves the position"),
             }
+        }
+        // Where the group starts is committed at once: a rebalance before the first commit (another
+        // member of the group joining) would otherwise resolve `Latest` again and skip what was published
+        // in between.
+        if resolved.count() > 0
+            && let Err(e) = consumer.commit(&resolved, rdkafka::consumer::CommitMode::Async)
+        {
+            tracing::debug!(subscriber = %self.name, error = %e, "could not commit the resolved start positions");
         }
     }
 }

@@ -316,7 +316,13 @@ async fn rebalance(shared: Arc<Shared>, group: String) {
                 let start = match (g.committed.get(&tp), m.reset) {
                     (Some(c), _) => *c,
                     (None, OffsetReset::Earliest) => 0,
-                    (None, OffsetReset::Latest) => log.len() as i64,
+                    (None, OffsetReset::Latest) => {
+                        // Where the group starts is kept: a rebalance before its first commit (another
+                        // member joining) must not skip what was published in between.
+                        let end = log.len() as i64;
+                        g.committed.insert(tp.clone(), end);
+                        end
+                    }
                 };
                 assignment.push((tp, start));
             }
