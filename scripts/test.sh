@@ -10,8 +10,10 @@
 #   and the demos (quickstart, orders) on every broker (it exits non-zero if any message is not settled as shown).
 # The service's docs and command line (features `docs`, `cli`) are tested on every broker: the AsyncAPI
 # document checked by the official parser (npm's @asyncapi/parser) and the docs page in Debian's headless
-# chromium (driven by npm's playwright-core), both installed here once per machine by scripts/docs-tools.sh;
-# the page's screenshot is kept in target/artifacts/docs-page.png.
+# chromium (driven by npm's playwright-core), both installed here once per machine by scripts/test-tools.sh;
+# the page's screenshot is kept in target/artifacts/docs-page.png. Metrics (feature `prometheus`) are read
+# with the Prometheus project's parser (PyPI's prometheus_client) and scraped by a real Prometheus server
+# (Debian's prometheus), also installed by scripts/test-tools.sh.
 # The optional features are tested in the memory stage: `macros` (#[debug_handler], compile-fail
 # snapshots) and `msgpack` (MessagePack codec; Python's `msgpack` package, installed here if missing,
 # checks that another language reads what we write).
@@ -32,8 +34,8 @@ cargo test --features msgpack --test codecs --lib
 cargo test --features macros,msgpack,cli --doc
 cargo test -p ferrostream-macros
 echo "== the docs and the command line on memory://"
-scripts/docs-tools.sh
-cargo test --features cli --lib --test asyncapi --test docs_page --test cli
+scripts/test-tools.sh
+cargo test --features cli --lib --test asyncapi --test docs_page --test cli --test metrics
 echo "== the demo on memory://"
 cargo run -q --example quickstart >/dev/null
 cargo run -q --example orders >/dev/null
@@ -58,7 +60,7 @@ fi
 echo "broker: $amqp"
 FERROSTREAM_TEST_BROKER="$amqp" FERROSTREAM_TEST_AMQP="$amqp" \
   cargo test --features amqp,cli --test policy_table --test settling --test application --test request_reply \
-  --test test_client --test amqp --test amqp_crash --test asyncapi --test docs_page --test cli
+  --test test_client --test amqp --test amqp_crash --test asyncapi --test docs_page --test cli --test metrics
 FERROSTREAM_TEST_AMQP="$amqp" cargo test --features amqp,cli --doc
 echo "== the demo on RabbitMQ"
 cargo run -q --features amqp,cli --example quickstart -- --broker "$amqp" >/dev/null

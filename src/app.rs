@@ -57,6 +57,9 @@ async fn run_shutdown_hooks(hooks: Vec<Hook>, broker: &Broker, stage: &'static s
 pub struct App {
     broker: Broker,
     info: crate::asyncapi::Info,
+    /// Where the service's HTTP server listens, and whether its docs page may publish.
+    #[cfg(feature = "http")]
+    http: Option<(String, bool)>,
     shutdown_timeout: Duration,
     ready_timeout: Duration,
     on_startup: Vec<Hook>,
@@ -71,6 +74,8 @@ impl App {
         App {
             broker,
             info: crate::asyncapi::Info::default(),
+            #[cfg(feature = "http")]
+            http: None,
             shutdown_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(60),
             on_startup: Vec::new(),
@@ -96,6 +101,28 @@ impl App {
     /// What the service does, for its AsyncAPI document and docs page.
     pub fn description(mut self, text: impl Into<String>) -> Self {
         self.info.description = Some(text.into());
+        self
+    }
+
+    /// Serves the service's HTTP routes on `addr` (e.g. `0.0.0.0:8000`; port 0 picks a free one, see
+    /// [`RunningApp::http_addr`]) from the start until the shutdown: `/health/live`, `/health/ready`, and
+    /// with their features `/metrics` and the docs page. See [`http`](crate::http). The address is
+    /// bound before any subscriber starts: a taken port fails the start at once
+    /// ([`StartError::Http`]).
+    #[cfg(feature = "http")]
+    pub fn http(mut self, addr: impl Into<String>) -> Self {
+        let allow = self.http.as_ref().is_some_and(|(_, a)| *a);
+        self.http = Some((addr.into(), allow));
+        self
+    }
+
+    /// Lets the docs page served by [`http`](Self::http) publish test messages (off by default: never on
+    /// a page production users can reach).
+    #[cfg(feature = "docs")]
+    pub fn allow_docs_publish(mut self, allow: bool) -> Self {
+        if let Some((_, a)) = &mut self.http {
+            *a = allow;
+        }
         self
     }
 
@@ -199,7 +226,11 @@ impl App {
     /// them, and waits until each has joined its group and received its first assignment.
     pub async fn start(mut self) -> Result<RunningApp, StartError> {
         run_hooks(std::mem::take(&mut self.on_startup), &self.broker, "on_startup").await?;
+        #[cfg(feature = "http")]
+        let http = self.serve_http().await?;
         let subscribers = self.broker.take_subscribers()?;
+        #[cfg(feature = "http")]
+        let probe = subscribers.first().map(|(cfg, _)| cfg.topic.clone());
         let (tx, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut ready = Vec::new();
@@ -223,8 +254,16 @@ impl App {
                 ready.push((name, r));
             }
         }
+        #[cfg(feature = "http")]
+        let watched: Vec<(Arc<str>, tokio::task::AbortHandle)> = ready
+            .iter()
+            .map(|(name, _)| name.clone())
+            .zip(tasks.iter().map(|t| t.abort_handle()))
+            .collect();
         let running = RunningApp {
             shutdown: Arc::new(tx),
+            #[cfg(feature = "http")]
+            http,
             tasks,
             timeout: self.shutdown_timeout,
             broker: self.broker.clone(),
@@ -245,6 +284,10 @@ impl App {
             }
         }
         tracing::info!(broker = %self.broker.url(), subscribers = count, "app started: every subscriber is consuming");
+        #[cfg(feature = "http")]
+        if let Some(server) = &running.http {
+            server.health.started(watched, probe);
+        }
         if let Err(e) = run_hooks(std::mem::take(&mut self.after_startup), &self.broker, "after_startup").await {
             if let Err(stop) = running.shutdown().await {
                 tracing::error!(error = %stop, "stopping after a failed after_startup hook");
@@ -382,6 +425,8 @@ impl ShutdownHandle {
 /// A started app.
 pub struct RunningApp {
     shutdown: Arc<watch::Sender<bool>>,
+    #[cfg(feature = "http")]
+    http: Option<HttpServer>,
     tasks: Vec<JoinHandle<()>>,
     timeout: Duration,
     broker: Broker,
@@ -395,6 +440,12 @@ impl RunningApp {
         ShutdownHandle(self.shutdown.clone())
     }
 
+    /// Where the service's HTTP server listens ([`App::http`]).
+    #[cfg(feature = "http")]
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().map(|s| s.addr)
+    }
+
     /// Waits until a [`ShutdownHandle`] asks for shutdown, then shuts down.
     pub async fn wait(self) -> Result<(), BrokerError> {
         let mut rx = self.shutdown.subscribe();
@@ -405,6 +456,10 @@ impl RunningApp {
     /// Stops fetching, waits for in-flight handlers up to the shutdown timeout, commits, leaves the
     /// groups. Fails only if the subscribers did not stop within twice the timeout.
     pub async fn shutdown(mut self) -> Result<(), BrokerError> {
+        #[cfg(feature = "http")]
+        if let Some(server) = &self.http {
+            server.health.stopping();
+        }
         run_shutdown_hooks(std::mem::take(&mut self.on_shutdown), &self.broker, "on_shutdown").await;
         self.shutdown.send_replace(true);
         let limit = self.limit();
@@ -417,11 +472,69 @@ impl RunningApp {
             }),
         };
         run_shutdown_hooks(std::mem::take(&mut self.after_shutdown), &self.broker, "after_shutdown").await;
+        #[cfg(feature = "http")]
+        if let Some(server) = self.http.take() {
+            let _ = server.stop.send(());
+            let _ = server.task.await;
+        }
         r
     }
 
     /// How long the subscribers may take to stop.
     fn limit(&self) -> Duration {
         self.timeout * 2 + Duration::from_secs(5)
+    }
+}
+
+/// The service's HTTP server of a running app.
+#[cfg(feature = "http")]
+struct HttpServer {
+    addr: std::net::SocketAddr,
+    health: Arc<crate::http::Health>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+#[cfg(feature = "http")]
+impl App {
+    /// Binds and serves the HTTP routes, if asked to (before any subscriber starts).
+    async fn serve_http(&self) -> Result<Option<HttpServer>, StartError> {
+        let Some((addr, _allow_publish)) = self.http.clone() else {
+            return Ok(None);
+        };
+        let health = crate::http::Health::new(self.broker.clone());
+        #[allow(unused_mut)]
+        let mut router = crate::http::routes(health.clone());
+        #[cfg(feature = "docs")]
+        {
+            router = router.merge(crate::docs::Docs::new(self)?.allow_publish(_allow_publish).router());
+        }
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::Http {
+                addr: addr.clone(),
+                source,
+            })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| StartError::Http { addr, source })?;
+        tracing::info!(url = %format!("http://{bound}"), "serving health probes, metrics and docs");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the HTTP server failed");
+            }
+        });
+        Ok(Some(HttpServer {
+            addr: bound,
+            health,
+            stop,
+            task,
+        }))
     }
 }

@@ -126,7 +126,7 @@ impl Broker {
     }
 
     fn with_backend(url: &str, backend: Arc<dyn Backend>) -> Self {
-        Broker {
+        let broker = Broker {
             inner: Arc::new(Inner {
                 url: crate::redact::url(url),
                 reconnected: OnceLock::new(),
@@ -146,7 +146,10 @@ impl Broker {
                 replies: tokio::sync::OnceCell::new(),
                 started: Mutex::new(Vec::new()),
             }),
-        }
+        };
+        // Every publish is counted, with or without middleware.
+        broker.rebuild_sender();
+        broker
     }
 
     pub(crate) fn downgrade(&self) -> WeakBroker {
@@ -264,7 +267,11 @@ impl Broker {
         let mut layers = lock(&self.inner.publish_layers).clone();
         layers.extend(inner.iter().cloned());
         layers.extend(lock(&self.inner.tap).iter().cloned());
-        middleware::layered_sender(self.backend(), &layers)
+        let metered = Arc::new(crate::metrics::Metered {
+            inner: self.backend(),
+            publishes: self.inner.metrics.publishes().clone(),
+        });
+        middleware::layered_sender(metered, &layers)
     }
 
     fn sender(&self) -> Arc<dyn Sender> {
@@ -594,8 +601,14 @@ impl Broker {
         spec: &SubscriberSpec,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(JoinHandle<()>, oneshot::Receiver<()>), StartError> {
+        let counters = self.inner.metrics.counters(&cfg.name);
+        let _ = counters.labels.set(crate::metrics::SubscriberLabels {
+            system: crate::metrics::system_of(self.url()),
+            topic: cfg.topic.clone(),
+            group: cfg.group_id.clone(),
+        });
         let rt = Arc::new(SubscriberRuntime {
-            counters: self.inner.metrics.counters(&cfg.name),
+            counters,
             cfg,
             handler: spec.handler.clone(),
             service: middleware::handler_service(spec.handler.clone(), &spec.layers),

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! my-service [run]   [--broker URL] [--log-level LEVEL] [--log-format text|json]
+//!                    [--http HOST:PORT|off] [--allow-publish]
 //! my-service docs gen   [--yaml | --json] [--output FILE]
 //! my-service docs serve [--host HOST] [--port PORT] [--allow-publish]
 //! my-service publish TOPIC PAYLOAD [--key KEY] [--header NAME=VALUE]... [--timeout SECONDS]
@@ -34,6 +35,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use crate::app::App;
 use crate::docs::Docs;
 
+/// Where `run` serves its HTTP routes unless told otherwise.
+pub const DEFAULT_HTTP: &str = "0.0.0.0:8000";
+
 #[derive(Debug, Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -62,13 +66,13 @@ enum LogFormat {
 enum Command {
     /// Runs the service until Ctrl-C or SIGTERM, then shuts down gracefully (the default).
     Run {
-        /// Also serves the docs page (/docs, /asyncapi.json, /asyncapi.yaml) on this address while
-        /// running, e.g. 127.0.0.1:8000.
-        #[arg(long, value_name = "HOST:PORT")]
-        http: Option<String>,
-        /// Lets the docs page publish test messages to the service's channels (with --http; off by
-        /// default: never on a page production users can reach).
-        #[arg(long, requires = "http")]
+        /// Where the service's HTTP server listens while it runs: /health/live, /health/ready, /metrics,
+        /// /docs, /asyncapi.json, /asyncapi.yaml (`off`: no server).
+        #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_HTTP)]
+        http: String,
+        /// Lets the docs page publish test messages to the service's channels (off by default: never on
+        /// a page production users can reach).
+        #[arg(long)]
         allow_publish: bool,
     },
     /// The service's AsyncAPI 3.0 document and docs page.
@@ -183,34 +187,12 @@ impl App {
             self.broker().reconnect(url)?;
         }
         let run = Command::Run {
-            http: None,
+            http: DEFAULT_HTTP.to_owned(),
             allow_publish: false,
         };
         match cli.command.unwrap_or(run) {
-            Command::Run { http: None, .. } => Ok(self.run().await?),
-            Command::Run {
-                http: Some(addr),
-                allow_publish,
-            } => {
-                // Bound before the start, so a taken port fails at once.
-                let docs = Docs::new(&self)?.allow_publish(allow_publish);
-                let listener = docs.bind(&addr).await?;
-                if let Ok(addr) = listener.local_addr() {
-                    tracing::info!(url = %format!("http://{addr}/docs"), "docs page");
-                }
-                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                let server = tokio::spawn(docs.serve_on(listener, async move {
-                    let _ = stopped.await;
-                }));
-                let ran = self.run().await;
-                let _ = stop.send(());
-                let served = server.await;
-                ran?;
-                match served {
-                    Ok(result) => Ok(result?),
-                    Err(e) => Err(format!("the docs server failed: {e}").into()),
-                }
-            }
+            Command::Run { http, .. } if http == "off" => Ok(self.run().await?),
+            Command::Run { http, allow_publish } => Ok(self.http(http).allow_docs_publish(allow_publish).run().await?),
             Command::Docs {
                 command: DocsCommand::Gen { yaml, output, .. },
             } => {

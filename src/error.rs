@@ -590,6 +590,16 @@ pub enum StartError {
         /// The broker's URL (credentials hidden).
         url: String,
     },
+    /// The service's HTTP server could not listen where it was told ([`App::http`](crate::App::http)).
+    #[error(
+        "the HTTP server cannot listen on {addr}: {source} (is another process using the port? choose another with --http HOST:PORT)"
+    )]
+    Http {
+        /// The address asked for.
+        addr: String,
+        /// What the system said.
+        source: std::io::Error,
+    },
     /// A shutdown signal (SIGINT, SIGTERM) arrived while [`App::run`](crate::App::run) was starting.
     #[error("interrupted by a shutdown signal during start")]
     Interrupted,

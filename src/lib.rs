@@ -67,11 +67,15 @@ mod filter;
 pub mod guarantees;
 mod handler;
 pub mod hooks;
+#[cfg(feature = "http")]
+pub mod http;
 mod log;
 mod message;
 mod metrics;
 pub mod middleware;
 pub mod observe;
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
 mod publish;
 mod publisher;
 mod redact;

@@ -2,13 +2,103 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use crate::error::FailureKind;
+use crate::offset::TopicPartition;
 use crate::settle::Settle;
+
+/// Upper bounds (seconds) of the duration histograms' buckets: from half a millisecond to ten seconds.
+pub(crate) const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A duration histogram of relaxed atomics: an observation is a bucket search and two additions.
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    /// Per bucket (not cumulative); the last one is `+Inf`.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+/// A histogram as read at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(not(feature = "prometheus"), allow(dead_code))] // read by the exposition
+pub(crate) struct HistogramSnapshot {
+    /// Counts per upper bound of [`BUCKETS`] (each bucket's own, not cumulative).
+    pub(crate) buckets: Vec<(f64, u64)>,
+    pub(crate) count: u64,
+    pub(crate) sum_seconds: f64,
+}
+
+impl Histogram {
+    pub(crate) fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))] // read by the exposition
+    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
+        let buckets: Vec<(f64, u64)> = BUCKETS
+            .iter()
+            .zip(&self.counts)
+            .map(|(bound, c)| (*bound, c.load(Relaxed)))
+            .collect();
+        let total = buckets.iter().map(|(_, n)| n).sum::<u64>() + self.counts[BUCKETS.len()].load(Relaxed);
+        HistogramSnapshot {
+            buckets,
+            count: total,
+            sum_seconds: self.sum_nanos.load(Relaxed) as f64 / 1e9,
+        }
+    }
+}
+
+/// The broker family of a URL, as OpenTelemetry's `messaging.system` names it.
+pub(crate) fn system_of(url: &str) -> &'static str {
+    match url.split_once("://").map(|(s, _)| s) {
+        Some("kafka") => "kafka",
+        Some("amqp" | "amqps") => "rabbitmq",
+        Some("memory") => "memory",
+        _ => "other",
+    }
+}
+
+/// What a subscriber is, for the labels of its metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SubscriberLabels {
+    /// `kafka`, `rabbitmq` or `memory`.
+    pub(crate) system: &'static str,
+    pub(crate) topic: String,
+    pub(crate) group: Option<String>,
+}
+
+/// Where a consumer stands in one partition: what it committed, where it reads, where the log ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct PartitionPosition {
+    /// The committed offset (the next one the group reads after a restart); `None` before the first.
+    pub(crate) committed: Option<i64>,
+    /// The next offset this consumer takes.
+    pub(crate) position: Option<i64>,
+    /// The log end offset (high watermark), as the client last saw it.
+    pub(crate) end: Option<i64>,
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
+    pub(crate) labels: OnceLock<SubscriberLabels>,
+    received: AtomicU64,
+    dead_lettered: AtomicU64,
+    retries: AtomicU64,
+    assignments: AtomicU64,
+    revocations: AtomicU64,
+    pub(crate) process: Histogram,
+    pub(crate) commit_latency: Histogram,
+    /// Per owned partition (log brokers), refreshed on the commit cadence.
+    positions: Mutex<BTreeMap<TopicPartition, PartitionPosition>>,
     handled: AtomicU64,
     succeeded: AtomicU64,
     handler_errors: AtomicU64,
@@ -23,6 +113,33 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
+    /// Messages handed to a handler call.
+    pub(crate) fn received(&self, n: usize) {
+        self.received.fetch_add(n as u64, Relaxed);
+    }
+
+    pub(crate) fn dead_lettered(&self) {
+        self.dead_lettered.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn retry_scheduled(&self) {
+        self.retries.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn rebalanced(&self, assigned: bool) {
+        if assigned { &self.assignments } else { &self.revocations }.fetch_add(1, Relaxed);
+    }
+
+    /// Replaces the positions of the partitions this subscriber owns.
+    pub(crate) fn set_positions(&self, positions: BTreeMap<TopicPartition, PartitionPosition>) {
+        *self.positions.lock().unwrap_or_else(|p| p.into_inner()) = positions;
+    }
+
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))] // read by the exposition
+    pub(crate) fn positions(&self) -> BTreeMap<TopicPartition, PartitionPosition> {
+        self.positions.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub(crate) fn buffered(&self, n: usize) {
         self.buffered_high_water.fetch_max(n as u64, Relaxed);
     }
@@ -51,8 +168,13 @@ impl Counters {
         if ok { &self.commits } else { &self.commit_errors }.fetch_add(1, Relaxed);
     }
 
-    fn snapshot(&self) -> SubscriberMetrics {
+    pub(crate) fn snapshot(&self) -> SubscriberMetrics {
         SubscriberMetrics {
+            received: self.received.load(Relaxed),
+            dead_lettered: self.dead_lettered.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            assignments: self.assignments.load(Relaxed),
+            revocations: self.revocations.load(Relaxed),
             handled: self.handled.load(Relaxed),
             succeeded: self.succeeded.load(Relaxed),
             handler_errors: self.handler_errors.load(Relaxed),
@@ -72,6 +194,16 @@ impl Counters {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SubscriberMetrics {
+    /// Messages handed to handler calls (a retried message counts again).
+    pub received: u64,
+    /// Rejected messages published to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// Failed messages published to the retry topic.
+    pub retries: u64,
+    /// Partition assignments this subscriber received (rebalances that gave it partitions).
+    pub assignments: u64,
+    /// Partition revocations (rebalances that took partitions away).
+    pub revocations: u64,
     /// Handler calls that ended (any outcome, interrupts included).
     pub handled: u64,
     /// Calls that returned successfully or with an interrupt.
@@ -100,6 +232,61 @@ pub struct SubscriberMetrics {
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     by_subscriber: Arc<Mutex<BTreeMap<String, Arc<Counters>>>>,
+    publishes: Publishes,
+}
+
+/// Publishes to the broker, by destination: sent, failed, and how long the broker took to acknowledge.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Publishes {
+    by_destination: Arc<Mutex<BTreeMap<String, Arc<PublishCounters>>>>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct PublishCounters {
+    pub(crate) sent: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) latency: Histogram,
+}
+
+/// The broker's sender with every publish counted and timed, by destination.
+pub(crate) struct Metered {
+    pub(crate) inner: Arc<dyn crate::transport::Publisher>,
+    pub(crate) publishes: Publishes,
+}
+
+impl crate::transport::Publisher for Metered {
+    fn send(
+        &self,
+        out: crate::transport::Outgoing,
+    ) -> futures::future::BoxFuture<'static, Result<crate::PublishAck, crate::PublishError>> {
+        let counters = self.publishes.of(if out.mandatory { &out.topic } else { "(reply)" });
+        let started = std::time::Instant::now();
+        let sent = self.inner.send(out);
+        Box::pin(async move {
+            let r = sent.await;
+            counters.latency.observe(started.elapsed());
+            if r.is_ok() { &counters.sent } else { &counters.failed }.fetch_add(1, Relaxed);
+            r
+        })
+    }
+}
+
+impl Publishes {
+    /// The counters of a destination (a topic, or `(reply)` for every reply: reply topics are the
+    /// requesters', and as many as there are requesters).
+    pub(crate) fn of(&self, destination: &str) -> Arc<PublishCounters> {
+        let mut map = self.by_destination.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(destination) {
+            return c.clone();
+        }
+        map.entry(destination.to_owned()).or_default().clone()
+    }
+
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))] // read by the exposition
+    pub(crate) fn all(&self) -> Vec<(String, Arc<PublishCounters>)> {
+        let map = self.by_destination.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(n, c)| (n.clone(), c.clone())).collect()
+    }
 }
 
 impl Metrics {
@@ -117,5 +304,35 @@ impl Metrics {
     pub fn get(&self, subscriber: &str) -> SubscriberMetrics {
         let map = self.by_subscriber.lock().unwrap_or_else(|p| p.into_inner());
         map.get(subscriber).map(|c| c.snapshot()).unwrap_or_default()
+    }
+
+    /// Every subscriber's counters, by name.
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))] // read by the exposition
+    pub(crate) fn all(&self) -> Vec<(String, Arc<Counters>)> {
+        let map = self.by_subscriber.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(n, c)| (n.clone(), c.clone())).collect()
+    }
+
+    pub(crate) fn publishes(&self) -> &Publishes {
+        &self.publishes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_observation_lands_in_the_first_bucket_whose_bound_it_does_not_exceed() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(500)); // on the first bound
+        h.observe(Duration::from_millis(3)); // in (0.0025, 0.005]
+        h.observe(Duration::from_secs(60)); // past the last bound: +Inf only
+        let s = h.snapshot();
+        assert_eq!(s.count, 3);
+        assert_eq!(s.buckets[0], (0.0005, 1));
+        assert_eq!(s.buckets[3], (0.005, 1));
+        assert_eq!(s.buckets.iter().map(|b| b.1).sum::<u64>(), 2);
+        assert!((s.sum_seconds - 60.0035).abs() < 1e-9);
     }
 }

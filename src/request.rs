@@ -21,6 +21,8 @@ use crate::handler::IntoPayload;
 use crate::message::Message;
 use crate::publish::Publish;
 
+/// The start of every reply topic's name (and of its consumer's).
+pub(crate) const REPLY_PREFIX: &str = "ferrostream.replies.";
 /// The default time a request waits for its reply.
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -39,7 +41,7 @@ impl Replies {
     /// Starts consuming a new reply topic of `broker`.
     pub(crate) async fn start(broker: &Broker) -> Result<Arc<Replies>, PublishError> {
         let nonce = nonce();
-        let topic = format!("ferrostream.replies.{nonce:016x}");
+        let topic = format!("{REPLY_PREFIX}{nonce:016x}");
         let (stop, stop_rx) = watch::channel(false);
         let replies = Arc::new(Replies {
             topic: topic.clone(),

@@ -197,6 +197,10 @@ impl Child {
     }
 }
 
+/// The services these tests run share the example's group and queues: on a real broker two of them at
+/// once would split the orders between them, so they take turns.
+static SERVICE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -207,6 +211,7 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_consumes_until_sigterm_and_serves_its_docs_and_publish_publishes() {
+    let _turn = SERVICE.lock().await;
     let url = common::broker_url();
     let port = free_port();
     let http = format!("127.0.0.1:{port}");
@@ -310,5 +315,87 @@ async fn docs_serve_serves_the_page_until_interrupted() {
         .await
         .expect("Ctrl-C stops it")
         .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+/// A real Prometheus server (Debian's `prometheus`) scrapes the running service's `/metrics`, and a
+/// query over its HTTP API returns the consumed-messages series of the subscriber that handled an order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_prometheus_server_scrapes_the_running_service() {
+    let _turn = SERVICE.lock().await;
+    let url = common::broker_url();
+    let port = free_port();
+    let http = format!("127.0.0.1:{port}");
+    let mut service = Child::spawn(&[
+        "--broker",
+        &url,
+        "--log-format",
+        "json",
+        "run",
+        "--http",
+        &http,
+        "--allow-publish",
+    ]);
+    service
+        .wait_line("`app started` log line", |l| l.contains("app started"))
+        .await;
+    let addr: std::net::SocketAddr = http.parse().unwrap();
+    let id = 7_000_000 + u64::from(port);
+    let order = format!(r#"{{"id": {id}, "items": [{{"sku": "tea", "quantity": 1}}]}}"#);
+    let body = serde_json::json!({ "channel": "shop.orders", "payload": order }).to_string();
+    let (status, answer) = web::http(addr, "POST", "/docs/publish", Some(&body)).await;
+    assert_eq!(status, 200, "{answer}");
+    service
+        .wait_line("billing of the order", |l| {
+            l.contains("\"billed\"") && l.contains(&format!("\"order\":{id}"))
+        })
+        .await;
+
+    let dir = web::artifacts_dir().join(format!("prometheus-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: shop\n    static_configs:\n      - targets: ['{http}']\n"
+        ),
+    )
+    .unwrap();
+    let web_port = free_port();
+    let mut prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{web_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus runs (scripts/test-tools.sh installs it)");
+    let api: std::net::SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
+    let query = "/api/v1/query?query=messaging_client_consumed_messages_total%7Bsubscriber%3D%22billing%22%7D";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let value = loop {
+        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(api)).await
+        {
+            drop(stream);
+            let (status, body) = web::http(api, "GET", query, None).await;
+            if status == 200 {
+                let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+                if let Some(series) = answer["data"]["result"].as_array().and_then(|r| r.first()) {
+                    assert_eq!(series["metric"]["job"], "shop");
+                    assert_eq!(series["metric"]["messaging_destination_name"], "shop.orders");
+                    break series["value"][1].as_str().unwrap().parse::<f64>().unwrap();
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Prometheus never returned the series"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(value >= 1.0, "{value}");
+    prometheus.kill().await.unwrap();
+    let status = service.terminate().await;
     assert!(status.success(), "{status}");
 }

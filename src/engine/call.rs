@@ -20,8 +20,9 @@ use crate::transport::Outgoing;
 
 /// A handler call that ended: its messages and what it returned.
 pub(crate) enum Completion {
-    One(Message, Result<(), Error>),
-    Batch(Vec<Message>, Result<(), Error>),
+    /// The message, the outcome, and how long the call took (its result's publish included).
+    One(Message, Result<(), Error>, std::time::Duration),
+    Batch(Vec<Message>, Result<(), Error>, std::time::Duration),
 }
 
 /// One handler call under way (SPEC section 2): the handler's future (panics caught, SPEC 2.3), then the
@@ -34,6 +35,7 @@ pub(crate) struct Call {
     publish: Option<Arc<SubscriberRuntime>>,
     messages: Option<Messages>,
     stage: Stage,
+    started: std::time::Instant,
 }
 
 pub(super) enum Stage {
@@ -46,6 +48,8 @@ pub(super) enum Stage {
 impl Call {
     /// Extracts the arguments and starts the handler (through its middleware, if it has any).
     pub(super) fn new(rt: &Arc<SubscriberRuntime>, messages: Messages) -> Self {
+        let started = std::time::Instant::now();
+        rt.counters.received(messages.as_slice().len());
         let stage = match &rt.service {
             Some(service) => Stage::Handler(service.call_boxed(Request {
                 messages: messages.clone(),
@@ -70,6 +74,7 @@ impl Call {
             publish: rt.publishes(messages.as_slice()).then(|| rt.clone()),
             messages: Some(messages),
             stage,
+            started,
         }
     }
 }
@@ -104,11 +109,12 @@ impl Future for Call {
                 },
                 Stage::Ended(r) => std::mem::replace(r, Ok(())),
             };
+            let took = this.started.elapsed();
             return Poll::Ready(match this.messages.take() {
-                Some(Messages::One(m)) => Completion::One(m, result),
-                Some(Messages::Batch(v)) => Completion::Batch(v, result),
+                Some(Messages::One(m)) => Completion::One(m, result, took),
+                Some(Messages::Batch(v)) => Completion::Batch(v, result, took),
                 // Polled again after it completed: a bug in the caller, not in the handler.
-                None => Completion::Batch(Vec::new(), result),
+                None => Completion::Batch(Vec::new(), result, took),
             });
         }
     }

@@ -26,6 +26,7 @@ impl<T: Transport> Engine<T> {
                     }
                 }
                 tracing::info!(subscriber = %self.rt.cfg.name, partitions = ?tps, "partitions assigned");
+                self.rt.counters.rebalanced(true);
                 self.rt.hooks.emit(|| HookEvent::Assigned {
                     subscriber: &self.rt.cfg.name,
                     sources: &tps,
@@ -42,6 +43,7 @@ impl<T: Transport> Engine<T> {
                     self.parts.remove(tp);
                 }
                 self.order.retain(|tp| self.parts.contains_key(tp));
+                self.rt.counters.rebalanced(false);
                 self.rt.hooks.emit(|| HookEvent::Revoked {
                     subscriber: &self.rt.cfg.name,
                     sources: &sources,

@@ -41,9 +41,11 @@ impl<T: Transport> Engine<T> {
             }
         }
         let (messages, result) = match &done {
-            Completion::One(m, r) => (std::slice::from_ref(m), r),
-            Completion::Batch(v, r) => (&v[..], r),
+            Completion::One(m, r, _) => (std::slice::from_ref(m), r),
+            Completion::Batch(v, r, _) => (&v[..], r),
         };
+        let (Completion::One(_, _, took) | Completion::Batch(_, _, took)) = &done;
+        self.rt.counters.process.observe(*took);
         let verdict = Verdict::of(&self.rt, messages, result);
         for msg in messages {
             self.rt.counters.handled(verdict.label);
@@ -70,7 +72,7 @@ impl<T: Transport> Engine<T> {
             }
         }
         match &done {
-            Completion::One(m, _) => {
+            Completion::One(m, _, _) => {
                 if let Some(part) = self
                     .parts
                     .get_mut(m.topic_partition())
@@ -81,7 +83,7 @@ impl<T: Transport> Engine<T> {
                 }
             }
             // One batch runs at a time: its end frees every slot of the partitions it came from.
-            Completion::Batch(v, _) => {
+            Completion::Batch(v, _, _) => {
                 let mut freed: Vec<(&TopicPartition, u64)> = Vec::new();
                 for m in v {
                     let from = (m.topic_partition(), m.generation());
@@ -183,6 +185,10 @@ impl<T: Transport> Engine<T> {
         match result {
             Ok(()) => {
                 let subscriber = &self.rt.cfg.name;
+                match to {
+                    Forward::DeadLetter { .. } => self.rt.counters.dead_lettered(),
+                    Forward::Retry { .. } => self.rt.counters.retry_scheduled(),
+                }
                 if let Forward::DeadLetter { by } = to {
                     self.rt.hooks.emit(|| HookEvent::Settled {
                         subscriber,

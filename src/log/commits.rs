@@ -24,6 +24,7 @@ const IN_FLIGHT_COMMIT_WAIT: Duration = Duration::from_secs(2);
 struct InFlightCommit {
     commits: Commits,
     future: BoxFuture<'static, Result<(), BrokerError>>,
+    started: Instant,
 }
 
 /// When the next commit goes out, and the one in flight.
@@ -100,7 +101,11 @@ impl Cadence {
             return;
         }
         let future = consumer.commit(commits.clone());
-        self.commit = Some(InFlightCommit { commits, future });
+        self.commit = Some(InFlightCommit {
+            commits,
+            future,
+            started: Instant::now(),
+        });
     }
 
     /// The commit in flight ended: returns what the broker confirmed.
@@ -112,6 +117,7 @@ impl Cadence {
         counters: &Counters,
     ) -> Option<Commits> {
         let done = self.commit.take()?;
+        counters.commit_latency.observe(done.started.elapsed());
         match r {
             Ok(()) => {
                 counters.committed(true);

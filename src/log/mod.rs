@@ -124,7 +124,12 @@ pub(crate) struct LogTransport<C> {
     /// that was said. Empty while settles come in order (the usual case costs one `is_empty`).
     stalls: rustc_hash::FxHashMap<TopicPartition, Stall>,
     stall_warning: Duration,
+    /// When the positions the metrics show were last refreshed.
+    positions_shown: Instant,
 }
+
+/// How often the positions the metrics show (consumer lag) are refreshed while records come in.
+const POSITIONS_EVERY: Duration = Duration::from_secs(1);
 
 /// An unsettled offset holding a partition's commit back.
 struct Stall {
@@ -145,7 +150,28 @@ impl<C: LogConsumer> LogTransport<C> {
             counters,
             stalls: rustc_hash::FxHashMap::default(),
             stall_warning: cfg.stall_warning,
+            positions_shown: Instant::now(),
         }
+    }
+
+    /// Shows the tracker's positions and confirmed commits to the metrics (consumer lag).
+    fn show_positions(&mut self) {
+        self.positions_shown = Instant::now();
+        let positions = self
+            .tracker
+            .positions()
+            .map(|(tp, position, committed)| {
+                (
+                    tp.clone(),
+                    crate::metrics::PartitionPosition {
+                        committed,
+                        position,
+                        end: None,
+                    },
+                )
+            })
+            .collect();
+        self.counters.set_positions(positions);
     }
 
     /// A settle behind an unsettled `front` offset: says so once when `front` has held the partition's
@@ -261,6 +287,7 @@ impl<C: LogConsumer> Transport for LogTransport<C> {
                 {
                     self.observe_commits(&commits);
                 }
+                self.show_positions();
                 Some(TransportEvent::Settled)
             }
             Step::Consumer(None) => None,
@@ -272,6 +299,7 @@ impl<C: LogConsumer> Transport for LogTransport<C> {
                     // flow control before a rebalance would otherwise never fetch again.
                     self.consumer.resume(tp);
                 }
+                self.show_positions();
                 Some(TransportEvent::Assigned(tps))
             }
             Step::Consumer(Some(LogEvent::Revoked { partitions, reply })) => Some(TransportEvent::Revoked {
@@ -285,6 +313,9 @@ impl<C: LogConsumer> Transport for LogTransport<C> {
         match self.tracker.partition(source) {
             Some(offsets) => seqs.for_each(|o| each(offsets.deliver(o))),
             None => seqs.for_each(|_| each(Delivery::Stale)), // not ours (revoked meanwhile)
+        }
+        if self.positions_shown.elapsed() >= POSITIONS_EVERY {
+            self.show_positions();
         }
     }
 
@@ -359,6 +390,7 @@ impl<C: LogConsumer> Transport for LogTransport<C> {
         for tp in sources {
             self.tracker.revoke(tp);
         }
+        self.show_positions();
         tracing::info!(subscriber = %self.subscriber, partitions = ?sources, final_commits = ?commits, "partitions revoked");
         reply(commits);
     }

@@ -227,6 +227,14 @@ impl OffsetTracker {
         self.parts.keys().cloned().collect()
     }
 
+    /// Per partition: the next offset the consumer takes (past the highest delivered) and the last
+    /// offset the broker confirmed as committed.
+    pub(crate) fn positions(&self) -> impl Iterator<Item = (&TopicPartition, Option<i64>, Option<i64>)> {
+        self.parts
+            .iter()
+            .map(|(tp, t)| (tp, t.offsets.high.map(|h| h + 1), t.confirmed))
+    }
+
     pub(crate) fn revoke(&mut self, tp: &TopicPartition) {
         self.parts.remove(tp);
     }

@@ -1,5 +1,5 @@
 //! What the docs tests share: a minimal HTTP client and the Node tools of `tools/docs` (installed by
-//! `scripts/docs-tools.sh`, which `scripts/test.sh` runs).
+//! `scripts/test-tools.sh`, which `scripts/test.sh` runs).
 #![allow(dead_code, unreachable_pub)]
 
 use std::path::PathBuf;
@@ -16,7 +16,7 @@ pub fn node_tool(script: &str, args: &[&str]) -> Output {
     let dir = tools_dir();
     assert!(
         dir.join("node_modules/@asyncapi/parser").exists() && dir.join("node_modules/playwright-core").exists(),
-        "the docs tools are not installed: run scripts/docs-tools.sh (scripts/test.sh does)"
+        "the docs tools are not installed: run scripts/test-tools.sh (scripts/test.sh does)"
     );
     Command::new("node")
         .arg(dir.join(script))
