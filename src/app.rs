@@ -238,7 +238,7 @@ impl App {
         for (mut cfg, spec) in subscribers {
             cfg.shutdown_timeout = self.shutdown_timeout;
             let name = cfg.name.clone();
-            tracing::info!(subscriber = %name, topic = %cfg.topic, group = cfg.group_id.as_deref().unwrap_or("-"),
+            tracing::info!(subscriber = %name, topic = %cfg.topic, group = %cfg.group_id.as_deref().unwrap_or("-"),
                 policy = %cfg.policy, max_in_flight = cfg.max_in_flight, "starting subscriber");
             let retry_consumer = match &cfg.retry_topic {
                 Some(topic) => Some(self.retry_consumer(&cfg, topic).await?),

@@ -270,6 +270,7 @@ impl Broker {
         let metered = Arc::new(crate::metrics::Metered {
             inner: self.backend(),
             publishes: self.inner.metrics.publishes().clone(),
+            system: crate::metrics::system_of(self.url()),
         });
         middleware::layered_sender(metered, &layers)
     }

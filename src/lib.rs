@@ -74,6 +74,8 @@ mod message;
 mod metrics;
 pub mod middleware;
 pub mod observe;
+#[cfg(feature = "otel")]
+pub mod otel;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 mod publish;

@@ -252,22 +252,30 @@ pub(crate) struct PublishCounters {
 pub(crate) struct Metered {
     pub(crate) inner: Arc<dyn crate::transport::Publisher>,
     pub(crate) publishes: Publishes,
+    /// The broker family, for the trace of a publish.
+    #[cfg_attr(not(feature = "otel"), allow(dead_code))]
+    pub(crate) system: &'static str,
 }
 
 impl crate::transport::Publisher for Metered {
     fn send(
         &self,
-        out: crate::transport::Outgoing,
+        #[cfg_attr(not(feature = "otel"), allow(unused_mut))] mut out: crate::transport::Outgoing,
     ) -> futures::future::BoxFuture<'static, Result<crate::PublishAck, crate::PublishError>> {
         let counters = self.publishes.of(if out.mandatory { &out.topic } else { "(reply)" });
         let started = std::time::Instant::now();
+        #[cfg(feature = "otel")]
+        let span = crate::otel::send(&mut out, self.system);
         let sent = self.inner.send(out);
-        Box::pin(async move {
+        let done = async move {
             let r = sent.await;
             counters.latency.observe(started.elapsed());
             if r.is_ok() { &counters.sent } else { &counters.failed }.fetch_add(1, Relaxed);
             r
-        })
+        };
+        #[cfg(feature = "otel")]
+        let done = tracing::Instrument::instrument(done, span);
+        Box::pin(done)
     }
 }
 

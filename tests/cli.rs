@@ -25,6 +25,9 @@ fn service() -> &'static PathBuf {
         if cfg!(feature = "amqp") {
             features.push("amqp");
         }
+        if cfg!(feature = "otel") {
+            features.push("otel");
+        }
         let status = Command::new(env!("CARGO"))
             .args(["build", "--quiet", "--example", "service", "--features"])
             .arg(features.join(","))

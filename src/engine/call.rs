@@ -36,6 +36,8 @@ pub(crate) struct Call {
     messages: Option<Messages>,
     stage: Stage,
     started: std::time::Instant,
+    /// The log context of everything the handler (and its middleware) logs: entered on each poll.
+    span: tracing::Span,
 }
 
 pub(super) enum Stage {
@@ -50,6 +52,39 @@ impl Call {
     pub(super) fn new(rt: &Arc<SubscriberRuntime>, messages: Messages) -> Self {
         let started = std::time::Instant::now();
         rt.counters.received(messages.as_slice().len());
+        let span = match messages.first() {
+            #[cfg(not(feature = "otel"))]
+            Some(m) => tracing::info_span!(
+                "handle",
+                subscriber = %rt.cfg.name,
+                topic = %m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                correlation_id = %m.correlation_id().unwrap_or_default(),
+                attempt = m.attempt(),
+                batch = messages.as_slice().len(),
+            ),
+            #[cfg(feature = "otel")]
+            Some(m) => {
+                let span = tracing::info_span!(
+                    "handle",
+                    subscriber = %rt.cfg.name,
+                    topic = %m.topic(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    correlation_id = %m.correlation_id().unwrap_or_default(),
+                    attempt = m.attempt(),
+                    batch = messages.as_slice().len(),
+                    otel.kind = %"consumer",
+                    otel.name = %format_args!("process {}", m.topic()),
+                );
+                let system = rt.counters.labels.get().map_or("other", |l| l.system);
+                crate::otel::process(&span, m, messages.as_slice().len(), system, rt.cfg.group_id.as_deref());
+                span
+            }
+            None => tracing::Span::none(),
+        };
+        let entered = span.enter();
         let stage = match &rt.service {
             Some(service) => Stage::Handler(service.call_boxed(Request {
                 messages: messages.clone(),
@@ -75,6 +110,10 @@ impl Call {
             messages: Some(messages),
             stage,
             started,
+            span: {
+                drop(entered);
+                span
+            },
         }
     }
 }
@@ -84,6 +123,7 @@ impl Future for Call {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Completion> {
         let this = &mut *self;
+        let _in_context = this.span.enter();
         loop {
             let result = match &mut this.stage {
                 Stage::Handler(fut) => match panics::catch(|| fut.as_mut().poll(cx)) {
@@ -110,6 +150,10 @@ impl Future for Call {
                 Stage::Ended(r) => std::mem::replace(r, Ok(())),
             };
             let took = this.started.elapsed();
+            #[cfg(feature = "otel")]
+            if let Err(e) = &result {
+                crate::otel::failed(&this.span, e);
+            }
             return Poll::Ready(match this.messages.take() {
                 Some(Messages::One(m)) => Completion::One(m, result, took),
                 Some(Messages::Batch(v)) => Completion::Batch(v, result, took),

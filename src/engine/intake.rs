@@ -25,7 +25,7 @@ impl<T: Transport> Engine<T> {
                         self.order.push(tp.clone());
                     }
                 }
-                tracing::info!(subscriber = %self.rt.cfg.name, partitions = ?tps, "partitions assigned");
+                tracing::info!(subscriber = %self.rt.cfg.name, partitions = %crate::offset::Shown(&tps[..]), "partitions assigned");
                 self.rt.counters.rebalanced(true);
                 self.rt.hooks.emit(|| HookEvent::Assigned {
                     subscriber: &self.rt.cfg.name,

@@ -38,18 +38,18 @@ impl Verdict {
             let attempt = first.attempt();
             if attempt <= 1 {
                 tracing::error!(
-                    subscriber = %cfg.name, topic = first.topic(), partition = first.partition(), offset = first.offset(),
+                    subscriber = %cfg.name, topic = %first.topic(), partition = first.partition(), offset = first.offset(),
                     attempt, batch = messages.len(), kind = e.label(), error = %e, "handler failed"
                 );
             } else if attempt.is_power_of_two() {
                 tracing::error!(
-                    subscriber = %cfg.name, topic = first.topic(), partition = first.partition(), offset = first.offset(),
+                    subscriber = %cfg.name, topic = %first.topic(), partition = first.partition(), offset = first.offset(),
                     attempt, batch = messages.len(), kind = e.label(), error = %e,
                     "handler failed again (logged at attempts 1, 2, 4, 8...)"
                 );
             } else {
                 tracing::debug!(
-                    subscriber = %cfg.name, topic = first.topic(), partition = first.partition(), offset = first.offset(),
+                    subscriber = %cfg.name, topic = %first.topic(), partition = first.partition(), offset = first.offset(),
                     attempt, batch = messages.len(), kind = e.label(), error = %e, "handler failed again"
                 );
             }
@@ -76,7 +76,7 @@ impl Verdict {
             {
                 if let Some(m) = messages.first() {
                     tracing::error!(
-                        subscriber = %cfg.name, topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                        subscriber = %cfg.name, topic = %m.topic(), partition = m.partition(), offset = m.offset(),
                         dead_letter = cfg.dead_letter.as_deref().unwrap_or("-"),
                         "a message that cannot decode is rejected (dead-lettered where a dead-letter topic is set), \
                          not delivered again"

@@ -391,7 +391,7 @@ impl<C: LogConsumer> Transport for LogTransport<C> {
             self.tracker.revoke(tp);
         }
         self.show_positions();
-        tracing::info!(subscriber = %self.subscriber, partitions = ?sources, final_commits = ?commits, "partitions revoked");
+        tracing::info!(subscriber = %self.subscriber, partitions = %offset::Shown(sources), final_commits = %offset::Shown(&commits[..]), "partitions revoked");
         reply(commits);
     }
 

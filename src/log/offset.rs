@@ -91,6 +91,28 @@ impl fmt::Display for TopicPartition {
     }
 }
 
+/// Partitions (or partitions with an offset each) as log fields show them: `orders[0], orders[1]` or
+/// `orders[0]@12, orders[1]@7`.
+pub(crate) struct Shown<'a, T>(pub(crate) &'a [T]);
+
+impl fmt::Display for Shown<'_, TopicPartition> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, tp) in self.0.iter().enumerate() {
+            write!(f, "{}{tp}", if i == 0 { "" } else { ", " })?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Shown<'_, (TopicPartition, i64)> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (tp, offset)) in self.0.iter().enumerate() {
+            write!(f, "{}{tp}@{offset}", if i == 0 { "" } else { ", " })?;
+        }
+        Ok(())
+    }
+}
+
 /// How a delivered offset relates to what the partition already knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {

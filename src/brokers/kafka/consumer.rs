@@ -87,7 +87,7 @@ impl Ctx {
                     let _ = tpl.set_partition_offset(e.topic(), e.partition(), Offset::Offset(high));
                     let _ = resolved.add_partition_offset(e.topic(), e.partition(), Offset::Offset(high));
                 }
-                Err(err) => tracing::debug!(subscriber = %self.name, topic = e.topic(), partition = e.partition(),
+                Err(err) => tracing::debug!(subscriber = %self.name, topic = %e.topic(), partition = e.partition(),
                     error = %err, "end offset unknown; librdkafka resolves the position"),
             }
         }
@@ -165,7 +165,7 @@ impl ConsumerContext for Ctx {
             // through the fetch queue, in order.
             for e in tpl.elements() {
                 if !fetch.route(consumer, e.topic(), e.partition()) {
-                    tracing::debug!(subscriber = %self.name, topic = e.topic(), partition = e.partition(),
+                    tracing::debug!(subscriber = %self.name, topic = %e.topic(), partition = e.partition(),
                         "partition not routed to the fetch queue; its messages come through the consumer queue");
                 }
             }

@@ -1,0 +1,100 @@
+//! OpenTelemetry traces (feature `otel`): a consumer span per handler call and a producer span per
+//! publish, with OpenTelemetry's messaging attributes, and W3C trace context (`traceparent`,
+//! `tracestate`) read from a message's headers and written into every record published, so a message
+//! published from a handler continues the trace of the message it came from.
+//!
+//! The spans are `tracing` spans (the handler's is the same span that gives its log lines their context),
+//! exported by a [`tracing_opentelemetry`] layer over your tracer provider and exporter:
+//!
+//! ```no_run
+//! use opentelemetry::trace::TracerProvider as _;
+//! use tracing_subscriber::layer::SubscriberExt;
+//! # fn exporter() -> opentelemetry_sdk::trace::InMemorySpanExporter { unimplemented!() }
+//! let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+//!     .with_simple_exporter(exporter()) // e.g. opentelemetry-otlp's SpanExporter
+//!     .build();
+//! let subscriber = tracing_subscriber::registry()
+//!     .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("my-service")));
+//! tracing::subscriber::set_global_default(subscriber).unwrap();
+//! ```
+//!
+//! | span | kind | name | attributes |
+//! |---|---|---|---|
+//! | a handler call | consumer | `process <topic>` | `messaging.system`, `messaging.operation.type=process`, `messaging.destination.name`, `messaging.destination.partition.id`, `messaging.kafka.offset` (the delivery tag on RabbitMQ), `messaging.consumer.group.name`, `messaging.message.conversation_id` (the correlation id), `messaging.batch.message_count` |
+//! | a publish | producer | `send <topic>` | `messaging.system`, `messaging.operation.type=send`, `messaging.destination.name` |
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::message::{Headers, Message};
+use crate::transport::Outgoing;
+
+struct Read<'a>(&'a Headers);
+
+impl Extractor for Read<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get_str(key)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k).collect()
+    }
+}
+
+struct Write<'a>(&'a mut Headers);
+
+impl Injector for Write<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.set(key, value);
+    }
+}
+
+/// Makes a handler call's span a consumer span that continues the trace of `first` (its
+/// `traceparent` header), with the messaging attributes. Before the span is first entered.
+pub(crate) fn process(span: &tracing::Span, first: &Message, batch: usize, system: &'static str, group: Option<&str>) {
+    if span.is_none() {
+        return;
+    }
+    let parent = TraceContextPropagator::new().extract(&Read(first.headers()));
+    let _ = span.set_parent(parent);
+    span.set_attribute("messaging.system", system);
+    span.set_attribute("messaging.operation.type", "process");
+    span.set_attribute("messaging.operation.name", "process");
+    span.set_attribute("messaging.destination.name", first.topic().to_owned());
+    span.set_attribute("messaging.destination.partition.id", first.partition().to_string());
+    span.set_attribute("messaging.kafka.offset", first.offset());
+    if let Some(group) = group {
+        span.set_attribute("messaging.consumer.group.name", group.to_owned());
+    }
+    if let Some(id) = first.correlation_id() {
+        span.set_attribute("messaging.message.conversation_id", id.to_owned());
+    }
+    if batch > 1 {
+        span.set_attribute("messaging.batch.message_count", batch as i64);
+    }
+}
+
+/// The call failed: its span's status says so.
+pub(crate) fn failed(span: &tracing::Span, error: &crate::Error) {
+    span.set_status(opentelemetry::trace::Status::error(error.to_string()));
+}
+
+/// A producer span for one publish, child of the current span (a handler's, when it publishes), its
+/// context written into the record's headers for the consumer to continue.
+pub(crate) fn send(out: &mut Outgoing, system: &'static str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "send",
+        otel.kind = %"producer",
+        otel.name = %format_args!("send {}", out.topic),
+        topic = %out.topic,
+    );
+    if span.is_none() {
+        return span;
+    }
+    span.set_attribute("messaging.system", system);
+    span.set_attribute("messaging.operation.type", "send");
+    span.set_attribute("messaging.operation.name", "send");
+    span.set_attribute("messaging.destination.name", out.topic.clone());
+    TraceContextPropagator::new().inject_context(&span.context(), &mut Write(&mut out.headers));
+    span
+}
