@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 
 echo "== lint"
 cargo fmt --all -- --check
-cargo clippy --all-targets --features kafka,amqp,macros,msgpack,cli,otel -- -D warnings
+cargo clippy --all-targets --features kafka,amqp,macros,msgpack,cli,otlp -- -D warnings
 cargo clippy -p ferrostream-macros --all-targets -- -D warnings
 
 echo "== tests on memory://"
@@ -35,7 +35,7 @@ cargo test --features macros,msgpack,cli --doc
 cargo test -p ferrostream-macros
 echo "== the docs and the command line on memory://"
 scripts/test-tools.sh
-cargo test --features cli,otel --lib --test asyncapi --test docs_page --test cli --test metrics --test otel
+cargo test --features cli,otlp --lib --test asyncapi --test docs_page --test cli --test metrics --test otel
 echo "== the demo on memory://"
 cargo run -q --example quickstart >/dev/null
 cargo run -q --example orders >/dev/null
@@ -45,10 +45,10 @@ scripts/kafka-broker.sh install
 url="$(scripts/kafka-broker.sh start)"
 trap 'scripts/kafka-broker.sh stop' EXIT
 echo "broker: $url"
-FERROSTREAM_TEST_BROKER="$url" cargo test --features kafka,cli,otel
+FERROSTREAM_TEST_BROKER="$url" cargo test --features kafka,cli,otlp
 echo "== the demo on $url"
-cargo run -q --features kafka,cli,otel --example quickstart -- --broker "$url" >/dev/null
-cargo run -q --features kafka,cli,otel --example orders -- --broker "$url" >/dev/null
+cargo run -q --features kafka,cli,otlp --example quickstart -- --broker "$url" >/dev/null
+cargo run -q --features kafka,cli,otlp --example orders -- --broker "$url" >/dev/null
 
 echo "== tests on RabbitMQ"
 amqp="${FERROSTREAM_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672/%2f}"

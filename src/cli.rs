@@ -172,14 +172,16 @@ impl App {
                 return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
             }
         };
-        init_logs(&cli);
-        match self.run_command(cli).await {
+        let exporting = init_logs(&cli, &self.info().title);
+        let code = match self.run_command(cli).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE
             }
-        }
+        };
+        drop(exporting);
+        code
     }
 
     async fn run_command(self, cli: Cli) -> Result<(), Failure> {
@@ -270,8 +272,23 @@ async fn ctrl_c() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn init_logs(cli: &Cli) {
-    use tracing_subscriber::EnvFilter;
+/// Sends the batched traces when the command ends (feature `otlp`).
+struct Exporting(#[cfg(feature = "otlp")] Option<crate::otel::Otlp>);
+
+impl Drop for Exporting {
+    fn drop(&mut self) {
+        #[cfg(feature = "otlp")]
+        if let Some(otlp) = self.0.take() {
+            otlp.shutdown();
+        }
+    }
+}
+
+/// Logs to stderr; with feature `otlp` and `OTEL_EXPORTER_OTLP_ENDPOINT` set, traces to that collector.
+fn init_logs(cli: &Cli, #[cfg_attr(not(feature = "otlp"), allow(unused_variables))] service: &str) -> Exporting {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = match &cli.log_level {
         Some(level) => EnvFilter::try_new(level),
         None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
@@ -280,14 +297,29 @@ fn init_logs(cli: &Cli) {
         eprintln!("warning: --log-level: {e}; logging at info");
         EnvFilter::new("info")
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // An app that set up its own logging keeps it.
-    let _ = match cli.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines = match cli.log_format {
+        LogFormat::Text => lines.boxed(),
+        LogFormat::Json => lines.json().boxed(),
     };
+    let registry = tracing_subscriber::registry().with(filter).with(lines);
+    #[cfg(feature = "otlp")]
+    if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+        match crate::otel::Otlp::new(service) {
+            Ok(otlp) => {
+                // An app that set up its own logging and tracing keeps them.
+                let _ = registry.with(otlp.layer()).try_init();
+                return Exporting(Some(otlp));
+            }
+            Err(e) => eprintln!("warning: no OTLP export: {e}"),
+        }
+    }
+    // An app that set up its own logging keeps it.
+    let _ = registry.try_init();
+    Exporting(
+        #[cfg(feature = "otlp")]
+        None,
+    )
 }
 
 #[cfg(test)]

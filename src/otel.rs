@@ -98,3 +98,54 @@ pub(crate) fn send(out: &mut Outgoing, system: &'static str) -> tracing::Span {
     TraceContextPropagator::new().inject_context(&span.context(), &mut Write(&mut out.headers));
     span
 }
+
+/// Exports the traces with OTLP over HTTP (feature `otlp`) to `OTEL_EXPORTER_OTLP_ENDPOINT` (default
+/// `http://localhost:4318`), batched on a thread of the exporter's own. Keep it for the life of the
+/// process and [`shutdown`](Otlp::shutdown) it at the end, which sends what is still batched.
+///
+/// ```no_run
+/// use tracing_subscriber::layer::SubscriberExt;
+/// let otlp = ferrostream::otel::Otlp::new("shop").expect("an OTLP exporter");
+/// let subscriber = tracing_subscriber::registry().with(otlp.layer());
+/// tracing::subscriber::set_global_default(subscriber).unwrap();
+/// // ... run the app ...
+/// otlp.shutdown();
+/// ```
+#[cfg(feature = "otlp")]
+#[derive(Debug, Clone)]
+pub struct Otlp {
+    provider: opentelemetry_sdk::trace::SdkTracerProvider,
+}
+
+#[cfg(feature = "otlp")]
+impl Otlp {
+    /// An exporter for the service `service_name` (the `service.name` resource attribute).
+    pub fn new(service_name: &str) -> Result<Self, opentelemetry_otlp::ExporterBuildError> {
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_http().build()?;
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(service_name.to_owned())
+                    .build(),
+            )
+            .build();
+        Ok(Otlp { provider })
+    }
+
+    /// The tracing layer that turns spans into exported OpenTelemetry spans.
+    pub fn layer<S>(&self) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer().with_tracer(self.provider.tracer("ferrostream"))
+    }
+
+    /// Sends what is batched and stops the exporter.
+    pub fn shutdown(&self) {
+        if let Err(e) = self.provider.shutdown() {
+            tracing::warn!(error = %e, "the OTLP exporter did not shut down cleanly");
+        }
+    }
+}

@@ -28,6 +28,9 @@ fn service() -> &'static PathBuf {
         if cfg!(feature = "otel") {
             features.push("otel");
         }
+        if cfg!(feature = "otlp") {
+            features.push("otlp");
+        }
         let status = Command::new(env!("CARGO"))
             .args(["build", "--quiet", "--example", "service", "--features"])
             .arg(features.join(","))
@@ -401,4 +404,93 @@ async fn a_real_prometheus_server_scrapes_the_running_service() {
     prometheus.kill().await.unwrap();
     let status = service.terminate().await;
     assert!(status.success(), "{status}");
+}
+
+/// With feature `otlp` and `OTEL_EXPORTER_OTLP_ENDPOINT` set, `run` exports its traces with OTLP over
+/// HTTP: a stand-in collector receives `POST /v1/traces` (protobuf) once the service handled an order
+/// and shut down (the exporter sends what is batched at the end).
+#[cfg(feature = "otlp")]
+#[tokio::test(flavor = "multi_thread")]
+async fn run_exports_its_traces_to_an_otlp_collector() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _turn = SERVICE.lock().await;
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", collector.local_addr().unwrap());
+    let (got, mut requests) = mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = collector.accept().await {
+            let got = got.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut len = 0;
+                // The request head (and some body): enough to see what was sent.
+                while let Ok(n) = conn.read(&mut buf[len..]).await {
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                    let text = String::from_utf8_lossy(&buf[..len]);
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let expected: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= expected {
+                            let _ = got.send(format!("{head}\nbody bytes: {}", body.len()));
+                            let _ = conn
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n")
+                                .await;
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let port = free_port();
+    let http = format!("127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(service())
+        .args(["run", "--http", &http, "--allow-publish"])
+        .env_remove("FERROSTREAM_BROKER")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (tx, lines) = mpsc::unbounded_channel();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    let mut service = Child { child, lines };
+    service
+        .wait_line("`app started` log line", |l| l.contains("app started"))
+        .await;
+    let body = serde_json::json!({ "channel": "shop.orders", "payload": r#"{"id": 1, "items": []}"# }).to_string();
+    let (status, answer) = web::http(http.parse().unwrap(), "POST", "/docs/publish", Some(&body)).await;
+    assert_eq!(status, 200, "{answer}");
+    service
+        .wait_line("billing of the order", |l| l.contains("billed"))
+        .await;
+    let status = service.terminate().await;
+    assert!(status.success(), "{status}");
+    let request = tokio::time::timeout(common::WAIT, requests.recv())
+        .await
+        .expect("the collector receives the traces")
+        .unwrap();
+    assert!(request.starts_with("POST /v1/traces HTTP/1.1"), "{request}");
+    assert!(
+        request
+            .to_ascii_lowercase()
+            .contains("content-type: application/x-protobuf"),
+        "{request}"
+    );
+    assert!(!request.ends_with("body bytes: 0"), "{request}");
 }
