@@ -60,6 +60,8 @@ pub struct App {
     /// Where the service's HTTP server listens, and whether its docs page may publish.
     #[cfg(feature = "http")]
     http: Option<(String, bool)>,
+    #[cfg(feature = "http")]
+    broker_down_limit: Duration,
     shutdown_timeout: Duration,
     ready_timeout: Duration,
     on_startup: Vec<Hook>,
@@ -76,6 +78,8 @@ impl App {
             info: crate::asyncapi::Info::default(),
             #[cfg(feature = "http")]
             http: None,
+            #[cfg(feature = "http")]
+            broker_down_limit: crate::http::BROKER_DOWN_LIMIT,
             shutdown_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(60),
             on_startup: Vec::new(),
@@ -113,6 +117,14 @@ impl App {
     pub fn http(mut self, addr: impl Into<String>) -> Self {
         let allow = self.http.as_ref().is_some_and(|(_, a)| *a);
         self.http = Some((addr.into(), allow));
+        self
+    }
+
+    /// How long the broker may fail to answer `/health/ready`'s probe before the service says it is not
+    /// ready (default [`BROKER_DOWN_LIMIT`](crate::http::BROKER_DOWN_LIMIT), 30 s).
+    #[cfg(feature = "http")]
+    pub fn broker_down_limit(mut self, limit: Duration) -> Self {
+        self.broker_down_limit = limit;
         self
     }
 
@@ -502,7 +514,7 @@ impl App {
         let Some((addr, _allow_publish)) = self.http.clone() else {
             return Ok(None);
         };
-        let health = crate::http::Health::new(self.broker.clone());
+        let health = crate::http::Health::new(self.broker.clone(), self.broker_down_limit);
         #[allow(unused_mut)]
         let mut router = crate::http::routes(health.clone());
         #[cfg(feature = "docs")]

@@ -23,7 +23,8 @@ use serde_json::json;
 
 use crate::broker::Broker;
 
-/// How long the broker may fail to answer before `/health/ready` says the service is not ready.
+/// How long the broker may fail to answer before `/health/ready` says the service is not ready, unless
+/// [`App::broker_down_limit`](crate::App::broker_down_limit) says otherwise.
 pub const BROKER_DOWN_LIMIT: Duration = Duration::from_secs(30);
 
 /// How long a readiness probe waits for the broker.
@@ -39,10 +40,11 @@ pub(crate) struct Health {
     /// The last time the broker answered, and the topic or queue to ask.
     broker_seen: Mutex<Instant>,
     probe: Mutex<Option<String>>,
+    down_limit: Duration,
 }
 
 impl Health {
-    pub(crate) fn new(broker: Broker) -> Arc<Self> {
+    pub(crate) fn new(broker: Broker, down_limit: Duration) -> Arc<Self> {
         Arc::new(Health {
             broker,
             started: AtomicBool::new(false),
@@ -50,6 +52,7 @@ impl Health {
             subscribers: Mutex::new(Vec::new()),
             broker_seen: Mutex::new(Instant::now()),
             probe: Mutex::new(None),
+            down_limit,
         })
     }
 
@@ -93,7 +96,7 @@ impl Health {
             let mut seen = lock(&self.broker_seen);
             if answered {
                 *seen = Instant::now();
-            } else if seen.elapsed() > BROKER_DOWN_LIMIT {
+            } else if seen.elapsed() > self.down_limit {
                 return Err(format!(
                     "the broker has not answered for {:?} ({})",
                     seen.elapsed(),

@@ -191,3 +191,51 @@ async fn a_publish_with_no_broker_fails_after_the_delivery_timeout() {
     );
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 }
+
+/// Issue 14, health: `/health/ready` says not ready once the broker has not answered for the limit, and
+/// ready again once it answers (librdkafka's mock cluster takes its broker down and up).
+#[cfg(feature = "http")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_broker_going_away_and_coming_back() {
+    #[path = "common/web.rs"]
+    mod web;
+    common::init_tracing();
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("orders", 1, 1).unwrap();
+    let broker = Broker::new(&format!("kafka://{}", mock.bootstrap_servers())).unwrap();
+    broker
+        .subscriber("orders")
+        .group_id("g")
+        .auto_commit(false)
+        .auto_offset_reset(ferrostream::OffsetReset::Earliest)
+        .handle(|_: String| async {});
+    let app = ferrostream::App::new(broker)
+        .http("127.0.0.1:0")
+        .broker_down_limit(Duration::from_secs(2))
+        .shutdown_timeout(Duration::from_secs(5))
+        .start()
+        .await
+        .unwrap();
+    let addr = app.http_addr().unwrap();
+    let ready = |want: u16, why: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+        loop {
+            let (status, body) = web::http(addr, "GET", "/health/ready", None).await;
+            if status == want {
+                assert!(body.contains(why), "{body}");
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/health/ready never answered {want}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    ready(200, "\"ready\":true").await;
+    mock.broker_down(1).unwrap();
+    ready(503, "has not answered").await;
+    mock.broker_up(1).unwrap();
+    ready(200, "\"ready\":true").await;
+    let _ = app.shutdown().await;
+}

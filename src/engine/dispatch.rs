@@ -45,6 +45,8 @@ impl<T: Transport> Engine<T> {
         // Only a finished commit moves it, and none finishes during this loop.
         let confirmed = if ack_first { self.transport.confirmed(tp) } else { None };
         let ordered = self.caps.ordered;
+        // The end of the last call that finished on its first poll: the next call's start.
+        let mut clock: Option<quanta::Instant> = None;
         while budget > 0 {
             if self.sync_settle_pending() {
                 break; // the previous settle is not committed yet
@@ -95,7 +97,9 @@ impl<T: Transport> Engine<T> {
             };
             part.ack_first_ahead = part.ack_first_ahead.saturating_sub(1);
             part.in_flight.push((offset, lane));
-            if let Some(done) = self.start(Call::new(&self.rt, Messages::One(msg))) {
+            let started = clock.take().unwrap_or_else(quanta::Instant::now);
+            if let Some(done) = self.start(Call::new(&self.rt, Messages::One(msg), started)) {
+                clock = Some(done.timing().ended);
                 self.on_completed(done);
             }
             budget -= 1;
@@ -227,7 +231,7 @@ impl<T: Transport> Engine<T> {
                 break;
             }
         }
-        if let Some(done) = self.start(Call::new(&self.rt, Messages::Batch(messages))) {
+        if let Some(done) = self.start(Call::new(&self.rt, Messages::Batch(messages), quanta::Instant::now())) {
             self.on_completed(done);
         }
     }

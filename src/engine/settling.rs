@@ -44,8 +44,7 @@ impl<T: Transport> Engine<T> {
             Completion::One(m, r, _) => (std::slice::from_ref(m), r),
             Completion::Batch(v, r, _) => (&v[..], r),
         };
-        let (Completion::One(_, _, took) | Completion::Batch(_, _, took)) = &done;
-        self.rt.counters.process.observe(*took);
+        self.rt.counters.process.observe(done.timing().took);
         let verdict = Verdict::of(&self.rt, messages, result);
         for msg in messages {
             self.rt.counters.handled(verdict.label);
