@@ -3,6 +3,9 @@
 #![cfg(feature = "kafka")]
 
 mod common;
+#[cfg(feature = "http")]
+#[path = "common/web.rs"]
+mod web;
 
 use std::time::Duration;
 
@@ -197,8 +200,6 @@ async fn a_publish_with_no_broker_fails_after_the_delivery_timeout() {
 #[cfg(feature = "http")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_broker_going_away_and_coming_back() {
-    #[path = "common/web.rs"]
-    mod web;
     common::init_tracing();
     let mock = MockCluster::new(1).unwrap();
     mock.create_topic("orders", 1, 1).unwrap();
