@@ -330,3 +330,71 @@ async fn an_offset_that_holds_the_commit_back_is_named_after_the_threshold() {
         .count();
     assert_eq!(stalls, 1, "said once per stalled offset");
 }
+
+/// Partitions whose handler call is running right now, the most that ever ran together, and when the
+/// first call started.
+type Running = (BTreeSet<i32>, usize, Option<std::time::Instant>);
+
+#[derive(Clone, Default)]
+struct Concurrency(Arc<Mutex<Running>>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_first_commits_only_a_moment_of_a_slow_handlers_work_ahead_and_runs_every_partition() {
+    // SPEC 3.4: AckFirst's commits run ahead of the handler only by what keeps it busy (runs of half a
+    // commit interval of its measured pace), so a crash loses a moment of work, not a fixed 16,384
+    // records; and a slow handler works on every assigned partition at once.
+    const PARTITIONS: i32 = 4;
+    const MESSAGES: usize = 1_000;
+    const HANDLER: Duration = Duration::from_millis(2);
+    common::init_tracing();
+    let broker = common::broker();
+    let observer = broker.observer();
+    let running = Concurrency::default();
+    let broker = broker.with_state(running.clone());
+    let topic = common::topic(&broker, "commits-af-slow", PARTITIONS).await;
+    common::member(&broker, &topic, "slow", &common::unique("g"))
+        .ack_policy(AckPolicy::AckFirst)
+        .handle(|msg: Message, State(running): State<Concurrency>| async move {
+            {
+                let mut r = running.0.lock().unwrap();
+                r.0.insert(msg.partition());
+                r.1 = r.1.max(r.0.len());
+                r.2.get_or_insert_with(std::time::Instant::now);
+            }
+            tokio::time::sleep(HANDLER).await;
+            running.0.lock().unwrap().0.remove(&msg.partition());
+        });
+    publish_many(&broker, &topic, MESSAGES).await;
+    let app = common::start(&broker).await;
+    observer.wait_handled("slow", MESSAGES, common::WAIT).await.unwrap();
+    let took = running.0.lock().unwrap().2.expect("a call started").elapsed();
+    app.shutdown().await.unwrap();
+
+    let together = running.0.lock().unwrap().1;
+    assert_eq!(
+        together, PARTITIONS as usize,
+        "AckFirst ran handler calls of at most {together} partitions at once"
+    );
+    // What a crash would have lost at each commit: committed but not yet handled (in flight included).
+    let rate = MESSAGES as f64 / PARTITIONS as f64 / took.as_secs_f64();
+    let bound = (rate * 0.2).ceil() as i64 + 1;
+    let mut handled: HashMap<TopicPartition, i64> = HashMap::new();
+    let mut worst = 0;
+    for e in observer.events() {
+        match e {
+            Event::Handled { subscriber, tp, .. } if &*subscriber == "slow" => *handled.entry(tp).or_default() += 1,
+            Event::Committed { subscriber, tp, offset } if &*subscriber == "slow" => {
+                worst = worst.max(offset - handled.get(&tp).copied().unwrap_or(0));
+            }
+            _ => {}
+        }
+    }
+    println!(
+        "{MESSAGES} messages in {took:?} ({rate:.0}/s a partition); at most {worst} committed ahead of the \
+         handler (bound: 200 ms of its work + 1 = {bound})"
+    );
+    assert!(
+        worst <= bound,
+        "AckFirst committed {worst} records ahead of a handler doing {rate:.0}/s: more than 200 ms of its work"
+    );
+}

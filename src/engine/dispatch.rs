@@ -16,8 +16,9 @@ use call::Messages;
 impl<T: Transport> Engine<T> {
     // ---- dispatch ----------------------------------------------------------------------------------
 
-    /// Dispatches what every partition's rules allow. Returns true when the inline budget ran out with
-    /// work left, so the loop comes back to it after looking at its other inputs.
+    /// Dispatches what every partition's rules allow. Returns true when the inline budget (calls or time)
+    /// ran out with work left, so the loop comes back to it after looking at its other inputs (the commit
+    /// cadence among them).
     pub(super) fn dispatch_all(&mut self) -> bool {
         if self.sync_settle_pending() {
             return false; // the previous settle is not committed yet
@@ -27,19 +28,28 @@ impl<T: Transport> Engine<T> {
             return false;
         }
         let now = Instant::now();
-        let mut budget = INLINE_BUDGET;
-        for i in 0..self.order.len() {
+        let mut budget = Budget::new(INLINE_BUDGET);
+        // Round robin: the round after one that ran out of budget starts with the partition after the one
+        // that spent it, so a busy partition with a long queue does not keep the others waiting.
+        let n = self.order.len();
+        let first = self.first_partition;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let had_budget = !budget.spent();
             let tp = self.order[i].clone();
-            budget = self.dispatch_partition(&tp, now, budget);
+            self.dispatch_partition(&tp, now, &mut budget);
+            if had_budget && budget.spent() {
+                self.first_partition = (i + 1) % n;
+            }
         }
-        budget == 0
+        budget.spent()
     }
 
     /// Dispatches the records of one partition its rules allow. A handler call that finishes on its first
     /// poll is completed right here (no task, no channel), which frees its slot for the next record; one
-    /// that waits joins `running`. Returns the budget left.
-    pub(super) fn dispatch_partition(&mut self, tp: &TopicPartition, now: Instant, mut budget: usize) -> usize {
-        self.ack_first_advance(tp);
+    /// that waits joins `running`. Spends `budget`.
+    pub(super) fn dispatch_partition(&mut self, tp: &TopicPartition, now: Instant, budget: &mut Budget) {
+        self.ack_first_advance(tp, now);
         let max = self.rt.cfg.max_in_flight;
         let ack_first = self.policy() == AckPolicy::AckFirst;
         // Only a finished commit moves it, and none finishes during this loop.
@@ -47,18 +57,18 @@ impl<T: Transport> Engine<T> {
         let ordered = self.caps.ordered;
         // The end of the last call that finished on its first poll: the next call's start.
         let mut clock: Option<quanta::Instant> = None;
-        while budget > 0 {
+        while !budget.spent() {
             if self.sync_settle_pending() {
                 break; // the previous settle is not committed yet
             }
             let Some(part) = self.parts.get_mut(tp) else {
-                return budget;
+                return;
             };
             if part.in_flight.len() >= max || part.queue.is_empty() {
                 break;
             }
             if part.hold_until.is_some_and(|h| h > now) || (ordered && !part.dead_lettering.is_empty()) {
-                return budget; // retries are blocking: nothing passes a message being retried or dead-lettered
+                return; // retries are blocking: nothing passes a message being retried or dead-lettered
             }
             part.hold_until = None;
             // The retry topic's records wait until they are due (they are roughly in due order).
@@ -67,7 +77,7 @@ impl<T: Transport> Engine<T> {
                 && let Ok(wait) = due.duration_since(std::time::SystemTime::now())
             {
                 part.hold_until = Some(now + wait);
-                return budget;
+                return;
             }
             // The first record whose key is not busy and not held back by an earlier record of its key
             // (records of one key start in offset order).
@@ -95,19 +105,35 @@ impl<T: Transport> Engine<T> {
             let Some(Queued { offset, lane, msg }) = picked else {
                 break;
             };
-            part.ack_first_ahead = part.ack_first_ahead.saturating_sub(1);
+            if ack_first {
+                part.ack_first_ahead = part.ack_first_ahead.saturating_sub(1);
+                part.pace.dispatched(1, now);
+            }
             part.in_flight.push((offset, lane));
             let started = clock.take().unwrap_or_else(quanta::Instant::now);
+            budget.spend(started);
             if let Some(done) = self.start(Call::new(&self.rt, Messages::One(msg), started)) {
                 clock = Some(done.timing().ended);
                 self.on_completed(done);
             }
-            budget -= 1;
         }
-        if self.parts.get(tp).is_some_and(|p| p.paused) {
+        // Calls that ended here may have used up what was committed ahead: the next runs' commit goes out
+        // with this round's flush (nothing else would wake the engine for it).
+        self.ack_first_advance(tp, now);
+        let Some(part) = self.parts.get_mut(tp) else { return };
+        // AckFirst's pace counts busy time only: nothing in flight and nothing dispatchable is idle.
+        if ack_first
+            && part.in_flight.is_empty()
+            && part
+                .queue
+                .front()
+                .is_none_or(|q| confirmed.is_none_or(|c| q.offset >= c))
+        {
+            part.pace.idle(now);
+        }
+        if part.paused {
             self.flow_control(tp);
         }
-        budget
     }
 
     /// Polls a new handler call once, here. Most calls of a fast handler finish on that poll, and then
@@ -127,10 +153,13 @@ impl<T: Transport> Engine<T> {
 
     /// Bounded memory (SPEC 3.6): a partition whose queue reaches `max_buffered` records waiting behind its
     /// in-flight limit stops fetching; it fetches again once the queue is down to a quarter of that.
-    /// Under `AckFirst` only records whose commit is confirmed count: the others wait for their commit,
-    /// not for a handler, and `next_step` bounds them by taking no more records while they fill the queue.
-    /// (Pausing is not free: librdkafka drops what it prefetched for the partition and fetches it again on
-    /// resume, so a pause must mean a handler that cannot keep up, not a commit round trip.)
+    /// Under `AckFirst` a queue whose handler waits for a commit counts only the records whose commit is
+    /// confirmed: the others wait for their commit, not for a handler, and `next_step` bounds them by
+    /// taking no more records while they fill the queue. (Pausing is not free: librdkafka drops what it
+    /// prefetched for the partition and fetches it again on resume, so a pause must mean a handler that
+    /// cannot keep up, not a commit round trip.) A queue whose handler is busy counts whole: that is a
+    /// handler that cannot keep up, and without the pause its full queue would stop the intake of every
+    /// other partition too.
     pub(super) fn flow_control(&mut self, tp: &TopicPartition) {
         let max = self.rt.cfg.max_buffered;
         let buffered = self.waiting(tp);
@@ -154,15 +183,20 @@ impl<T: Transport> Engine<T> {
         });
     }
 
-    /// Records of a partition waiting for a handler slot.
+    /// Records of a partition waiting for a handler slot (under `AckFirst`, see [`Self::flow_control`]).
     pub(super) fn waiting(&self, tp: &TopicPartition) -> usize {
         let Some(part) = self.parts.get(tp) else { return 0 };
-        if self.policy() == AckPolicy::AckFirst {
+        if self.policy() == AckPolicy::AckFirst
+            && !part.paused
+            && part.in_flight.len() < self.rt.cfg.max_in_flight.max(1)
+        {
             let confirmed = self.transport.confirmed(tp);
-            part.queue.partition_point(|q| confirmed.is_some_and(|c| q.offset < c))
-        } else {
-            part.queue.len()
+            let ready = part.queue.partition_point(|q| confirmed.is_some_and(|c| q.offset < c));
+            if ready == 0 {
+                return 0; // the handler waits for a commit
+            }
         }
+        part.queue.len()
     }
 
     /// Batch mode (SPEC 3.10): one batch in flight at a time, so per-partition order holds; a batch
@@ -177,15 +211,15 @@ impl<T: Transport> Engine<T> {
             .filter(|(_, p)| !p.queue.is_empty())
             .map(|(tp, _)| tp.clone())
             .collect();
-        for tp in &waiting {
-            self.ack_first_advance(tp);
-        }
         let now = Instant::now();
+        for tp in &waiting {
+            self.ack_first_advance(tp, now);
+        }
         let ack_first = self.policy() == AckPolicy::AckFirst;
         // How many records of each partition may go now: held partitions none; under AckFirst only
         // those whose commit is confirmed.
         let mut ready: Vec<(TopicPartition, usize)> = Vec::new();
-        for (tp, part) in &self.parts {
+        for (tp, part) in &mut self.parts {
             if part.hold_until.is_some_and(|h| h > now) || (self.caps.ordered && !part.dead_lettering.is_empty()) {
                 continue;
             }
@@ -200,6 +234,8 @@ impl<T: Transport> Engine<T> {
             };
             if n > 0 {
                 ready.push((tp.clone(), n));
+            } else if ack_first {
+                part.pace.idle(now); // no batch in flight and nothing of it may go
             }
         }
         let available: usize = ready.iter().map(|(_, n)| n).sum();
@@ -218,7 +254,10 @@ impl<T: Transport> Engine<T> {
             let Some(part) = self.parts.get_mut(&tp) else { continue };
             part.hold_until = None;
             let take = n.min(batch.max_records - messages.len());
-            part.ack_first_ahead = part.ack_first_ahead.saturating_sub(take);
+            if ack_first {
+                part.ack_first_ahead = part.ack_first_ahead.saturating_sub(take);
+                part.pace.dispatched(take, now);
+            }
             for q in part.queue.drain(..take) {
                 part.in_flight.push((q.offset, q.lane));
                 messages.push(q.msg);
@@ -251,4 +290,32 @@ pub(super) fn lane_of(key: &Option<Bytes>) -> u64 {
     let mut h = rustc_hash::FxHasher::default();
     key.as_deref().hash(&mut h);
     h.finish()
+}
+
+/// What one round of inline dispatch may still spend: handler calls ([`INLINE_BUDGET`]) and time
+/// ([`INLINE_SLICE`], from the first call's start). The time is read off the calls' own start instants,
+/// so it costs no clock read of its own; the call that starts past the slice is the round's last.
+pub(super) struct Budget {
+    calls: usize,
+    until: Option<quanta::Instant>,
+}
+
+impl Budget {
+    pub(super) fn new(calls: usize) -> Self {
+        Budget { calls, until: None }
+    }
+
+    /// A call starts at `started`.
+    pub(super) fn spend(&mut self, started: quanta::Instant) {
+        let until = *self.until.get_or_insert_with(|| started + INLINE_SLICE);
+        self.calls = if started >= until {
+            0
+        } else {
+            self.calls.saturating_sub(1)
+        };
+    }
+
+    pub(super) fn spent(&self) -> bool {
+        self.calls == 0
+    }
 }

@@ -26,7 +26,7 @@ impl<T: Transport> Engine<T> {
                     None => {
                         let now = Instant::now();
                         for tp in tps {
-                            self.dispatch_partition(tp, now, INLINE_BUDGET);
+                            self.dispatch_partition(tp, now, &mut dispatch::Budget::new(INLINE_BUDGET));
                         }
                     }
                 }

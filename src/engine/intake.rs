@@ -104,16 +104,23 @@ impl<T: Transport> Engine<T> {
         }
     }
 
-    /// `AckFirst` (SPEC 3.4): settles (and asks to commit) the queue in runs of `ACK_FIRST_RUN` records,
-    /// at most two runs ahead of dispatch: the run being handled and the next one, whose commit is in
-    /// flight meanwhile. A crash loses at most those two runs (plus what is in flight), never more, and
-    /// nothing is dispatched before its commit is confirmed.
-    pub(super) fn ack_first_advance(&mut self, tp: &TopicPartition) {
+    /// `AckFirst` (SPEC 3.4): settles (and asks to commit) the queue in runs, at most two runs ahead of
+    /// dispatch: the run being handled and the next one, whose commit is in flight meanwhile. A run is what
+    /// the handler gets through in half a commit interval ([`pace`](super::pace)), so a crash loses about
+    /// a commit interval of the handler's work (plus what is in flight), never more, and nothing is
+    /// dispatched before its commit is confirmed.
+    pub(super) fn ack_first_advance(&mut self, tp: &TopicPartition, now: Instant) {
         if self.policy() != AckPolicy::AckFirst {
             return;
         }
-        let run = self.ack_first_run();
+        let cap = self.ack_first_cap();
+        let window = self.rt.cfg.commit_interval / 2;
         let Some(part) = self.parts.get_mut(tp) else { return };
+        if part.ack_first_ahead > part.pace.current(cap) {
+            // Two runs are ahead already (the common case: checked without reading the pace).
+            return;
+        }
+        let run = part.pace.run(now, window, cap);
         while part.ack_first_ahead <= run && part.ack_first_ahead < part.queue.len() {
             let start = part.ack_first_ahead;
             let end = part.queue.len().min(start + run);

@@ -29,6 +29,7 @@ mod dispatch;
 mod drain;
 mod forward;
 mod intake;
+mod pace;
 mod panics;
 mod settling;
 #[cfg(test)]
@@ -58,13 +59,17 @@ use call::{Call, Completion};
 use dispatch::lane_of;
 use forward::Forwarded;
 
-/// `AckFirst` settles and commits the queue in runs of this many records, at most two runs ahead. A run
+/// `AckFirst` settles and commits the queue in runs of at most this many records, at most two runs ahead;
+/// a run is what the handler gets through in half a commit interval ([`pace`]), up to this cap. A run
 /// must take longer to handle than a commit takes to come back, or the handler waits for every commit:
 /// 2048 measured 0.70x the raw auto-commit loop, 8192 0.93-0.95x (BENCHMARKS.md).
 const ACK_FIRST_RUN: usize = 8192;
 
-/// Handler calls of one subscriber member at most run inline before the engine looks at its other work.
+/// Handler calls of one subscriber member at most run inline before the engine looks at its other work
+/// (settles, commits, completions, records)...
 const INLINE_BUDGET: usize = 1024;
+/// ...and the time they may take at most: a CPU-bound handler still lets the commit cadence run on time.
+const INLINE_SLICE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// A settle the engine applies: which delivery of the offset, and how and by whom it was settled.
 #[derive(Clone, Copy)]
@@ -156,6 +161,8 @@ struct Partition {
     retrying: HashSet<i64>,
     /// `AckFirst`: how many records at the front of `queue` are already settled (committed ahead).
     ack_first_ahead: usize,
+    /// `AckFirst`: the handler's pace, which sizes the runs committed ahead.
+    pace: pace::Pace,
 }
 
 impl Partition {
@@ -174,6 +181,7 @@ impl Partition {
             dead_lettering: HashSet::new(),
             retrying: HashSet::new(),
             ack_first_ahead: 0,
+            pace: pace::Pace::new(Instant::now()),
         }
     }
 }
@@ -185,6 +193,8 @@ pub(crate) struct Engine<T: Transport> {
     parts: FxHashMap<TopicPartition, Partition>,
     /// The assigned partitions, in assignment order (dispatch walks them without allocating).
     order: Vec<TopicPartition>,
+    /// Where in `order` the next dispatch round starts.
+    first_partition: usize,
     /// Handler calls that did not finish on their first poll.
     running: FuturesUnordered<Call>,
     next_generation: u64,
@@ -228,6 +238,7 @@ impl<T: Transport> Engine<T> {
             rt,
             parts: FxHashMap::default(),
             order: Vec::new(),
+            first_partition: 0,
             running: FuturesUnordered::new(),
             next_generation: 0,
             settles_tx,
@@ -253,9 +264,9 @@ impl<T: Transport> Engine<T> {
         })
     }
 
-    /// `AckFirst`'s run: `ACK_FIRST_RUN` records, or fewer when `max_buffered` cannot hold two runs (the
-    /// queue holds the run being handled and the next one, whose commit is in flight meanwhile).
-    fn ack_first_run(&self) -> usize {
+    /// The largest `AckFirst` run: `ACK_FIRST_RUN` records, or fewer when `max_buffered` cannot hold two
+    /// runs (the queue holds the run being handled and the next one, whose commit is in flight meanwhile).
+    fn ack_first_cap(&self) -> usize {
         ACK_FIRST_RUN.min(self.rt.cfg.max_buffered / 2)
     }
 
