@@ -36,6 +36,8 @@ struct Inner {
     observer: Arc<OnceLock<Observer>>,
     hooks: Mutex<Vec<Arc<dyn Hook>>>,
     default_retry: Mutex<Option<crate::RetryPolicy>>,
+    /// Kafka static membership: this process's stable name in its groups.
+    instance_id: Mutex<Option<String>>,
     metrics: Metrics,
     /// Handler middleware of every subscriber, outermost first.
     layers: Mutex<Vec<HandlerLayer>>,
@@ -136,6 +138,7 @@ impl Broker {
                 observer: Arc::new(OnceLock::new()),
                 hooks: Mutex::new(Vec::new()),
                 default_retry: Mutex::new(None),
+                instance_id: Mutex::new(None),
                 metrics: Metrics::default(),
                 layers: Mutex::new(Vec::new()),
                 publish_layers: Mutex::new(Vec::new()),
@@ -395,6 +398,27 @@ impl Broker {
         self
     }
 
+    /// Kafka static membership: names this process in its consumer groups with a stable id (a pod name
+    /// of a StatefulSet, a host name), so that a restarted process takes its partitions back at once,
+    /// without waiting out the dead instance's session (`session.timeout.ms`, 10 s by default) and
+    /// without a rebalance of the other members.
+    ///
+    /// Each subscriber with a group joins as `group.instance.id` = `<id>-<subscriber name>` (characters
+    /// Kafka refuses become `_`). The trade-off: a static member that stops, even gracefully, does not
+    /// leave its group; its partitions wait for it to come back and move to the other members only after
+    /// the session timeout. Use it for restarts and rolling deploys, not for a service whose members
+    /// come and go for good. Two processes running with the same id fence each other: give every
+    /// instance its own. Other brokers ignore it.
+    ///
+    /// ```
+    /// let broker = ferrostream::Broker::new("memory://").unwrap().with_instance_id("orders-0");
+    /// # let _ = broker;
+    /// ```
+    pub fn with_instance_id(self, id: impl Into<String>) -> Self {
+        *lock(&self.inner.instance_id) = Some(id.into());
+        self
+    }
+
     /// Registers shared state that handlers receive with [`State<T>`](crate::State).
     pub fn with_state<T: Clone + Send + Sync + 'static>(self, value: T) -> Self {
         lock(&self.inner.state).insert(value);
@@ -536,6 +560,7 @@ impl Broker {
             spec.layers.splice(0..0, layers.iter().cloned());
         }
         let default_retry = *lock(&self.inner.default_retry);
+        let instance_id = lock(&self.inner.instance_id).clone();
         let backend = &self.backend();
         let state = lock(&self.inner.state).clone();
         let mut names = std::collections::HashSet::new();
@@ -559,7 +584,10 @@ impl Broker {
                         s.config.dead_letter = s.inherited_dead_letter.clone().filter(|dl| *dl != s.config.topic);
                     }
                 }
-                let cfg = s.config.resolve(backend.has_groups())?;
+                let mut cfg = s.config.resolve(backend.has_groups())?;
+                if let (Some(id), Some(_)) = (&instance_id, &cfg.group_id) {
+                    cfg.group_instance_id = Some(crate::config::group_instance_id(id, &cfg.name));
+                }
                 if !names.insert(cfg.name.clone()) {
                     return Err(ConfigError::DuplicateSubscriber {
                         name: cfg.name.to_string(),

@@ -129,6 +129,8 @@ pub(crate) struct ResolvedSubscriber {
     pub(crate) create_partitions: Option<i32>,
     /// What the service's description says it does.
     pub(crate) description: Option<String>,
+    /// Kafka static membership: the consumer's `group.instance.id`.
+    pub(crate) group_instance_id: Option<String>,
     /// RabbitMQ: how the queue is declared.
     #[cfg(feature = "amqp")]
     pub(crate) queue: Option<crate::amqp::Queue>,
@@ -279,8 +281,39 @@ impl SubscriberConfig {
             stall_warning: self.stall_warning,
             create_partitions: self.create_partitions,
             description: self.description.clone(),
+            group_instance_id: None,
             #[cfg(feature = "amqp")]
             queue: self.queue.clone(),
         })
+    }
+}
+
+/// The `group.instance.id` of a subscriber's consumer under
+/// [`Broker::with_instance_id`](crate::Broker::with_instance_id): `<id>-<subscriber name>`, with every
+/// character Kafka refuses (outside `[A-Za-z0-9._-]`) as `_`, at most 249 characters.
+pub(crate) fn group_instance_id(id: &str, subscriber: &str) -> String {
+    format!("{id}-{subscriber}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(249)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_group_instance_id_is_one_kafka_accepts() {
+        assert_eq!(
+            super::group_instance_id("pod-0", "orders@billing"),
+            "pod-0-orders_billing"
+        );
+        assert_eq!(super::group_instance_id("a b", "t.x_y-z"), "a_b-t.x_y-z");
+        assert_eq!(super::group_instance_id(&"x".repeat(300), "s").len(), 249);
     }
 }

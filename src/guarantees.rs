@@ -63,11 +63,16 @@
 //!    there with headers naming its source and the error ([`retry::headers`](crate::retry::headers)),
 //!    and the offset is committed only once the broker acknowledged that publish.
 //! 4. **`AckFirst`** commits a message's offset before its handler runs: a crash may lose the messages
-//!    being handled but never hands a message to a handler of the group twice. Commits go ahead in runs;
-//!    a crash loses at most the runs committed ahead of the handler.
+//!    being handled but never hands a message to a handler of the group twice. Commits go ahead of the
+//!    handler in runs sized by the handler's own pace: a run is what the handler gets through in half a
+//!    commit interval (at least 16 messages, at most 8192 or half of `max_buffered`), so a crash loses
+//!    about one commit interval of the handler's work per partition plus what is in flight, whether the
+//!    handler takes a microsecond or ten milliseconds. Every assigned partition is handled concurrently.
 //! 5. **Commit timing.** Commits are batched (every 100 ms or 2000 settles by default, which bounds what a
 //!    crash replays) and always flushed on graceful shutdown and on partition revocation;
-//!    `commit_sync_each()` commits each settle before the next message starts.
+//!    `commit_sync_each()` commits each settle before the next message starts. The engine hands its
+//!    commit timer a turn by time (every 5 ms of handler calls), not by a count of calls, so a handler
+//!    that holds the CPU does not stretch the interval.
 //! 6. **Order and concurrency.** One message at a time per partition, in offset order, by default;
 //!    with `max_in_flight(n)` messages of one key never run at once and start in offset order.
 //! 7. **Rebalance.** Revoked partitions stop dispatching, their handlers in flight finish (up to the drain

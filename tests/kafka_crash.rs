@@ -86,6 +86,11 @@ const AT_MOST_ONCE_LOSS_WINDOW: Duration = Duration::from_millis(200);
 /// `nack_busy`: the handler's CPU time; and the replay window a kill may have at most: 1.5 commit intervals.
 const BUSY_HANDLER: Duration = Duration::from_micros(300);
 const BUSY_REPLAY_WINDOW: Duration = Duration::from_millis(150);
+/// The consumers' default `session.timeout.ms`: what a dynamic member restarted after a kill waits.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// A static member restarted after a kill has its first message well inside the session timeout: process
+/// start, the join that replaces the dead instance, the first fetch.
+const STATIC_RESTART_BOUND: Duration = Duration::from_secs(3);
 
 /// The child test, and how the parent tells it what to consume.
 const CHILD_TEST: &str = "crash_child_consumer";
@@ -114,6 +119,9 @@ enum Policy {
     /// `NackOnError` with a CPU-bound handler (it spins for 300 us on the runtime): the commit cadence
     /// still holds (SPEC 3.5).
     NackBusy,
+    /// `NackOnError` with static membership (`Broker::with_instance_id`): every life joins as the same
+    /// instance, so a restarted one takes the killed one's partitions back without waiting out its session.
+    NackStatic,
 }
 
 impl Policy {
@@ -125,6 +133,7 @@ impl Policy {
             Policy::RetryNonBlocking => "retry-nb",
             Policy::AckFirstSlow => "ack_first_slow",
             Policy::NackBusy => "nack_busy",
+            Policy::NackStatic => "nack_static",
         }
     }
 
@@ -136,6 +145,7 @@ impl Policy {
             Policy::RetryNonBlocking,
             Policy::AckFirstSlow,
             Policy::NackBusy,
+            Policy::NackStatic,
         ]
         .into_iter()
         .find(|p| p.name() == s)
@@ -275,12 +285,15 @@ async fn crash_child_consumer() {
             .expect("open the attempts file");
         broker = broker.with_state(AttemptsFile(Arc::new(attempts)));
     }
+    if policy == Policy::NackStatic {
+        broker = broker.with_instance_id("crash-child");
+    }
     let subscriber = broker
         .subscriber(&topic)
         .group_id(&group)
         .auto_offset_reset(OffsetReset::Earliest);
     match policy {
-        Policy::NackOnError => subscriber.ack_policy(AckPolicy::NackOnError).handle(handle),
+        Policy::NackOnError | Policy::NackStatic => subscriber.ack_policy(AckPolicy::NackOnError).handle(handle),
         Policy::NackBusy => subscriber.ack_policy(AckPolicy::NackOnError).handle(handle_busily),
         Policy::AckFirstSlow => subscriber.auto_commit(true).handle(handle_slowly),
         // Runs of 2048 (max_buffered holds two), so the loss bound below is well inside the stream.
@@ -784,7 +797,7 @@ async fn crash_scenario(policy: Policy) -> Verdict {
         watch.poll(&mut log, &mut child);
         let check = match policy {
             // At least once: done when every message was handled and the group committed the end.
-            Policy::NackOnError | Policy::NackBusy => log.distinct == MESSAGES,
+            Policy::NackOnError | Policy::NackBusy | Policy::NackStatic => log.distinct == MESSAGES,
             Policy::RetryDlt | Policy::RetryNonBlocking => unreachable!("the retry policies have their own scenario"),
             // At most once: done when the group committed the end and the handlers went quiet.
             Policy::AckFirst | Policy::AckFirstSlow => watch.idle(&mut child),
@@ -935,6 +948,33 @@ async fn nack_on_error_loses_nothing_across_kill_9() {
             replayed <= bound,
             "the kill of {} replayed {replayed} messages, more than the commit cadence allows ({bound})",
             killed.label
+        );
+    }
+}
+
+/// Static membership (issue 16, item 3): each life joins as the same instance, so a life started after a
+/// kill 9 takes the partitions back at once, where a dynamic member waits out the dead one's session
+/// (`session.timeout.ms` = 10 s: `nack_on_error_loses_nothing_across_kill_9` prints ~10 s for its later
+/// lives). Nothing is lost either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_member_restarted_after_kill_9_takes_its_partitions_back_at_once() {
+    let policy = Policy::NackStatic;
+    let v = crash_scenario(policy).await;
+    check_lines_and_report(policy, &v);
+    let lost = (0..MESSAGES).filter(|i| v.log.times[*i] == 0).count();
+    assert_eq!(lost, 0, "every message is handled at least once");
+    for life in &v.lives[1..] {
+        let until_first = life.until_first.expect("every life handles messages");
+        println!(
+            "[{}] {}: first message {until_first:?} after its start (the session timeout is {SESSION_TIMEOUT:?})",
+            policy.name(),
+            life.label
+        );
+        assert!(
+            until_first < STATIC_RESTART_BOUND,
+            "{} waited {until_first:?} for its first message after restarting as the same static member; \
+             it should take the killed instance's partitions back at once (bound {STATIC_RESTART_BOUND:?})",
+            life.label
         );
     }
 }

@@ -291,7 +291,7 @@ mod tests {
         let (topic, group) = (format!("commit-queue-{nanos}"), format!("commit-queue-{nanos}"));
         backend.create_topic(&topic, 2).await.expect("topic");
         let consumer: BaseConsumer<DefaultConsumerContext> = config
-            .consumer_config(&group, crate::OffsetReset::Earliest)
+            .consumer_config(&group, None, crate::OffsetReset::Earliest)
             .create()
             .expect("consumer");
         let queue = CommitQueue::new(&consumer).expect("queue");

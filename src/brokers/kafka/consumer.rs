@@ -272,7 +272,7 @@ impl KafkaConsumer {
         };
         let throttle = ctx.throttle.clone();
         let mut consumer: BaseConsumer<Ctx> = config
-            .consumer_config(&group, cfg.auto_offset_reset)
+            .consumer_config(&group, cfg.group_instance_id.as_deref(), cfg.auto_offset_reset)
             .create_with_context(ctx)
             .map_err(|e| client_error("create consumer", e))?;
         let fetch = FetchQueue::new(&consumer).ok_or_else(|| client_error("create fetch queue", "no queue"))?;

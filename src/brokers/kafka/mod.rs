@@ -12,6 +12,7 @@
 //! | `enable.idempotence` | `true` | no duplicates from producer retries |
 //! | `acks` | `all` | `publish` resolves once every in-sync replica has the record |
 //! | `linger.ms` | `1` | a lone publish is not held back; concurrent ones still batch |
+//! | `group.instance.id` | unset; `<id>-<subscriber>` under [`Broker::with_instance_id`](crate::Broker::with_instance_id) | static membership: a restarted member takes its partitions back at once |
 //! | `message.timeout.ms` | `30000` | a publish the broker has not acknowledged in 30 s fails with `PublishError::Timeout` (librdkafka's default waits 5 minutes, e.g. for a broker that is down) |
 //!
 //! Memory on a backlog: ferrostream pauses a partition once `max_buffered` records wait in its queue, but
@@ -197,7 +198,12 @@ impl KafkaConfig {
         c
     }
 
-    pub(crate) fn consumer_config(&self, group: &str, reset: crate::OffsetReset) -> ClientConfig {
+    pub(crate) fn consumer_config(
+        &self,
+        group: &str,
+        instance: Option<&str>,
+        reset: crate::OffsetReset,
+    ) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap)
             .set("group.id", group)
@@ -214,6 +220,9 @@ impl KafkaConfig {
                     crate::OffsetReset::Latest => "latest",
                 },
             );
+        if let Some(id) = instance {
+            c.set("group.instance.id", id);
+        }
         for (k, v) in self.common.iter().chain(&self.consumer) {
             c.set(k, v);
         }
