@@ -93,6 +93,8 @@ enum Runner {
     FerroBatch,
     /// At least once, a handler awaiting 1 ms, this many in flight per partition.
     FerroSlow(usize),
+    /// `AckFirst`, a handler awaiting 1 ms, one in flight per partition.
+    FerroSlowAckFirst,
     RawProduce,
     FerroPublishAwaited,
     FerroPublishPipelined,
@@ -195,6 +197,24 @@ fn contenders(n: usize) -> Vec<Contender> {
         3_000,
         Data::Backlog(n),
         Some("ferrostream 1ms handler c1 p1, backlog N/10"),
+    );
+    // AckFirst runs every partition at once, as the other policies do (issue 16): a 1 ms handler on 4
+    // partitions against at-least-once on the same workload.
+    add(
+        "ferrostream at-least-once 1ms handler p4",
+        Runner::FerroSlow(1),
+        4,
+        8_000,
+        Data::Exact,
+        None,
+    );
+    add(
+        "ferrostream AckFirst 1ms handler p4",
+        Runner::FerroSlowAckFirst,
+        4,
+        8_000,
+        Data::Exact,
+        Some("ferrostream at-least-once 1ms handler p4"),
     );
     add(
         "FastStream ACK_FIRST p1",
@@ -988,6 +1008,10 @@ async fn ferro(url: &str, runner: Runner, topic: &str, group: &str, count: usize
                     tick(body.len().min(1));
                 })
         }
+        Runner::FerroSlowAckFirst => sub().ack_policy(AckPolicy::AckFirst).handle(|body: String| async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            tick(body.len().min(1));
+        }),
         Runner::FerroPublishAwaited => {
             tick(0);
             for _ in 0..count {

@@ -121,7 +121,8 @@ impl<T: Transport> Engine<T> {
         // with this round's flush (nothing else would wake the engine for it).
         self.ack_first_advance(tp, now);
         let Some(part) = self.parts.get_mut(tp) else { return };
-        // AckFirst's pace counts busy time only: nothing in flight and nothing dispatchable is idle.
+        // AckFirst's pace counts busy time only: nothing in flight and nothing dispatchable is idle, from
+        // now (the calls of this round ended after the round's `now`).
         if ack_first
             && part.in_flight.is_empty()
             && part
@@ -129,7 +130,7 @@ impl<T: Transport> Engine<T> {
                 .front()
                 .is_none_or(|q| confirmed.is_none_or(|c| q.offset >= c))
         {
-            part.pace.idle(now);
+            part.pace.idle(Instant::now());
         }
         if part.paused {
             self.flow_control(tp);
@@ -191,10 +192,8 @@ impl<T: Transport> Engine<T> {
             && part.in_flight.len() < self.rt.cfg.max_in_flight.max(1)
         {
             let confirmed = self.transport.confirmed(tp);
-            let ready = part.queue.partition_point(|q| confirmed.is_some_and(|c| q.offset < c));
-            if ready == 0 {
-                return 0; // the handler waits for a commit
-            }
+            // A free handler takes what is confirmed right away; the rest waits for its commit.
+            return part.queue.partition_point(|q| confirmed.is_some_and(|c| q.offset < c));
         }
         part.queue.len()
     }

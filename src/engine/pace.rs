@@ -79,10 +79,16 @@ impl Pace {
                 .idle_since
                 .map_or(Duration::ZERO, |s| now.saturating_duration_since(s.max(self.since)));
             let busy = elapsed.saturating_sub(self.idle + idle_now);
-            // A window with no busy time says nothing about the handler: the run stays.
-            if !busy.is_zero() && self.dispatched > 0 {
-                let per_window = self.dispatched as f64 * window.as_secs_f64() / busy.as_secs_f64();
-                self.run = (per_window.ceil() as usize).max(MIN_RUN);
+            // A window with no busy time and no dispatch says nothing about the handler: the run stays.
+            // Dispatches in no measurable busy time are a handler faster than the instants the engine
+            // stamps its rounds with: as fast as it gets, so the cap.
+            if self.dispatched > 0 {
+                self.run = if busy.is_zero() {
+                    cap.max(MIN_RUN)
+                } else {
+                    let per_window = self.dispatched as f64 * window.as_secs_f64() / busy.as_secs_f64();
+                    (per_window.ceil() as usize).max(MIN_RUN)
+                };
             }
             self.since = now;
             self.dispatched = 0;
@@ -141,6 +147,24 @@ mod tests {
         let runs = simulate(Duration::from_micros(100), Duration::from_millis(80), 8192, 30);
         let last = *runs.last().unwrap();
         assert!((450..=550).contains(&last), "runs {runs:?}");
+    }
+
+    #[test]
+    fn work_done_between_two_reads_of_the_clock_still_grows_the_run() {
+        // The engine stamps a round's dispatches with the round's start: a fast handler's whole run can
+        // fall between two stamps, so its busy time measures zero. The run must still grow (it stayed at
+        // the smallest run once, and AckFirst on Kafka ran at 5% of its speed).
+        let mut now = Instant::now();
+        let mut pace = Pace::new(now);
+        let mut runs = Vec::new();
+        for _ in 0..20 {
+            let run = pace.run(now, HALF_INTERVAL, 8192);
+            runs.push(run);
+            pace.dispatched(run, now);
+            pace.idle(now);
+            now += Duration::from_millis(2); // the commit's round trip
+        }
+        assert_eq!(*runs.last().unwrap(), 8192, "runs {runs:?}");
     }
 
     #[test]
