@@ -45,6 +45,14 @@
 //!    message that fails again and again is logged in full at its 1st, 2nd, 4th, 8th... attempt (the others
 //!    at DEBUG), and a panicking handler without a backtrace (the process's panic hook is not run for
 //!    handler panics; the log line says where it panicked).
+//! 8. On Kafka a message's attempt count survives a restart: while a message waits for its next attempt
+//!    (a blocking retry, or a nack without a budget), the group's committed offset is that message's, with
+//!    its failed attempts so far in the commit's metadata (`ferrostream:attempts=<n>`); the member that
+//!    gets the partition next, after a crash, a restart or a rebalance, continues the count, so a retry
+//!    budget is spent once, not once per process life (the call whose failure was not committed yet, at
+//!    most one commit interval earlier, may run again). A broker that does not keep commit metadata
+//!    (Apache Kafka does; nisshi 0.8.1 drops it) restarts the count from 1, and `memory://` keeps counts
+//!    within its process.
 //!
 //! # 3. Logs: Kafka and `memory://`
 //!

@@ -83,6 +83,12 @@ pub(crate) trait Transport: Send + 'static {
     /// to be delivered again no earlier than `delay`.
     fn nack(&mut self, record: Record, delay: Duration);
 
+    /// Where the engine redelivers: the record at `seq` failed and will be handed over again; it has had
+    /// `attempts` calls so far. A transport that can keep this with the broker (a log, in its commit's
+    /// metadata) gives it back as the record's `prior_attempts` after a restart, so a retry budget is
+    /// spent once, not once per process life.
+    fn attempted(&mut self, _source: &TopicPartition, _seq: i64, _attempts: u32) {}
+
     /// `AckFirst`: acks these received records before their handlers run, and asks the broker to confirm
     /// at once.
     fn settle_on_receipt(&mut self, source: &TopicPartition, seqs: impl Iterator<Item = i64>);

@@ -49,6 +49,82 @@ async fn failed_commits_are_counted_and_retried_until_the_offset_lands() {
     );
 }
 
+/// A message's attempt count survives a restart (guarantee 2.8): while it waits for its next attempt, the
+/// group's commit of its offset carries its failed attempts in the commit's metadata, and the next life of
+/// the group continues from there. Tested on librdkafka's mock cluster, which keeps commit metadata as
+/// Apache Kafka does (nisshi 0.8.1, the real-broker suite's broker, drops it: there the count restarts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_count_survives_a_restart_in_the_commit_metadata() {
+    use std::sync::{Arc, Mutex};
+    common::init_tracing();
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("orders", 1, 1).expect("topic");
+    cluster.create_topic("orders.dlt", 1, 1).expect("topic");
+    let url = format!("kafka://{}", cluster.bootstrap_servers());
+    let attempts: Arc<Mutex<Vec<(usize, u32)>>> = Arc::default();
+    // One life of the service: a poison message fails every call, 4 calls at most, 1.5 s apart.
+    let life = |n: usize| {
+        let broker = Broker::new(&url).unwrap();
+        let seen = attempts.clone();
+        broker
+            .subscriber("orders")
+            .name("orders")
+            .group_id("g")
+            .ack_policy(AckPolicy::NackOnError)
+            .auto_offset_reset(ferrostream::OffsetReset::Earliest)
+            .retry(
+                ferrostream::RetryPolicy::new(4)
+                    .backoff(Duration::from_millis(1500), Duration::from_millis(1500))
+                    .jitter(0.0),
+            )
+            .dead_letter("orders.dlt")
+            .handle(move |msg: ferrostream::Message| {
+                seen.lock().unwrap().push((n, msg.attempt()));
+                async { Err::<(), _>(std::io::Error::other("poison")) }
+            });
+        broker
+    };
+    let first = life(1);
+    first.publish("poison", "orders").partition(0).await.unwrap();
+    let observer = first.observer();
+    let app = common::start(&first).await;
+    let tp = TopicPartition::new("orders", 0);
+    // Two failed calls, and the commit that carries the second one's count (offset 0 committed again).
+    observer
+        .wait_until("two failed calls and a commit after them", common::WAIT, |events| {
+            let failed = attempts.lock().unwrap().len();
+            let commits = events
+                .iter()
+                .filter(|e| matches!(e, ferrostream::Event::Committed { tp: t, offset: 0, .. } if *t == tp))
+                .count();
+            (failed == 2 && commits >= 2).then_some(())
+        })
+        .await
+        .unwrap();
+    app.shutdown().await.unwrap();
+    assert_eq!(
+        *attempts.lock().unwrap(),
+        [(1, 1), (1, 2)],
+        "stopped during the backoff after call 2"
+    );
+
+    let second = life(2);
+    let observer = second.observer();
+    let app = common::start(&second).await;
+    observer
+        .wait_committed("orders", &tp, 1, Duration::from_secs(20))
+        .await
+        .expect("the poison message is dead-lettered and its offset committed");
+    app.shutdown().await.unwrap();
+    assert_eq!(
+        *attempts.lock().unwrap(),
+        [(1, 1), (1, 2), (2, 3), (2, 4)],
+        "the second life continues the count: calls 3 and 4, then the dead letter (a restarted count would \
+         call it 4 more times)"
+    );
+    assert_eq!(second.end_offsets("orders.dlt").await.unwrap().get(&0), Some(&1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_result_publish_leaves_the_message_unsettled_until_it_succeeds() {
     common::init_tracing();

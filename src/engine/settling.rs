@@ -232,6 +232,11 @@ impl<T: Transport> Engine<T> {
             return;
         }
         let caps = self.caps;
+        self.transport.attempted(
+            &record.tp,
+            record.offset,
+            record.prior_attempts.saturating_add(record.attempts),
+        );
         let Some(part) = self.parts.get_mut(&record.tp) else {
             return;
         };

@@ -83,6 +83,10 @@ pub(crate) enum LogEvent {
     Records(Vec<Record>),
     /// Partitions now owned, positioned at the committed offset (or the reset policy).
     Assigned(Vec<TopicPartition>),
+    /// Sent before `Assigned` by a consumer that keeps attempt counts in its commits: for each newly
+    /// assigned partition whose committed offset is a record that had failed, that offset and its failed
+    /// attempts so far.
+    PriorAttempts(Vec<(TopicPartition, i64, u32)>),
     /// Partitions being taken away. Nothing more arrives for them; `reply` gets the final offsets, which
     /// the consumer commits before it releases the partitions.
     Revoked {
@@ -106,6 +110,11 @@ pub(crate) trait LogConsumer: Send + 'static {
     /// in flight per consumer, so commits land in order.
     fn commit(&mut self, commits: Commits) -> BoxFuture<'static, Result<(), BrokerError>>;
 
+    /// The record at `offset` of `tp` failed `attempts` calls so far: a consumer that can, commits this with
+    /// that offset (Kafka: the commit's metadata) and reports it back as [`LogEvent::PriorAttempts`] when
+    /// the partition is assigned again.
+    fn note_attempts(&mut self, _tp: &TopicPartition, _offset: i64, _attempts: u32) {}
+
     /// Commits `final_commits` synchronously, then leaves the group and releases every resource.
     fn close(self, final_commits: Commits) -> impl Future<Output = Result<(), BrokerError>> + Send;
 }
@@ -126,6 +135,8 @@ pub(crate) struct LogTransport<C> {
     stall_warning: Duration,
     /// When the positions the metrics show were last refreshed.
     positions_shown: Instant,
+    /// Failed attempts the broker kept for records not yet fetched again: given to them on arrival.
+    prior_attempts: rustc_hash::FxHashMap<TopicPartition, (i64, u32)>,
 }
 
 /// How often the positions the metrics show (consumer lag) are refreshed while records come in.
@@ -151,6 +162,7 @@ impl<C: LogConsumer> LogTransport<C> {
             stalls: rustc_hash::FxHashMap::default(),
             stall_warning: cfg.stall_warning,
             positions_shown: Instant::now(),
+            prior_attempts: rustc_hash::FxHashMap::default(),
         }
     }
 
@@ -255,17 +267,10 @@ impl<C: LogConsumer> LogTransport<C> {
     }
 }
 
-impl<C: LogConsumer> Transport for LogTransport<C> {
-    type Release = RevokeReply;
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            redelivers: false,
-            ordered: true,
-        }
-    }
-
-    async fn next(&mut self, intake: bool) -> Option<TransportEvent<RevokeReply>> {
+impl<C: LogConsumer> LogTransport<C> {
+    /// One step of [`Transport::next`]: `None` for an event the engine need not see (kept here), else the
+    /// engine's event. Cancel-safe, as `next` must be.
+    async fn next_event(&mut self, intake: bool) -> Option<Option<TransportEvent<RevokeReply>>> {
         enum Step {
             Committed(Result<(), BrokerError>),
             Consumer(Option<LogEvent>),
@@ -279,7 +284,7 @@ impl<C: LogConsumer> Transport for LogTransport<C> {
             ev = consumer.next(), if intake => Step::Consumer(ev),
             else => std::future::pending().await,
         };
-        match step {
+        Some(match step {
             Step::Committed(r) => {
                 if let Some(commits) = self
                     .cadence
@@ -291,7 +296,18 @@ impl<C: LogConsumer> Transport for LogTransport<C> {
                 Some(TransportEvent::Settled)
             }
             Step::Consumer(None) => None,
-            Step::Consumer(Some(LogEvent::Records(records))) => Some(TransportEvent::Records(records)),
+            Step::Consumer(Some(LogEvent::Records(mut records))) => {
+                if !self.prior_attempts.is_empty() {
+                    self.give_prior_attempts(&mut records);
+                }
+                Some(TransportEvent::Records(records))
+            }
+            Step::Consumer(Some(LogEvent::PriorAttempts(prior))) => {
+                for (tp, offset, attempts) in prior {
+                    self.prior_attempts.insert(tp, (offset, attempts));
+                }
+                return None;
+            }
             Step::Consumer(Some(LogEvent::Assigned(tps))) => {
                 for tp in &tps {
                     self.tracker.assign(tp.clone());
@@ -302,10 +318,50 @@ impl<C: LogConsumer> Transport for LogTransport<C> {
                 self.show_positions();
                 Some(TransportEvent::Assigned(tps))
             }
-            Step::Consumer(Some(LogEvent::Revoked { partitions, reply })) => Some(TransportEvent::Revoked {
-                sources: partitions,
-                release: reply,
-            }),
+            Step::Consumer(Some(LogEvent::Revoked { partitions, reply })) => {
+                for tp in &partitions {
+                    self.prior_attempts.remove(tp);
+                }
+                Some(TransportEvent::Revoked {
+                    sources: partitions,
+                    release: reply,
+                })
+            }
+        })
+    }
+
+    /// The failed attempts the broker kept for a record go to it when it arrives again; a partition whose
+    /// records arrive past that offset has nothing more to give.
+    fn give_prior_attempts(&mut self, records: &mut [Record]) {
+        for r in records {
+            let Some(&(offset, attempts)) = self.prior_attempts.get(&r.tp) else {
+                continue;
+            };
+            if r.offset == offset {
+                r.prior_attempts = r.prior_attempts.max(attempts);
+            }
+            if r.offset >= offset {
+                self.prior_attempts.remove(&r.tp);
+            }
+        }
+    }
+}
+
+impl<C: LogConsumer> Transport for LogTransport<C> {
+    type Release = RevokeReply;
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            redelivers: false,
+            ordered: true,
+        }
+    }
+
+    async fn next(&mut self, intake: bool) -> Option<TransportEvent<RevokeReply>> {
+        loop {
+            if let Some(event) = self.next_event(intake).await {
+                return event;
+            }
         }
     }
 
@@ -339,6 +395,17 @@ impl<C: LogConsumer> Transport for LogTransport<C> {
 
     fn nack(&mut self, _: Record, _: Duration) {
         // Not called: a log does not redeliver (see `capabilities`); the engine keeps the record.
+    }
+
+    fn attempted(&mut self, source: &TopicPartition, seq: i64, attempts: u32) {
+        if !self.commits_enabled || self.tracker.partition(source).is_none() {
+            return;
+        }
+        // Committed with the record's offset at the next commit (within the interval), even where the
+        // offset did not move: a process killed during the record's retries resumes its count.
+        self.consumer.note_attempts(source, seq, attempts);
+        self.tracker.request_again(source);
+        self.cadence.note(0, false);
     }
 
     fn settle_on_receipt(&mut self, source: &TopicPartition, seqs: impl Iterator<Item = i64>) {

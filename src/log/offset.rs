@@ -279,6 +279,14 @@ impl OffsetTracker {
         out
     }
 
+    /// Has the partition's watermark committed again at the next commit, even where it did not move (a
+    /// commit that carries news in its metadata).
+    pub(crate) fn request_again(&mut self, tp: &TopicPartition) {
+        if let Some(t) = self.parts.get_mut(tp) {
+            t.requested = None;
+        }
+    }
+
     /// The current watermarks of the given partitions (for the final commit on revoke or shutdown),
     /// whether or not they were requested already.
     pub(crate) fn watermarks<'a>(

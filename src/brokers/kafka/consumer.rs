@@ -56,7 +56,16 @@ struct Ctx {
     throttle: Arc<Throttle>,
     /// Where a partition without a committed offset starts: resolved when it is assigned.
     reset: crate::OffsetReset,
+    /// Records that failed and wait for their next attempt: committed with their offset's metadata.
+    attempts: Notes,
 }
+
+/// Per partition, the record that failed and its failed attempts so far ([`LogConsumer::note_attempts`]),
+/// shared by the engine's commits and the final commit of a revocation.
+type Notes = Arc<std::sync::Mutex<rustc_hash::FxHashMap<TopicPartition, (i64, u32)>>>;
+
+/// How a commit's metadata carries a record's failed attempts: `ferrostream:attempts=<n>`.
+const ATTEMPTS_METADATA: &str = "ferrostream:attempts=";
 
 /// How long resolving an assigned partition's start position may take before librdkafka is left to do it.
 const POSITION_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,17 +75,16 @@ impl Ctx {
     /// committed offset starts under `Latest`: its end offset at this moment. librdkafka would resolve it
     /// only once fetching starts, so a record published right after the app reported ready could fall
     /// before that position and never be seen by a new group ("ready means ready").
-    fn resolve_latest(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
-        if self.reset != crate::OffsetReset::Latest || tpl.count() == 0 {
+    fn resolve_latest(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &mut TopicPartitionList,
+        committed: Option<&TopicPartitionList>,
+    ) {
+        if self.reset != crate::OffsetReset::Latest {
             return;
         }
-        let committed = match consumer.committed_offsets(tpl.clone(), POSITION_TIMEOUT) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(subscriber = %self.name, error = %e, "committed offsets unknown; librdkafka resolves positions");
-                return;
-            }
-        };
+        let Some(committed) = committed else { return };
         let mut resolved = TopicPartitionList::new();
         for e in committed.elements() {
             if matches!(e.offset(), Offset::Offset(_)) {
@@ -98,6 +106,43 @@ impl Ctx {
             && let Err(e) = consumer.commit(&resolved, rdkafka::consumer::CommitMode::Async)
         {
             tracing::debug!(subscriber = %self.name, error = %e, "could not commit the resolved start positions");
+        }
+    }
+}
+
+impl Ctx {
+    /// The group's committed offsets of newly assigned partitions (their metadata included), read once
+    /// per assignment; `None` when the broker does not say (librdkafka then resolves positions itself).
+    fn committed(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) -> Option<TopicPartitionList> {
+        if tpl.count() == 0 {
+            return None;
+        }
+        consumer
+            .committed_offsets(tpl.clone(), POSITION_TIMEOUT)
+            .map_err(|e| {
+                tracing::debug!(subscriber = %self.name, error = %e, "committed offsets unknown; librdkafka resolves positions");
+            })
+            .ok()
+    }
+
+    /// Tells the engine, before the assignment, of committed offsets whose record had failed: its next
+    /// delivery continues their attempt count.
+    fn send_prior_attempts(&self, committed: &TopicPartitionList) {
+        let prior: Vec<(TopicPartition, i64, u32)> = committed
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                let Offset::Offset(offset) = e.offset() else {
+                    return None;
+                };
+                let attempts = e.metadata().strip_prefix(ATTEMPTS_METADATA)?.parse().ok()?;
+                let tp = partitions_of_one(e.topic(), e.partition(), &self.topic);
+                Some((tp, offset, attempts))
+            })
+            .collect();
+        if !prior.is_empty() {
+            tracing::debug!(subscriber = %self.name, ?prior, "committed attempt counts");
+            let _ = self.events.blocking_send(LogEvent::PriorAttempts(prior));
         }
     }
 }
@@ -126,7 +171,11 @@ impl ConsumerContext for Ctx {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.resolve_latest(consumer, tpl);
+                let committed = self.committed(consumer, tpl);
+                if let Some(c) = &committed {
+                    self.send_prior_attempts(c);
+                }
+                self.resolve_latest(consumer, tpl, committed.as_ref());
                 self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
                 let assigned = if cooperative {
                     consumer.incremental_assign(tpl)
@@ -189,7 +238,7 @@ impl ConsumerContext for Ctx {
         }
         match rx.recv_timeout(self.revoke_wait) {
             Ok(commits) if !commits.is_empty() => {
-                if let Err(e) = consumer.commit(&tpl_of(&commits), CommitMode::Sync) {
+                if let Err(e) = consumer.commit(&tpl_of(&commits, &self.attempts), CommitMode::Sync) {
                     tracing::warn!(subscriber = %self.name, error = %e, "final commit on revoke failed; the new owner may redeliver");
                 }
             }
@@ -213,18 +262,37 @@ impl ConsumerContext for Ctx {
 fn partitions_of(tpl: &TopicPartitionList, topic: &Arc<str>) -> Vec<TopicPartition> {
     tpl.elements()
         .iter()
-        .map(|e| match e.topic() {
-            t if t == &**topic => TopicPartition::new(topic.clone(), e.partition()),
-            t => TopicPartition::new(t, e.partition()),
-        })
+        .map(|e| partitions_of_one(e.topic(), e.partition(), topic))
         .collect()
 }
 
-fn tpl_of(commits: &Commits) -> TopicPartitionList {
+fn partitions_of_one(name: &str, partition: i32, topic: &Arc<str>) -> TopicPartition {
+    if name == &**topic {
+        TopicPartition::new(topic.clone(), partition)
+    } else {
+        TopicPartition::new(name, partition)
+    }
+}
+
+/// The commits as a partition list; a commit at the offset of a record that failed carries its failed
+/// attempts in its metadata. A note the commits have moved past is dropped.
+fn tpl_of(commits: &Commits, notes: &Notes) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::with_capacity(commits.len());
+    let mut notes = notes.lock().unwrap_or_else(|p| p.into_inner());
     for (tp, o) in commits {
         // Adding to a fresh list only fails for invalid offsets, which commits never hold.
         let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*o));
+        match notes.get(tp) {
+            Some(&(offset, attempts)) if offset == *o => {
+                if let Some(mut e) = tpl.find_partition(&tp.topic, tp.partition) {
+                    e.set_metadata(format!("{ATTEMPTS_METADATA}{attempts}"));
+                }
+            }
+            Some(&(offset, _)) if offset < *o => {
+                notes.remove(tp);
+            }
+            _ => {}
+        }
     }
     tpl
 }
@@ -245,6 +313,7 @@ pub(crate) struct KafkaConsumer {
     closing: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread_done: oneshot::Receiver<()>,
+    attempts: Notes,
 }
 
 impl KafkaConsumer {
@@ -269,7 +338,9 @@ impl KafkaConsumer {
             fetch: OnceLock::new(),
             throttle: Arc::default(),
             reset: cfg.auto_offset_reset,
+            attempts: Notes::default(),
         };
+        let attempts = ctx.attempts.clone();
         let throttle = ctx.throttle.clone();
         let mut consumer: BaseConsumer<Ctx> = config
             .consumer_config(&group, cfg.group_instance_id.as_deref(), cfg.auto_offset_reset)
@@ -317,6 +388,7 @@ impl KafkaConsumer {
             closing,
             stop,
             thread_done: done_rx,
+            attempts,
         })
     }
 }
@@ -512,7 +584,14 @@ impl LogConsumer for KafkaConsumer {
     }
 
     fn commit(&mut self, commits: Commits) -> BoxFuture<'static, Result<(), BrokerError>> {
-        Box::pin(self.commits.commit(&self.consumer, &tpl_of(&commits)))
+        Box::pin(self.commits.commit(&self.consumer, &tpl_of(&commits, &self.attempts)))
+    }
+
+    fn note_attempts(&mut self, tp: &TopicPartition, offset: i64, attempts: u32) {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tp.clone(), (offset, attempts));
     }
 
     async fn close(self, final_commits: Commits) -> Result<(), BrokerError> {
@@ -520,7 +599,9 @@ impl LogConsumer for KafkaConsumer {
         // Before taking `self` apart: if this future is dropped while it waits, `self` drops whole, in
         // field order (the commit queue before the consumer).
         if !final_commits.is_empty() {
-            let commit = self.commits.commit(&self.consumer, &tpl_of(&final_commits));
+            let commit = self
+                .commits
+                .commit(&self.consumer, &tpl_of(&final_commits, &self.attempts));
             result = match tokio::time::timeout(CLOSE_TIMEOUT, commit).await {
                 Ok(r) => r,
                 Err(_) => Err(BrokerError::Timeout {
@@ -537,6 +618,7 @@ impl LogConsumer for KafkaConsumer {
             closing,
             stop,
             thread_done,
+            attempts: _,
         } = self;
         closing.store(true, Ordering::Release);
         stop.store(true, Ordering::Release);
