@@ -33,7 +33,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -283,54 +283,51 @@ impl KafkaBackend {
         })
     }
 
-    async fn publish(&self, out: Outgoing) -> Result<PublishAck, PublishError> {
-        no_exchanges(&out)?;
-        check_topic_name(&out.topic).map_err(|reason| PublishError::InvalidTopic {
-            topic: out.topic.clone(),
-            reason,
-        })?;
-        let size = record_size(&out);
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic).payload(out.payload.as_ref());
-        // librdkafka allocates a header list even for no headers: only make one when there are some.
-        if !out.headers.is_empty() {
-            let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
-            for (name, value) in out.headers.iter() {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value.as_ref()),
-                });
+    /// Hands the record to librdkafka now and returns what waits for the broker's acknowledgement: a small
+    /// future (the delivery report's channel), not one that carries the record. A full producer queue
+    /// waits in [`Self::publish_when_queued`] instead.
+    fn enqueue(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, PublishError>> {
+        if let Err(e) = check_outgoing(&out) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        let sent = self.producer.send_result(record_of(&out)).map_err(|(e, _)| e);
+        let failure = Failure::of(&out, self);
+        match sent {
+            Ok(delivery) => {
+                let topic = out.topic;
+                Box::pin(async move {
+                    match delivery.await {
+                        Ok(Ok(d)) => Ok(PublishAck {
+                            topic,
+                            partition: d.partition,
+                            offset: d.offset,
+                        }),
+                        Ok(Err((e, _))) => Err(failure.error(e, topic)),
+                        Err(_) => {
+                            Err(client_error("publish", "the producer went away before the delivery report").into())
+                        }
+                    }
+                })
             }
-            record = record.headers(headers);
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                let this = self.clone();
+                Box::pin(async move { this.publish_when_queued(out).await })
+            }
+            Err(e) => Box::pin(std::future::ready(Err(failure.error(e, out.topic)))),
         }
-        if let Some(k) = &out.key {
-            record = record.key(k.as_ref());
-        }
-        if let Some(p) = out.partition {
-            record = record.partition(p);
-        }
-        if let Some(ts) = out.timestamp {
-            record = record.timestamp(ts);
-        }
-        match self.producer.send(record, PUBLISH_TIMEOUT).await {
+    }
+
+    /// A publish that met a full producer queue: rdkafka's `send` waits for room (up to
+    /// [`PUBLISH_TIMEOUT`]), then for the acknowledgement.
+    async fn publish_when_queued(&self, out: Outgoing) -> Result<PublishAck, PublishError> {
+        let failure = Failure::of(&out, self);
+        match self.producer.send(record_of(&out), PUBLISH_TIMEOUT).await {
             Ok(d) => Ok(PublishAck {
                 topic: out.topic,
                 partition: d.partition,
                 offset: d.offset,
             }),
-            Err((e, _)) => match (e.rdkafka_error_code(), out.partition) {
-                (Some(RDKafkaErrorCode::UnknownPartition), Some(partition)) => Err(PublishError::UnknownPartition {
-                    topic: out.topic,
-                    partition,
-                }),
-                (Some(RDKafkaErrorCode::MessageSizeTooLarge), _) => Err(PublishError::TooLarge {
-                    size,
-                    max: self.max_message_bytes,
-                }),
-                (Some(RDKafkaErrorCode::MessageTimedOut), _) => Err(PublishError::Timeout {
-                    timeout: self.delivery_timeout,
-                }),
-                _ => Err(client_error("publish", e).into()),
-            },
+            Err((e, _)) => Err(failure.error(e, out.topic)),
         }
     }
 
@@ -500,6 +497,74 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| admin_error(op, e))?
 }
 
+/// What a record may not be, checked before librdkafka sees it.
+fn check_outgoing(out: &Outgoing) -> Result<(), PublishError> {
+    no_exchanges(out)?;
+    check_topic_name(&out.topic).map_err(|reason| PublishError::InvalidTopic {
+        topic: out.topic.clone(),
+        reason,
+    })
+}
+
+/// The librdkafka record of an outgoing one (borrowing it: librdkafka copies what it keeps).
+fn record_of(out: &Outgoing) -> FutureRecord<'_, [u8], [u8]> {
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic).payload(out.payload.as_ref());
+    // librdkafka allocates a header list even for no headers: only make one when there are some.
+    if !out.headers.is_empty() {
+        let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
+        for (name, value) in out.headers.iter() {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_ref()),
+            });
+        }
+        record = record.headers(headers);
+    }
+    if let Some(k) = &out.key {
+        record = record.key(k.as_ref());
+    }
+    if let Some(p) = out.partition {
+        record = record.partition(p);
+    }
+    if let Some(ts) = out.timestamp {
+        record = record.timestamp(ts);
+    }
+    record
+}
+
+/// What a failed publish's error names, kept from the record once it is handed over.
+struct Failure {
+    partition: Option<i32>,
+    size: usize,
+    max: usize,
+    timeout: Duration,
+}
+
+impl Failure {
+    fn of(out: &Outgoing, backend: &KafkaBackend) -> Self {
+        Failure {
+            partition: out.partition,
+            size: record_size(out),
+            max: backend.max_message_bytes,
+            timeout: backend.delivery_timeout,
+        }
+    }
+
+    fn error(self, e: KafkaError, topic: String) -> PublishError {
+        match (e.rdkafka_error_code(), self.partition) {
+            (Some(RDKafkaErrorCode::UnknownPartition), Some(partition)) => {
+                PublishError::UnknownPartition { topic, partition }
+            }
+            (Some(RDKafkaErrorCode::MessageSizeTooLarge), _) => PublishError::TooLarge {
+                size: self.size,
+                max: self.max,
+            },
+            (Some(RDKafkaErrorCode::MessageTimedOut), _) => PublishError::Timeout { timeout: self.timeout },
+            _ => client_error("publish", e).into(),
+        }
+    }
+}
+
 /// `kafka://host:port[,host:port][?librdkafka.setting=value&...]`.
 pub(crate) fn open(url: &str, rest: &str) -> Result<Arc<dyn Backend>, ConfigError> {
     let config = KafkaConfig::from_url(url, rest)?;
@@ -508,8 +573,7 @@ pub(crate) fn open(url: &str, rest: &str) -> Result<Arc<dyn Backend>, ConfigErro
 
 impl Publisher for KafkaBackend {
     fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, PublishError>> {
-        let this = self.clone();
-        Box::pin(async move { this.publish(out).await })
+        self.enqueue(out)
     }
 }
 
