@@ -674,6 +674,13 @@ struct Verdict {
     _dir: ScratchDir,
 }
 
+impl Verdict {
+    /// The messages (by index) no life handled.
+    fn never_handled(&self) -> Vec<usize> {
+        (0..MESSAGES).filter(|i| self.log.times[*i] == 0).collect()
+    }
+}
+
 async fn produce(broker: &Broker, topic: &str, messages: usize) -> Vec<(i32, i64)> {
     let mut produced = Vec::with_capacity(messages);
     for start in (0..messages).step_by(PUBLISH_CHUNK) {
@@ -894,7 +901,7 @@ async fn nack_on_error_loses_nothing_across_kill_9() {
     let v = crash_scenario(policy).await;
     check_lines_and_report(policy, &v);
 
-    let lost: Vec<String> = (0..MESSAGES).filter(|i| v.log.times[*i] == 0).map(payload).collect();
+    let lost: Vec<String> = v.never_handled().into_iter().map(payload).collect();
     assert!(
         lost.is_empty(),
         "{} messages were never handled: {:?}",
@@ -961,7 +968,7 @@ async fn a_static_member_restarted_after_kill_9_takes_its_partitions_back_at_onc
     let policy = Policy::NackStatic;
     let v = crash_scenario(policy).await;
     check_lines_and_report(policy, &v);
-    let lost = (0..MESSAGES).filter(|i| v.log.times[*i] == 0).count();
+    let lost = v.never_handled().len();
     assert_eq!(lost, 0, "every message is handled at least once");
     for life in &v.lives[1..] {
         let until_first = life.until_first.expect("every life handles messages");
@@ -989,7 +996,7 @@ async fn ack_first_never_hands_a_message_twice_across_kill_9() {
         .filter(|i| v.log.times[*i] > 1)
         .map(|i| format!("{} x{}", payload(i), v.log.times[i]))
         .collect();
-    let lost: Vec<usize> = (0..MESSAGES).filter(|i| v.log.times[*i] == 0).collect();
+    let lost: Vec<usize> = v.never_handled();
     let mut lost_runs = BTreeMap::new();
     for p in 0..PARTITIONS {
         let offsets = lost
@@ -1044,7 +1051,7 @@ async fn ack_first_with_a_slow_handler_loses_at_most_a_moment_of_work_per_kill_9
     let v = crash_scenario(policy).await;
     check_lines_and_report(policy, &v);
     let twice = (0..MESSAGES).filter(|i| v.log.times[*i] > 1).count();
-    let lost = (0..MESSAGES).filter(|i| v.log.times[*i] == 0).count();
+    let lost = v.never_handled().len();
     let mut allowed = 0;
     for life in v.lives.iter().filter(|l| l.killed_mid_stream) {
         let work = life.busiest(AT_MOST_ONCE_LOSS_WINDOW);
@@ -1074,7 +1081,7 @@ async fn a_cpu_bound_handler_keeps_the_commit_cadence_across_kill_9() {
     let policy = Policy::NackBusy;
     let v = crash_scenario(policy).await;
     check_lines_and_report(policy, &v);
-    let lost = (0..MESSAGES).filter(|i| v.log.times[*i] == 0).count();
+    let lost = v.never_handled().len();
     assert_eq!(lost, 0, "messages never handled");
     for (killed, next) in v.lives.iter().zip(&v.lives[1..]).filter(|(k, _)| k.killed_mid_stream) {
         let bound = killed.busiest(BUSY_REPLAY_WINDOW) + PARTITIONS as usize * DEFAULT_MAX_IN_FLIGHT;

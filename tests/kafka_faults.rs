@@ -11,14 +11,24 @@ use std::time::Duration;
 
 use ferrostream::{AckPolicy, Broker, Settle, SettledBy, TopicPartition};
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+/// librdkafka's in-process mock cluster with these one-partition topics, and its `kafka://` URL.
+fn mock_cluster(topics: &[&str]) -> (MockCluster<'static, DefaultProducerContext>, String) {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    for t in topics {
+        cluster.create_topic(t, 1, 1).expect("topic");
+    }
+    let url = format!("kafka://{}", cluster.bootstrap_servers());
+    (cluster, url)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_commits_are_counted_and_retried_until_the_offset_lands() {
     common::init_tracing();
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("orders", 1, 1).expect("topic");
-    let broker = Broker::new(&format!("kafka://{}", cluster.bootstrap_servers())).unwrap();
+    let (cluster, url) = mock_cluster(&["orders"]);
+    let broker = Broker::new(&url).unwrap();
     for i in 0..20 {
         broker.publish(format!("m{i}"), "orders").partition(0).await.unwrap();
     }
@@ -57,10 +67,7 @@ async fn failed_commits_are_counted_and_retried_until_the_offset_lands() {
 async fn a_retry_count_survives_a_restart_in_the_commit_metadata() {
     use std::sync::{Arc, Mutex};
     common::init_tracing();
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("orders", 1, 1).expect("topic");
-    cluster.create_topic("orders.dlt", 1, 1).expect("topic");
-    let url = format!("kafka://{}", cluster.bootstrap_servers());
+    let (_cluster, url) = mock_cluster(&["orders", "orders.dlt"]);
     let attempts: Arc<Mutex<Vec<(usize, u32)>>> = Arc::default();
     // One life of the service: a poison message fails every call, 4 calls at most, 1.5 s apart.
     let life = |n: usize| {
@@ -128,10 +135,8 @@ async fn a_retry_count_survives_a_restart_in_the_commit_metadata() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_result_publish_leaves_the_message_unsettled_until_it_succeeds() {
     common::init_tracing();
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("in", 1, 1).expect("topic");
-    cluster.create_topic("out", 1, 1).expect("topic");
-    let broker = Broker::new(&format!("kafka://{}", cluster.bootstrap_servers())).unwrap();
+    let (cluster, url) = mock_cluster(&["in", "out"]);
+    let broker = Broker::new(&url).unwrap();
     broker.publish("order-1", "in").await.unwrap();
     common::member(&broker, "in", "in", "g")
         .ack_policy(AckPolicy::NackOnError)
@@ -175,10 +180,8 @@ async fn a_failed_result_publish_leaves_the_message_unsettled_until_it_succeeds(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_dead_letter_publish_leaves_the_source_uncommitted_until_it_succeeds() {
     common::init_tracing();
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("orders", 1, 1).expect("topic");
-    cluster.create_topic("orders.dlt", 1, 1).expect("topic");
-    let broker = Broker::new(&format!("kafka://{}", cluster.bootstrap_servers())).unwrap();
+    let (cluster, url) = mock_cluster(&["orders", "orders.dlt"]);
+    let broker = Broker::new(&url).unwrap();
     broker.publish("unbillable", "orders").await.unwrap();
     common::member(&broker, "orders", "orders", "g")
         .ack_policy(AckPolicy::NackOnError)
@@ -277,9 +280,8 @@ async fn a_publish_with_no_broker_fails_after_the_delivery_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_broker_going_away_and_coming_back() {
     common::init_tracing();
-    let mock = MockCluster::new(1).unwrap();
-    mock.create_topic("orders", 1, 1).unwrap();
-    let broker = Broker::new(&format!("kafka://{}", mock.bootstrap_servers())).unwrap();
+    let (mock, url) = mock_cluster(&["orders"]);
+    let broker = Broker::new(&url).unwrap();
     broker
         .subscriber("orders")
         .group_id("g")

@@ -108,9 +108,7 @@ impl Ctx {
             tracing::debug!(subscriber = %self.name, error = %e, "could not commit the resolved start positions");
         }
     }
-}
 
-impl Ctx {
     /// The group's committed offsets of newly assigned partitions (their metadata included), read once
     /// per assignment; `None` when the broker does not say (librdkafka then resolves positions itself).
     fn committed(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) -> Option<TopicPartitionList> {
@@ -280,14 +278,11 @@ fn tpl_of(commits: &Commits, notes: &Notes) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::with_capacity(commits.len());
     let mut notes = notes.lock().unwrap_or_else(|p| p.into_inner());
     for (tp, o) in commits {
-        // Adding to a fresh list only fails for invalid offsets, which commits never hold.
-        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*o));
+        let mut e = tpl.add_partition(&tp.topic, tp.partition);
+        // Only an invalid offset is refused, which commits never hold.
+        let _ = e.set_offset(Offset::Offset(*o));
         match notes.get(tp) {
-            Some(&(offset, attempts)) if offset == *o => {
-                if let Some(mut e) = tpl.find_partition(&tp.topic, tp.partition) {
-                    e.set_metadata(format!("{ATTEMPTS_METADATA}{attempts}"));
-                }
-            }
+            Some(&(offset, attempts)) if offset == *o => e.set_metadata(format!("{ATTEMPTS_METADATA}{attempts}")),
             Some(&(offset, _)) if offset < *o => {
                 notes.remove(tp);
             }
