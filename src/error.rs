@@ -430,9 +430,73 @@ pub enum BrokerError {
         /// The deadline that passed.
         timeout: Duration,
     },
+    /// The Kafka client (librdkafka) reported an error code for an operation.
+    #[error("{op}: {message} (Kafka error {code}, {kind:?})")]
+    Kafka {
+        /// The operation, e.g. `commit`, `publish` or `create topic`.
+        op: &'static str,
+        /// What the code means for the caller.
+        kind: KafkaErrorKind,
+        /// librdkafka's error code (`rd_kafka_resp_err_t`: negative for the client's own errors, the Kafka
+        /// protocol's error code otherwise).
+        code: i32,
+        /// librdkafka's description of the code.
+        message: String,
+    },
     /// The broker handle was shut down.
     #[error("the broker connection is closed")]
     Closed,
+}
+
+impl BrokerError {
+    /// The kind of a Kafka client error, `None` for other errors.
+    ///
+    /// ```
+    /// use ferrostream::{BrokerError, KafkaErrorKind};
+    ///
+    /// fn worth_paging(e: &BrokerError) -> bool {
+    ///     matches!(e.kafka_kind(), Some(KafkaErrorKind::Authentication | KafkaErrorKind::Authorization))
+    /// }
+    /// assert!(!worth_paging(&BrokerError::Closed));
+    /// ```
+    pub fn kafka_kind(&self) -> Option<KafkaErrorKind> {
+        match self {
+            BrokerError::Kafka { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+/// What a Kafka client error code means for the caller: librdkafka's many codes grouped by what one does
+/// about them. [`BrokerError::Kafka`] carries the code itself too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KafkaErrorKind {
+    /// No broker answers (transport failure, all brokers down, name resolution, leader or coordinator not
+    /// available): transient, the client keeps retrying.
+    BrokerDown,
+    /// The credentials were refused (SASL or SSL).
+    Authentication,
+    /// The principal may not use this topic, group, cluster or transactional id (an ACL).
+    Authorization,
+    /// The topic or partition does not exist.
+    UnknownTopicOrPartition,
+    /// The group is rebalancing: the operation is retried after the rebalance.
+    RebalanceInProgress,
+    /// The member's generation or id is no longer the group's (a commit after its partitions moved).
+    StaleMember,
+    /// Another instance with the same `group.instance.id` or `transactional.id` took over.
+    Fenced,
+    /// The record or batch is larger than the broker or topic takes.
+    MessageTooLarge,
+    /// The producer's local queue is full.
+    QueueFull,
+    /// The operation or the delivery timed out.
+    Timeout,
+    /// A setting, argument or request the broker refused as invalid.
+    InvalidConfig,
+    /// Any other code.
+    Other,
 }
 
 /// Why a publish failed: what [`Broker::publish`](crate::Broker::publish) can answer.
@@ -514,7 +578,8 @@ pub enum PublishError {
     },
     /// A publisher declared on a router that no broker includes yet.
     #[error(
-        "publisher of `{topic}` belongs to a router that is not included in a broker yet: call          `broker.include_router(router)` before publishing"
+        "publisher of `{topic}` belongs to a router that is not included in a broker yet: call \
+         `broker.include_router(router)` before publishing"
     )]
     NotIncluded {
         /// The publisher's topic.

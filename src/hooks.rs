@@ -27,7 +27,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::error::FailureKind;
+use crate::error::{BrokerError, FailureKind};
 use crate::message::{Message, SettledBy};
 use crate::observe::Observer;
 use crate::offset::TopicPartition;
@@ -129,6 +129,15 @@ pub enum HookEvent<'a> {
         tp: &'a TopicPartition,
         /// Committed offset.
         offset: i64,
+    },
+    /// The broker refused a commit (it is retried). With Kafka, [`BrokerError::kafka_kind`] says why.
+    CommitFailed {
+        /// Subscriber name.
+        subscriber: &'a Arc<str>,
+        /// The offsets it tried to commit.
+        commits: &'a [(TopicPartition, i64)],
+        /// The broker's answer.
+        error: &'a BrokerError,
     },
     /// A partition's commit has not moved for `stalled_for` because `offset` is unsettled, while later
     /// messages were settled (a `Manual` handler that never settles, a message held by user code).

@@ -102,7 +102,7 @@ pub use broker::Broker;
 pub use codec::MsgPack;
 pub use error::{
     AckMessage, AdminError, BoxError, BrokerError, ConfigError, DecodeError, Error, ErrorKind, FailureKind,
-    NackMessage, PublishError, RejectMessage, StartError,
+    KafkaErrorKind, NackMessage, PublishError, RejectMessage, StartError,
 };
 pub use extract::{Attempt, Batch, Json, Key, State};
 /// Feature `macros`: checks a handler `async fn` where it is defined and names the argument or return

@@ -103,6 +103,15 @@ pub enum Event {
         /// Committed offset.
         offset: i64,
     },
+    /// The broker refused a commit (it is retried).
+    CommitFailed {
+        /// Subscriber name.
+        subscriber: Arc<str>,
+        /// The offsets it tried to commit.
+        commits: Vec<(TopicPartition, i64)>,
+        /// The broker's answer, as displayed.
+        error: String,
+    },
     /// The partition's commit is held back by the unsettled `offset` while later messages were settled.
     Stalled {
         /// Subscriber name.
@@ -128,6 +137,7 @@ impl Event {
             | Event::DeadLettered { subscriber, .. }
             | Event::RetryScheduled { subscriber, .. }
             | Event::Committed { subscriber, .. }
+            | Event::CommitFailed { subscriber, .. }
             | Event::Stalled { subscriber, .. } => subscriber,
         }
     }
@@ -253,6 +263,15 @@ impl Hook for Observer {
                 subscriber: subscriber.clone(),
                 tp: tp.clone(),
                 offset,
+            },
+            HookEvent::CommitFailed {
+                subscriber,
+                commits,
+                error,
+            } => Event::CommitFailed {
+                subscriber: subscriber.clone(),
+                commits: commits.to_vec(),
+                error: error.to_string(),
             },
             HookEvent::Stalled {
                 subscriber,

@@ -318,3 +318,75 @@ async fn readiness_follows_the_broker_going_away_and_coming_back() {
     ready(200, "\"ready\":true").await;
     let _ = app.shutdown().await;
 }
+
+/// librdkafka's error codes reach the user typed (`BrokerError::Kafka`: the code, its description and
+/// what kind of failure it is), from a publish and from a refused commit (`HookEvent::CommitFailed`,
+/// retried until it lands). (The mock cluster answers no CreateTopics: admin codes are unit-tested.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_errors_carry_their_kafka_code_and_kind() {
+    use std::sync::{Arc, Mutex};
+
+    use ferrostream::hooks::{Hook, HookEvent};
+    use ferrostream::{BrokerError, KafkaErrorKind, PublishError};
+
+    /// Each refused commit's kind and text.
+    type Refusals = Vec<(Option<KafkaErrorKind>, String)>;
+    #[derive(Clone, Default)]
+    struct CommitErrors(Arc<Mutex<Refusals>>);
+    impl Hook for CommitErrors {
+        fn on_event(&self, event: &HookEvent<'_>) {
+            if let HookEvent::CommitFailed { error, .. } = event {
+                self.0.lock().unwrap().push((error.kafka_kind(), error.to_string()));
+            }
+        }
+    }
+
+    common::init_tracing();
+    let (cluster, url) = mock_cluster(&["orders", "secret"]);
+    let commit_errors = CommitErrors::default();
+    let broker = Broker::new(&url).unwrap().with_hook(commit_errors.clone());
+
+    // A produce request refused for good: the publish fails with the broker's code. (librdkafka then
+    // fails that topic's records for a while: the rest of the test uses another topic.)
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    let refused = broker.publish("m", "secret").partition(0).await;
+    let Err(PublishError::Broker(
+        e @ BrokerError::Kafka {
+            op: "publish",
+            code: 29,
+            ..
+        },
+    )) = &refused
+    else {
+        panic!("a refused produce is a typed Kafka error, got {refused:?}");
+    };
+    assert_eq!(e.kafka_kind(), Some(KafkaErrorKind::Authorization), "{e}");
+    for i in 0..5 {
+        broker.publish(format!("m{i}"), "orders").partition(0).await.unwrap();
+    }
+
+    // The first two commits are refused: each is reported with its kind, then the commit lands.
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED; 2],
+    );
+    common::member(&broker, "orders", "orders", "g")
+        .commit_interval(Duration::from_millis(20))
+        .handle(|_: String| async {});
+    let observer = broker.observer();
+    let app = common::start(&broker).await;
+    observer
+        .wait_committed("orders", &TopicPartition::new("orders", 0), 5, common::WAIT)
+        .await
+        .unwrap();
+    app.shutdown().await.unwrap();
+    let seen = commit_errors.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "each refused commit is reported once: {seen:?}");
+    for (kind, text) in &seen {
+        assert_eq!(*kind, Some(KafkaErrorKind::Authorization), "{text}");
+        assert!(text.starts_with("commit: "), "{text}");
+    }
+}

@@ -12,6 +12,7 @@ use super::offset::OffsetTracker;
 use super::{Commits, LogConsumer};
 use crate::config::ResolvedSubscriber;
 use crate::error::BrokerError;
+use crate::hooks::{HookEvent, Hooks};
 use crate::metrics::Counters;
 use crate::transport::Pending;
 
@@ -113,8 +114,9 @@ impl Cadence {
         &mut self,
         tracker: &mut OffsetTracker,
         r: Result<(), BrokerError>,
-        subscriber: &str,
+        subscriber: &Arc<str>,
         counters: &Counters,
+        hooks: &Hooks,
     ) -> Option<Commits> {
         let done = self.commit.take()?;
         counters.commit_latency.observe(done.started.elapsed());
@@ -126,7 +128,12 @@ impl Cadence {
             }
             Err(e) => {
                 counters.committed(false);
-                tracing::warn!(subscriber, error = %e, "commit failed; retrying");
+                tracing::warn!(subscriber = %subscriber, error = %e, "commit failed; retrying");
+                hooks.emit(|| HookEvent::CommitFailed {
+                    subscriber,
+                    commits: &done.commits,
+                    error: &e,
+                });
                 tracker.commit_failed(&done.commits);
                 let retry = Instant::now() + COMMIT_RETRY;
                 self.commit_due = Some(self.commit_due.map_or(retry, |d| d.max(retry)));
@@ -143,10 +150,11 @@ impl Cadence {
         tracker: &mut OffsetTracker,
         subscriber: &Arc<str>,
         counters: &Counters,
+        hooks: &Hooks,
     ) -> Option<Commits> {
         let future = self.in_flight()?;
         match tokio::time::timeout(IN_FLIGHT_COMMIT_WAIT, future).await {
-            Ok(r) => self.done(tracker, r, subscriber, counters),
+            Ok(r) => self.done(tracker, r, subscriber, counters, hooks),
             Err(_) => {
                 self.commit = None;
                 tracing::warn!(subscriber = %subscriber, wait = ?IN_FLIGHT_COMMIT_WAIT,

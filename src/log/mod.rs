@@ -243,7 +243,7 @@ impl<C: LogConsumer> LogTransport<C> {
     async fn last_commits(&mut self, tps: &[TopicPartition], holdback: &[(TopicPartition, i64)]) -> Commits {
         if let Some(c) = self
             .cadence
-            .finish_in_flight(&mut self.tracker, &self.subscriber, &self.counters)
+            .finish_in_flight(&mut self.tracker, &self.subscriber, &self.counters, &self.hooks)
             .await
         {
             self.observe_commits(&c);
@@ -286,9 +286,9 @@ impl<C: LogConsumer> LogTransport<C> {
         };
         Some(match step {
             Step::Committed(r) => {
-                if let Some(commits) = self
-                    .cadence
-                    .done(&mut self.tracker, r, &self.subscriber, &self.counters)
+                if let Some(commits) =
+                    self.cadence
+                        .done(&mut self.tracker, r, &self.subscriber, &self.counters, &self.hooks)
                 {
                     self.observe_commits(&commits);
                 }

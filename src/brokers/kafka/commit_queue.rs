@@ -13,7 +13,7 @@
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
-use std::ffi::{CStr, c_void};
+use std::ffi::c_void;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -245,11 +245,7 @@ unsafe fn commit_code(ev: *mut rd::rd_kafka_event_t) -> Code {
 }
 
 fn commit_error(err: Code) -> BrokerError {
-    // SAFETY: librdkafka returns a static NUL-terminated string for every error code.
-    let text = unsafe { CStr::from_ptr(rd::rd_kafka_err2str(err)) }
-        .to_string_lossy()
-        .into_owned();
-    super::client_error("commit", text)
+    super::code_error("commit", rdkafka::error::RDKafkaErrorCode::from(err))
 }
 
 #[cfg(test)]
@@ -328,7 +324,7 @@ mod tests {
         queue.close();
         let after = queue.commit(&consumer, &offsets(&topic, &[(0, 11)])).await;
         assert!(
-            matches!(after, Err(BrokerError::Client { op: "commit", .. })),
+            matches!(after, Err(BrokerError::Kafka { op: "commit", .. })),
             "a commit on a closed queue fails with a typed error, got {after:?}"
         );
         assert_eq!(

@@ -7,6 +7,7 @@
 //! rdkafka's `Drop` (rust-rdkafka #597 / #611): the engine waits for it with a deadline.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::commit_queue::CommitQueue;
 use super::fetch_queue::{FetchQueue, Fetched};
 use super::quiet::{self, Throttle};
-use super::{KafkaConfig, client_error};
+use super::{KafkaConfig, client_error, kafka_error};
 use crate::config::ResolvedSubscriber;
 use crate::error::BrokerError;
 use crate::log::{Commits, LogConsumer, LogEvent};
@@ -52,6 +53,8 @@ struct Ctx {
     revoke_wait: Duration,
     /// Where assigned partitions' messages go (set once the consumer exists).
     fetch: OnceLock<FetchQueue>,
+    /// The group's rebalance protocol is cooperative (incremental), known from the first assignment.
+    cooperative: OnceLock<bool>,
     /// Repeated client errors (a broker that is down) are logged once per quiet period.
     throttle: Arc<Throttle>,
     /// Where a partition without a committed offset starts: resolved when it is assigned.
@@ -166,8 +169,31 @@ impl ConsumerContext for Ctx {
     ) {
         use rdkafka::consumer::RebalanceProtocol;
         use rdkafka::types::RDKafkaRespErr;
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        // Asked once, at the first assignment: it follows from the configured assignors, and asking
+        // while the consumer closes (a revocation from rdkafka's `Drop`) blocks forever on librdkafka's
+        // group thread, which no longer answers.
+        let cooperative = match self.cooperative.get() {
+            Some(c) => *c,
+            None if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => *self
+                .cooperative
+                .get_or_init(|| matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative)),
+            None => false, // nothing was ever assigned
+        };
         match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS if self.closing.load(Ordering::Acquire) => {
+                // The subscriber is stopping and will consume nothing more: the assignment is answered
+                // (librdkafka's group waits for the call) without looking up positions, and released
+                // by the unsubscribe that follows.
+                tracing::debug!(subscriber = %self.name, "partitions assigned while stopping; releasing them");
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = assigned {
+                    tracing::debug!(subscriber = %self.name, error = %e, "assigning partitions while stopping failed");
+                }
+            }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let committed = self.committed(consumer, tpl);
                 if let Some(c) = &committed {
@@ -234,6 +260,7 @@ impl ConsumerContext for Ctx {
         {
             return; // the engine is gone: nothing to drain
         }
+        tracing::debug!(subscriber = %self.name, "partitions revoked; waiting for the engine to drain them");
         match rx.recv_timeout(self.revoke_wait) {
             Ok(commits) if !commits.is_empty() => {
                 if let Err(e) = consumer.commit(&tpl_of(&commits, &self.attempts), CommitMode::Sync) {
@@ -241,8 +268,17 @@ impl ConsumerContext for Ctx {
                 }
             }
             Ok(_) => {}
-            Err(_) => {
-                tracing::warn!(subscriber = %self.name, "engine did not drain revoked partitions in time; releasing them uncommitted");
+            // The subscriber is stopping: its shutdown drained every partition and made the final commit
+            // before it let the revocation go (`close` sets `closing` after that commit).
+            Err(RecvTimeoutError::Disconnected) if self.closing.load(Ordering::Acquire) => {
+                tracing::debug!(subscriber = %self.name, "revoked partitions released after the subscriber's final commit");
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                tracing::warn!(subscriber = %self.name, "the subscriber stopped before it drained revoked partitions; releasing them uncommitted");
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                tracing::warn!(subscriber = %self.name, wait = ?self.revoke_wait,
+                    "engine did not drain revoked partitions in time; releasing them uncommitted");
             }
         }
     }
@@ -329,8 +365,11 @@ impl KafkaConsumer {
             topic: topic.clone(),
             events: tx.clone(),
             closing: closing.clone(),
-            revoke_wait: cfg.drain_timeout + Duration::from_secs(5),
+            // A revocation can come while the subscriber drains for its shutdown, which answers it only
+            // with its final commit: the longer of the two drains, plus room for that commit.
+            revoke_wait: cfg.drain_timeout.max(cfg.shutdown_timeout) + Duration::from_secs(5),
             fetch: OnceLock::new(),
+            cooperative: OnceLock::new(),
             throttle: Arc::default(),
             reset: cfg.auto_offset_reset,
             attempts: Notes::default(),
@@ -340,7 +379,7 @@ impl KafkaConsumer {
         let mut consumer: BaseConsumer<Ctx> = config
             .consumer_config(&group, cfg.group_instance_id.as_deref(), cfg.auto_offset_reset)
             .create_with_context(ctx)
-            .map_err(|e| client_error("create consumer", e))?;
+            .map_err(|e| kafka_error("create consumer", e))?;
         let fetch = FetchQueue::new(&consumer).ok_or_else(|| client_error("create fetch queue", "no queue"))?;
         let _ = consumer.context().fetch.set(fetch.clone());
         // An event (a rebalance, an error) ends the poll thread's wait on the fetch queue.
@@ -348,7 +387,7 @@ impl KafkaConsumer {
         consumer.set_nonempty_callback(move || wake.wake());
         consumer
             .subscribe(&[&cfg.topic])
-            .map_err(|e| client_error("subscribe", e))?;
+            .map_err(|e| kafka_error("subscribe", e))?;
         let consumer = Arc::new(consumer);
         // Declared after the consumer, so an early return drops (closes) it first.
         let commits = CommitQueue::new(&consumer).ok_or_else(|| client_error("create commit queue", "no queue"))?;

@@ -22,6 +22,7 @@
 
 mod commit_queue;
 mod consumer;
+mod error_code;
 mod fetch_queue;
 mod quiet;
 
@@ -39,6 +40,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 pub(crate) use consumer::KafkaConsumer;
+use error_code::{client_error, code_error, kafka_error};
 use quiet::QuietContext;
 
 use futures::future::BoxFuture;
@@ -46,7 +48,7 @@ use tokio::task::JoinHandle;
 
 use super::{Backend, LogAdmin, spawn_log};
 use crate::engine::Launch;
-use crate::error::{AdminError, BoxError, BrokerError, ConfigError, PublishError, StartError};
+use crate::error::{AdminError, BrokerError, ConfigError, PublishError, StartError};
 use crate::log::{MAX_MESSAGE_BYTES, check_topic_name, record_size};
 use crate::transport::{Outgoing, PublishAck, Publisher, no_exchanges};
 
@@ -230,12 +232,8 @@ impl KafkaConfig {
     }
 }
 
-fn admin_error(op: &'static str, e: impl Into<BoxError>) -> AdminError {
-    AdminError::Broker(client_error(op, e))
-}
-
-fn client_error(op: &'static str, e: impl Into<BoxError>) -> BrokerError {
-    BrokerError::Client { op, source: e.into() }
+fn admin_error(op: &'static str, e: KafkaError) -> AdminError {
+    AdminError::Broker(kafka_error(op, e))
 }
 
 /// The Kafka side of a [`Broker`](crate::Broker): one shared producer plus admin helpers.
@@ -401,7 +399,10 @@ impl KafkaBackend {
         for r in results {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((t, code)) => return Err(admin_error("create topic", format!("{t}: {code}"))),
+                Err((t, code)) => {
+                    tracing::debug!(topic = %t, error = %code, "create topic refused");
+                    return Err(AdminError::Broker(code_error("create topic", code)));
+                }
             }
         }
         // Wait until the metadata shows every partition, so a subscriber started next sees them all.
@@ -494,7 +495,9 @@ async fn blocking<T: Send + 'static>(
     op: &'static str,
     f: impl FnOnce() -> Result<T, AdminError> + Send + 'static,
 ) -> Result<T, AdminError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| admin_error(op, e))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AdminError::Broker(client_error(op, e)))?
 }
 
 /// What a record may not be, checked before librdkafka sees it.
@@ -560,7 +563,7 @@ impl Failure {
                 max: self.max,
             },
             (Some(RDKafkaErrorCode::MessageTimedOut), _) => PublishError::Timeout { timeout: self.timeout },
-            _ => client_error("publish", e).into(),
+            _ => kafka_error("publish", e).into(),
         }
     }
 }

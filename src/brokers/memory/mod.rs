@@ -20,7 +20,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::{Backend, LogAdmin, spawn_log};
-use crate::config::OffsetReset;
+use crate::config::{OffsetReset, ResolvedSubscriber};
 use crate::engine::Launch;
 use crate::error::{AdminError, BrokerError, ConfigError, PublishError, StartError};
 use crate::log::{Commits, LogConsumer, LogEvent, MAX_MESSAGE_BYTES, check_topic_name, record_size};
@@ -52,9 +52,11 @@ enum Control {
 }
 
 struct Member {
+    /// The subscriber's name, for logs.
+    name: Arc<str>,
     topic: Arc<str>,
     reset: OffsetReset,
-    /// How long the member may take to drain a revocation.
+    /// How long the member may take to drain a revocation (or its shutdown).
     drain_timeout: Duration,
     control: mpsc::UnboundedSender<Control>,
     owned: Vec<TopicPartition>,
@@ -192,16 +194,17 @@ impl MemoryBroker {
             .unwrap_or_default()
     }
 
-    /// Joins `group` (a private one when `None`) as a member consuming `topic`.
-    pub(crate) fn join(
-        &self,
-        group: Option<&str>,
-        topic: &str,
-        reset: OffsetReset,
-        drain_timeout: Duration,
-    ) -> MemoryConsumer {
+    /// Joins the subscriber's group (a private one without a group) as a member consuming its topic.
+    pub(crate) fn join(&self, cfg: &ResolvedSubscriber) -> MemoryConsumer {
+        // A revocation can come while the member drains for its shutdown, which answers it only with its
+        // final commit: it may take the longer of the two drains.
+        let drain_timeout = cfg.drain_timeout.max(cfg.shutdown_timeout);
+        let (topic, reset) = (cfg.topic.as_str(), cfg.auto_offset_reset);
         let member = self.shared.next_member.fetch_add(1, Ordering::Relaxed);
-        let group = group.map_or_else(|| format!("__private-{member}"), str::to_owned);
+        let group = cfg
+            .group_id
+            .as_deref()
+            .map_or_else(|| format!("__private-{member}"), str::to_owned);
         let (tx, rx) = mpsc::unbounded_channel();
         {
             let mut st = self.lock();
@@ -211,6 +214,7 @@ impl MemoryBroker {
             g.members.insert(
                 member,
                 Member {
+                    name: cfg.name.clone(),
                     topic: topic_name(topic),
                     reset,
                     drain_timeout,
@@ -272,6 +276,8 @@ async fn rebalance(shared: Arc<Shared>, group: String) {
             .filter_map(|(id, m)| {
                 let (tx, rx) = oneshot::channel();
                 let wait = m.drain_timeout + REVOKE_GRACE;
+                tracing::debug!(subscriber = %m.name, partitions = %crate::offset::Shown(&m.owned[..]),
+                    "partitions revoked; waiting for the member to drain them");
                 m.control
                     .send(Control::Revoke(m.owned.clone(), tx))
                     .ok()
@@ -547,12 +553,7 @@ impl MemoryBroker {
         {
             self.create_topic(&cfg.topic, n)?;
         }
-        let consumer = self.join(
-            cfg.group_id.as_deref(),
-            &cfg.topic,
-            cfg.auto_offset_reset,
-            cfg.drain_timeout,
-        );
+        let consumer = self.join(cfg);
         Ok(spawn_log(launch, consumer))
     }
 }
