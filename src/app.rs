@@ -492,6 +492,34 @@ impl RunningApp {
         r
     }
 
+    /// Stops every subscriber at once, as a crash would: nothing drains, nothing is committed, no
+    /// shutdown hook runs. For tests of what a crash leaves behind: on `memory://` the group keeps the
+    /// dead member's partitions until its session times out, then hands them on from their last
+    /// committed offsets. (On Kafka the client still leaves its group as it is dropped: kill the process
+    /// to test a crash there.)
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let broker = ferrostream::Broker::new("memory://?session.timeout.ms=200")?;
+    /// broker.subscriber("orders").group_id("billing").handle(|_: String| async {});
+    /// let app = ferrostream::App::new(broker).start().await?;
+    /// app.abort().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn abort(mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in std::mem::take(&mut self.tasks) {
+            let _ = task.await;
+        }
+        #[cfg(feature = "http")]
+        if let Some(server) = self.http.take() {
+            let _ = server.stop.send(());
+            let _ = server.task.await;
+        }
+    }
+
     /// How long the subscribers may take to stop.
     fn limit(&self) -> Duration {
         self.timeout * 2 + Duration::from_secs(5)

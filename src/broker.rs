@@ -56,7 +56,8 @@ struct Inner {
 }
 
 /// A connection to one broker, chosen by URL: `memory://` (optionally `memory://?partitions=N`, the
-/// default partition count of auto-created topics) or, with the `kafka` feature,
+/// default partition count of auto-created topics, and `session.timeout.ms=MS`, how long a crashed
+/// member keeps its partitions, 10 s by default) or, with the `kafka` feature,
 /// `kafka://host:port[,host:port]`. Cheap to clone.
 ///
 /// ```

@@ -443,9 +443,24 @@ pub enum BrokerError {
         /// librdkafka's description of the code.
         message: String,
     },
+    /// The broker committed some partitions' offsets and refused the others' (a partition no longer
+    /// assigned to this member, a rebalance in progress): the refused ones are retried.
+    #[error("commit refused for {}", refused_list(.refused))]
+    PartialCommit {
+        /// Each refused partition and the broker's reason.
+        refused: Vec<(crate::offset::TopicPartition, String)>,
+    },
     /// The broker handle was shut down.
     #[error("the broker connection is closed")]
     Closed,
+}
+
+fn refused_list(refused: &[(crate::offset::TopicPartition, String)]) -> String {
+    refused
+        .iter()
+        .map(|(tp, why)| format!("{tp} ({why})"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl BrokerError {

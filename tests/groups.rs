@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use ferrostream::observe::Outcome;
 use ferrostream::{Event, Observer, TopicPartition};
@@ -230,5 +231,94 @@ async fn a_member_leaving_hands_its_partitions_over_from_the_committed_offset() 
     assert_eq!(
         broker.committed_offsets(&group, &topic).await.unwrap(),
         broker.end_offsets(&topic).await.unwrap()
+    );
+}
+
+/// The in-memory broker models a crash as Kafka does: a member that goes away without leaving (its task
+/// aborted: no drain, no final commit) keeps its partitions until its session times out; then they move
+/// to the rest of the group from their last committed offsets, so what it handled uncommitted comes
+/// again. (On Kafka, `kafka_crash` proves the same by killing processes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_crashed_members_partitions_move_after_its_session_timeout() {
+    if !common::is_memory() {
+        return;
+    }
+    common::init_tracing();
+    const SESSION: Duration = Duration::from_millis(700);
+    let broker = ferrostream::Broker::new(&format!("memory://?session.timeout.ms={}", SESSION.as_millis())).unwrap();
+    let observer = broker.observer();
+    broker.create_topic("crash", 2).await.unwrap();
+    let subscribe = |name: &str| {
+        common::member(&broker, "crash", name, "g")
+            // At least once, and nothing committed before the crash.
+            .auto_commit(false)
+            .commit_interval(Duration::from_secs(3600))
+            .handle(|_: String| async {});
+    };
+    subscribe("crasher");
+    let crasher = common::start(&broker).await;
+    subscribe("survivor");
+    let survivor = common::start(&broker).await;
+    observer
+        .wait_until("one partition each", common::WAIT, |_| {
+            (observer.assignment("crasher").len() == 1 && observer.assignment("survivor").len() == 1).then_some(())
+        })
+        .await
+        .unwrap();
+    let lost = observer.assignment("crasher")[0].clone();
+    let mut published = BTreeSet::new();
+    for i in 0..20 {
+        let ack = broker.publish(format!("m{i}"), "crash").partition(i % 2).await.unwrap();
+        published.insert((ack.partition, ack.offset));
+    }
+    observer
+        .wait_until("every message handled once", common::WAIT, |_| {
+            let h: BTreeSet<Coord> = handled_ok(&observer, "crasher")
+                .into_iter()
+                .chain(handled_ok(&observer, "survivor"))
+                .collect();
+            (h == published).then_some(())
+        })
+        .await
+        .unwrap();
+
+    let crashed = tokio::time::Instant::now();
+    crasher.abort().await;
+    observer
+        .wait_until("the survivor owning both partitions", common::WAIT, |_| {
+            (observer.assignment("survivor").len() == 2).then_some(())
+        })
+        .await
+        .unwrap();
+    let moved_after = crashed.elapsed();
+    assert!(
+        moved_after >= SESSION,
+        "the crashed member kept its partition for its session: moved after {moved_after:?}"
+    );
+    assert!(
+        moved_after < SESSION + Duration::from_secs(5),
+        "then it moved: {moved_after:?}"
+    );
+    // The crasher's uncommitted messages come again, from the partition's start.
+    let again: BTreeSet<Coord> = published
+        .iter()
+        .filter(|(p, _)| *p == lost.partition)
+        .copied()
+        .collect();
+    observer
+        .wait_until(
+            "the survivor handling the crashed member's messages",
+            common::WAIT,
+            |_| {
+                let h: BTreeSet<Coord> = handled_ok(&observer, "survivor").into_iter().collect();
+                again.is_subset(&h).then_some(())
+            },
+        )
+        .await
+        .unwrap();
+    survivor.shutdown().await.unwrap();
+    assert_eq!(
+        broker.committed_offsets("g", "crash").await.unwrap(),
+        broker.end_offsets("crash").await.unwrap()
     );
 }

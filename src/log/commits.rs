@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
-use super::offset::OffsetTracker;
+use super::offset::{OffsetTracker, Stamped};
 use super::{Commits, LogConsumer};
 use crate::config::ResolvedSubscriber;
 use crate::error::BrokerError;
@@ -23,7 +23,7 @@ const COMMIT_RETRY: Duration = Duration::from_millis(200);
 const IN_FLIGHT_COMMIT_WAIT: Duration = Duration::from_secs(2);
 
 struct InFlightCommit {
-    commits: Commits,
+    commits: Stamped,
     future: BoxFuture<'static, Result<(), BrokerError>>,
     started: Instant,
 }
@@ -101,7 +101,7 @@ impl Cadence {
         if commits.is_empty() {
             return;
         }
-        let future = consumer.commit(commits.clone());
+        let future = consumer.commit(commits.commits.clone());
         self.commit = Some(InFlightCommit {
             commits,
             future,
@@ -124,20 +124,28 @@ impl Cadence {
             Ok(()) => {
                 counters.committed(true);
                 tracker.confirm(&done.commits);
-                Some(done.commits)
+                Some(done.commits.commits)
             }
             Err(e) => {
                 counters.committed(false);
                 tracing::warn!(subscriber = %subscriber, error = %e, "commit failed; retrying");
                 hooks.emit(|| HookEvent::CommitFailed {
                     subscriber,
-                    commits: &done.commits,
+                    commits: &done.commits.commits,
                     error: &e,
                 });
-                tracker.commit_failed(&done.commits);
+                // Partitions the broker did commit are confirmed; the rest are asked again.
+                let (ok, failed) = match &e {
+                    BrokerError::PartialCommit { refused } => {
+                        done.commits.split(|tp| refused.iter().any(|(r, _)| r == tp))
+                    }
+                    _ => (Default::default(), done.commits),
+                };
+                tracker.confirm(&ok);
+                tracker.commit_failed(&failed);
                 let retry = Instant::now() + COMMIT_RETRY;
                 self.commit_due = Some(self.commit_due.map_or(retry, |d| d.max(retry)));
-                None
+                (!ok.is_empty()).then_some(ok.commits)
             }
         }
     }
@@ -162,5 +170,65 @@ impl Cadence {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SubscriberConfig;
+    use crate::log::LogEvent;
+    use crate::offset::TopicPartition;
+
+    /// A consumer whose commits answer what the test set.
+    struct Answers(Option<BrokerError>);
+
+    impl LogConsumer for Answers {
+        async fn next(&mut self) -> Option<LogEvent> {
+            None
+        }
+        fn pause(&mut self, _: &TopicPartition) {}
+        fn resume(&mut self, _: &TopicPartition) {}
+        fn commit(&mut self, _: Commits) -> BoxFuture<'static, Result<(), BrokerError>> {
+            let r = self.0.take().map_or(Ok(()), Err);
+            Box::pin(std::future::ready(r))
+        }
+        async fn close(self, _: Commits) -> Result<(), BrokerError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_partly_refused_commit_confirms_the_rest_and_asks_again_for_the_refused() {
+        let cfg = SubscriberConfig::new("t").resolve(true).unwrap();
+        let (a, b) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
+        let mut tracker = OffsetTracker::default();
+        for tp in [&a, &b] {
+            tracker.assign(tp.clone());
+            let p = tracker.partition(tp).unwrap();
+            p.deliver(0);
+            p.settle(0);
+        }
+        let mut consumer = Answers(Some(BrokerError::PartialCommit {
+            refused: vec![(b.clone(), "rebalance in progress".into())],
+        }));
+        let mut cadence = Cadence::new(&cfg);
+        cadence.note(2, true);
+        cadence.start(&mut tracker, &mut consumer);
+        let r = cadence.in_flight().expect("a commit in flight").await;
+        let (name, counters) = (Arc::from("t"), Counters::default());
+        let landed = cadence.done(&mut tracker, r, &name, &counters, &Hooks::default());
+        assert_eq!(
+            landed,
+            Some(vec![(a.clone(), 1)]),
+            "what the broker took is reported committed"
+        );
+        assert_eq!(tracker.confirmed(&a), Some(1));
+        assert_eq!(tracker.confirmed(&b), None);
+        assert_eq!(
+            tracker.take_commits().commits,
+            vec![(b.clone(), 1)],
+            "only the refused one again"
+        );
     }
 }

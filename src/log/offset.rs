@@ -226,9 +226,16 @@ impl PartitionOffsets {
 }
 
 /// The offsets of every partition a consumer owns, and what has been committed of them.
+///
+/// Each assignment of a partition is a new *generation*: commits are taken stamped with theirs, and the
+/// broker's answer to a commit counts only for the generation it was taken from. A commit of an earlier
+/// assignment that ends after the partition was assigned again (a rebalance that revoked nothing, e.g.
+/// after a rebalance error) is never credited to the new one.
 #[derive(Debug, Default)]
 pub(crate) struct OffsetTracker {
     parts: rustc_hash::FxHashMap<TopicPartition, Tracked>,
+    /// The last generation given out.
+    generation: u64,
 }
 
 #[derive(Debug, Default)]
@@ -238,11 +245,52 @@ struct Tracked {
     requested: Option<i64>,
     /// The last offset the broker confirmed.
     confirmed: Option<i64>,
+    /// Which assignment this is.
+    generation: u64,
+}
+
+/// Commits taken from the tracker, each stamped with its partition's generation.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Stamped {
+    /// What to commit.
+    pub(crate) commits: Vec<(TopicPartition, i64)>,
+    /// The generation of each commit's partition, in the same order.
+    generations: Vec<u64>,
+}
+
+impl Stamped {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.commits.is_empty()
+    }
+
+    /// The commits of the partitions `refused` does not name, and those it does.
+    pub(crate) fn split(self, refused: impl Fn(&TopicPartition) -> bool) -> (Stamped, Stamped) {
+        let (mut ok, mut failed) = (Stamped::default(), Stamped::default());
+        for (c, g) in self.commits.into_iter().zip(self.generations) {
+            let into = if refused(&c.0) { &mut failed } else { &mut ok };
+            into.commits.push(c);
+            into.generations.push(g);
+        }
+        (ok, failed)
+    }
 }
 
 impl OffsetTracker {
+    /// Starts tracking `tp` afresh (a new generation), replacing what an earlier assignment left.
     pub(crate) fn assign(&mut self, tp: TopicPartition) {
-        self.parts.insert(tp, Tracked::default());
+        self.generation += 1;
+        self.parts.insert(
+            tp,
+            Tracked {
+                generation: self.generation,
+                ..Tracked::default()
+            },
+        );
+    }
+
+    /// The tracked partition, when it is still the assignment of `generation`.
+    fn current(&mut self, tp: &TopicPartition, generation: u64) -> Option<&mut Tracked> {
+        self.parts.get_mut(tp).filter(|t| t.generation == generation)
     }
 
     pub(crate) fn partitions(&self) -> Vec<TopicPartition> {
@@ -266,14 +314,15 @@ impl OffsetTracker {
     }
 
     /// Watermarks that moved past what was last requested, marked as requested.
-    pub(crate) fn take_commits(&mut self) -> Vec<(TopicPartition, i64)> {
-        let mut out = Vec::new();
+    pub(crate) fn take_commits(&mut self) -> Stamped {
+        let mut out = Stamped::default();
         for (tp, t) in &mut self.parts {
             if let Some(w) = t.offsets.watermark()
                 && t.requested.is_none_or(|r| w > r)
             {
                 t.requested = Some(w);
-                out.push((tp.clone(), w));
+                out.commits.push((tp.clone(), w));
+                out.generations.push(t.generation);
             }
         }
         out
@@ -302,19 +351,20 @@ impl OffsetTracker {
             .collect()
     }
 
-    /// Records the broker's confirmation of a commit.
-    pub(crate) fn confirm(&mut self, commits: &[(TopicPartition, i64)]) {
-        for (tp, o) in commits {
-            if let Some(t) = self.parts.get_mut(tp) {
+    /// Records the broker's confirmation of a commit, for the partitions still in the assignment it was
+    /// taken from.
+    pub(crate) fn confirm(&mut self, taken: &Stamped) {
+        for ((tp, o), g) in taken.commits.iter().zip(&taken.generations) {
+            if let Some(t) = self.current(tp, *g) {
                 t.confirmed = Some(t.confirmed.map_or(*o, |c| c.max(*o)));
             }
         }
     }
 
-    /// A failed commit: ask again next time.
-    pub(crate) fn commit_failed(&mut self, commits: &[(TopicPartition, i64)]) {
-        for (tp, _) in commits {
-            if let Some(t) = self.parts.get_mut(tp) {
+    /// A failed commit: ask again next time (in the assignment it was taken from).
+    pub(crate) fn commit_failed(&mut self, taken: &Stamped) {
+        for ((tp, _), g) in taken.commits.iter().zip(&taken.generations) {
+            if let Some(t) = self.current(tp, *g) {
                 t.requested = t.confirmed;
             }
         }
@@ -485,19 +535,53 @@ mod tests {
         assert_eq!(p.deliver(6), Delivery::Stale);
     }
 
-    #[test]
-    fn tracker_requests_each_watermark_once() {
+    /// A tracker of partition `t[0]` whose offset 0 was delivered and settled.
+    fn one_settled() -> (OffsetTracker, TopicPartition) {
         let mut t = OffsetTracker::default();
         let tp = TopicPartition::new("t", 0);
         t.assign(tp.clone());
         let p = t.partition(&tp).unwrap();
         p.deliver(0);
         p.settle(0);
-        assert_eq!(t.take_commits(), vec![(tp.clone(), 1)]);
+        (t, tp)
+    }
+
+    #[test]
+    fn tracker_requests_each_watermark_once() {
+        let (mut t, tp) = one_settled();
+        let taken = t.take_commits();
+        assert_eq!(taken.commits, vec![(tp.clone(), 1)]);
         assert!(t.take_commits().is_empty());
-        t.commit_failed(&[(tp.clone(), 1)]);
-        assert_eq!(t.take_commits(), vec![(tp.clone(), 1)]);
-        t.confirm(&[(tp.clone(), 1)]);
+        t.commit_failed(&taken);
+        let taken = t.take_commits();
+        assert_eq!(taken.commits, vec![(tp.clone(), 1)]);
+        t.confirm(&taken);
         assert!(t.watermarks([&tp]).is_empty());
+    }
+
+    #[test]
+    fn a_late_commit_is_not_credited_to_the_next_assignment() {
+        let (mut t, tp) = one_settled();
+        let late = t.take_commits();
+        // Assigned again while that commit is in flight, from the group's committed offset 0.
+        t.assign(tp.clone());
+        t.partition(&tp).unwrap().deliver(0);
+        t.confirm(&late);
+        assert_eq!(
+            t.confirmed(&tp),
+            None,
+            "the old assignment's commit confirms nothing of the new one"
+        );
+        t.commit_failed(&late);
+        t.partition(&tp).unwrap().settle(0);
+        let taken = t.take_commits();
+        assert_eq!(taken.commits, vec![(tp.clone(), 1)]);
+        t.commit_failed(&late);
+        assert!(
+            t.take_commits().is_empty(),
+            "the old assignment's failure does not reset what the new one requested"
+        );
+        t.confirm(&taken);
+        assert_eq!(t.confirmed(&tp), Some(1));
     }
 }

@@ -24,6 +24,7 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use tokio::sync::Notify;
 
 use crate::error::BrokerError;
+use crate::offset::TopicPartition;
 
 /// The queue, owned: destroyed once, by [`CommitQueue::close`] (or drop).
 struct Handle(NonNull<rd::rd_kafka_queue_t>);
@@ -38,7 +39,7 @@ struct State {
     queue: Option<Handle>,
     /// Each commit whose future is alive, by tag, with its result once that has been taken off the queue
     /// (by whichever waiter got there first). Results of other commits are dropped: nobody waits for them.
-    waiting: HashMap<usize, Option<Code>>,
+    waiting: HashMap<usize, Option<Result<(), BrokerError>>>,
 }
 
 struct Shared {
@@ -196,14 +197,13 @@ impl Shared {
                     }
                     let of = rd::rd_kafka_event_opaque(ev.0.as_ptr()) as usize;
                     if let Some(slot) = waiting.get_mut(&of) {
-                        *slot = Some(commit_code(ev.0.as_ptr()));
+                        *slot = Some(commit_result(ev.0.as_ptr()));
                     }
                 }
             }
         }
         match waiting.get_mut(&tag).and_then(Option::take) {
-            Some(Code::RD_KAFKA_RESP_ERR_NO_ERROR) => Some(Ok(())),
-            Some(code) => Some(Err(commit_error(code))),
+            Some(result) => Some(result),
             None if queue.is_none() => Some(Err(commit_error(Code::RD_KAFKA_RESP_ERR__DESTROY))),
             None => None,
         }
@@ -220,28 +220,45 @@ impl Drop for Event {
     }
 }
 
-/// The commit's overall error, else the first partition's: a partition whose offset was not stored has
-/// not been committed, whatever the request's outcome (librdkafka already reports a partition's error as
-/// the overall one; this does not rely on it).
+/// The commit's result. A partition whose offset was not stored has not been committed, whatever the
+/// request's outcome: when some partitions were committed and others refused, the error is a
+/// [`BrokerError::PartialCommit`] naming the refused ones (the others are confirmed); otherwise the
+/// overall error, else the first partition's.
 ///
 /// # Safety
 /// `ev` must be a live offset-commit event.
-unsafe fn commit_code(ev: *mut rd::rd_kafka_event_t) -> Code {
-    // SAFETY: the caller's contract; the partition list belongs to the event.
-    unsafe {
-        let err = rd::rd_kafka_event_error(ev);
-        if err != Code::RD_KAFKA_RESP_ERR_NO_ERROR {
-            return err;
-        }
+unsafe fn commit_result(ev: *mut rd::rd_kafka_event_t) -> Result<(), BrokerError> {
+    // SAFETY: the caller's contract; the partition list and its topic names belong to the event.
+    let (overall, refused, total) = unsafe {
         let list = rd::rd_kafka_event_topic_partition_list(ev);
-        if !list.is_null() && (*list).cnt > 0 {
-            let elems = std::slice::from_raw_parts((*list).elems, usize::try_from((*list).cnt).unwrap_or(0));
-            if let Some(e) = elems.iter().find(|e| e.err != Code::RD_KAFKA_RESP_ERR_NO_ERROR) {
-                return e.err;
-            }
-        }
+        let elems = if list.is_null() || (*list).cnt <= 0 {
+            &[][..]
+        } else {
+            std::slice::from_raw_parts((*list).elems, usize::try_from((*list).cnt).unwrap_or(0))
+        };
+        let refused: Vec<(TopicPartition, Code)> = elems
+            .iter()
+            .filter(|e| e.err != Code::RD_KAFKA_RESP_ERR_NO_ERROR)
+            .map(|e| {
+                let topic = std::ffi::CStr::from_ptr(e.topic).to_string_lossy();
+                (TopicPartition::new(topic.as_ref(), e.partition), e.err)
+            })
+            .collect();
+        (rd::rd_kafka_event_error(ev), refused, elems.len())
+    };
+    if !refused.is_empty() && refused.len() < total {
+        return Err(BrokerError::PartialCommit {
+            refused: refused
+                .into_iter()
+                .map(|(tp, code)| (tp, rdkafka::error::RDKafkaErrorCode::from(code).to_string()))
+                .collect(),
+        });
     }
-    Code::RD_KAFKA_RESP_ERR_NO_ERROR
+    match (overall, refused.first()) {
+        (Code::RD_KAFKA_RESP_ERR_NO_ERROR, None) => Ok(()),
+        (Code::RD_KAFKA_RESP_ERR_NO_ERROR, Some((_, code))) => Err(commit_error(*code)),
+        (code, _) => Err(commit_error(code)),
+    }
 }
 
 fn commit_error(err: Code) -> BrokerError {

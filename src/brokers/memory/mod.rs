@@ -5,7 +5,10 @@
 //! eager rebalance whenever a member joins or leaves: every member's partitions are revoked (each member
 //! drains and commits first), then the new assignment starts from the committed offsets or the reset
 //! policy. Pause and resume behave as on Kafka. Commits from a member that no longer owns a
-//! partition are refused, as Kafka refuses commits of a stale generation.
+//! partition are refused per partition (the others land), as Kafka refuses commits of a stale
+//! generation. A member that goes away without leaving (a crash: its task aborted) keeps its partitions
+//! until its session times out (`memory://?session.timeout.ms=MS`, 10 s by default), then the group
+//! rebalances without it.
 
 mod murmur;
 
@@ -32,6 +35,9 @@ use crate::transport::{Outgoing, PublishAck, Publisher, no_exchanges};
 const REVOKE_GRACE: Duration = Duration::from_secs(5);
 /// Records handed to the engine per fetch, per partition.
 const FETCH_MAX: usize = 512;
+/// How long a crashed member keeps its partitions by default (`session.timeout.ms`, as the Kafka
+/// consumers are configured).
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Stored {
     key: Option<bytes::Bytes>,
@@ -79,6 +85,8 @@ struct Shared {
     state: Mutex<State>,
     data: Notify,
     default_partitions: i32,
+    /// How long a member that went away without leaving (a crash) keeps its partitions.
+    session_timeout: Duration,
     next_member: AtomicU64,
 }
 
@@ -89,12 +97,13 @@ pub(crate) struct MemoryBroker {
 }
 
 impl MemoryBroker {
-    pub(crate) fn new(default_partitions: i32) -> Self {
+    fn new(default_partitions: i32, session_timeout: Duration) -> Self {
         MemoryBroker {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 data: Notify::new(),
                 default_partitions,
+                session_timeout,
                 next_member: AtomicU64::new(1),
             }),
         }
@@ -230,6 +239,7 @@ impl MemoryBroker {
             member,
             control: rx,
             cursors: BTreeMap::new(),
+            left: false,
         }
     }
 }
@@ -351,6 +361,8 @@ pub(crate) struct MemoryConsumer {
     member: u64,
     control: mpsc::UnboundedReceiver<Control>,
     cursors: BTreeMap<TopicPartition, Cursor>,
+    /// It left the group by closing (else dropping it is a crash).
+    left: bool,
 }
 
 impl MemoryConsumer {
@@ -419,17 +431,24 @@ impl MemoryConsumer {
         let Some(g) = st.groups.get_mut(&self.group) else {
             return Err(BrokerError::Closed);
         };
+        // Per partition, as Kafka answers: owned partitions are committed, the others refused.
         let owned = g.members.get(&self.member).map(|m| m.owned.clone()).unwrap_or_default();
-        if let Some((tp, _)) = commits.iter().find(|(tp, _)| !owned.contains(tp)) {
-            return Err(BrokerError::Client {
-                op: "commit",
-                source: format!("{tp} is not assigned to this member (rebalance in progress)").into(),
-            });
-        }
+        let mut refused = Vec::new();
         for (tp, o) in commits {
-            g.committed.insert(tp.clone(), *o);
+            if owned.contains(tp) {
+                g.committed.insert(tp.clone(), *o);
+            } else {
+                refused.push((
+                    tp.clone(),
+                    "not assigned to this member: rebalance in progress".to_owned(),
+                ));
+            }
         }
-        Ok(())
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(BrokerError::PartialCommit { refused })
+        }
     }
 }
 
@@ -477,30 +496,62 @@ impl LogConsumer for MemoryConsumer {
         Box::pin(std::future::ready(r))
     }
 
-    async fn close(self, final_commits: Commits) -> Result<(), BrokerError> {
+    async fn close(mut self, final_commits: Commits) -> Result<(), BrokerError> {
         let r = if final_commits.is_empty() {
             Ok(())
         } else {
             self.apply_commits(&final_commits)
         };
-        {
-            let mut st = lock(&self.shared);
-            if let Some(g) = st.groups.get_mut(&self.group) {
-                g.members.remove(&self.member);
-            }
-        }
-        tokio::spawn(rebalance(self.shared.clone(), self.group.clone()));
+        self.left = true;
+        leave(&self.shared, &self.group, self.member);
         r
     }
 }
 
-/// `memory://` or `memory://?partitions=N` (the partition count of auto-created topics).
+/// Removes a member from its group and rebalances the rest.
+fn leave(shared: &Arc<Shared>, group: &str, member: u64) {
+    {
+        let mut st = lock(shared);
+        if let Some(g) = st.groups.get_mut(group) {
+            g.members.remove(&member);
+        }
+    }
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(rebalance(shared.clone(), group.to_owned()));
+    }
+}
+
+impl Drop for MemoryConsumer {
+    /// A member that goes away without closing (its task aborted, as in a crash) stays in the group, its
+    /// partitions unconsumed and their offsets as last committed, until its session times out, as on
+    /// Kafka; then the group rebalances without it.
+    fn drop(&mut self) {
+        if self.left {
+            return;
+        }
+        let (shared, group, member) = (self.shared.clone(), self.group.clone(), self.member);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    tokio::time::sleep(shared.session_timeout).await;
+                    tracing::debug!(group = %group, member, "member's session timed out; rebalancing without it");
+                    leave(&shared, &group, member);
+                });
+            }
+            Err(_) => leave(&shared, &group, member),
+        }
+    }
+}
+
+/// `memory://`, with options `?partitions=N` (the partition count of auto-created topics) and
+/// `session.timeout.ms=MS` (how long a crashed member keeps its partitions).
 pub(crate) fn open(url: &str, rest: &str) -> Result<Arc<dyn Backend>, ConfigError> {
     let invalid = |reason: &str| ConfigError::InvalidUrl {
         url: crate::redact::url(url),
         reason: reason.to_owned(),
     };
     let mut partitions = 1;
+    let mut session_timeout = SESSION_TIMEOUT;
     if let Some(query) = rest.strip_prefix('?') {
         for kv in query.split('&') {
             match kv.split_once('=') {
@@ -511,13 +562,25 @@ pub(crate) fn open(url: &str, rest: &str) -> Result<Arc<dyn Backend>, ConfigErro
                         .filter(|n| *n > 0)
                         .ok_or_else(|| invalid("`partitions` must be a positive integer"))?;
                 }
-                _ => return Err(invalid("the only memory:// option is `partitions=N`")),
+                Some(("session.timeout.ms", ms)) => {
+                    session_timeout = ms
+                        .parse::<u64>()
+                        .map(Duration::from_millis)
+                        .map_err(|_| invalid("`session.timeout.ms` must be a number of milliseconds"))?;
+                }
+                _ => {
+                    return Err(invalid(
+                        "the memory:// options are `partitions=N` and `session.timeout.ms=MS`",
+                    ));
+                }
             }
         }
     } else if !rest.is_empty() {
-        return Err(invalid("write `memory://` or `memory://?partitions=N`"));
+        return Err(invalid(
+            "write `memory://` or `memory://?partitions=N&session.timeout.ms=MS`",
+        ));
     }
-    Ok(Arc::new(MemoryBroker::new(partitions)))
+    Ok(Arc::new(MemoryBroker::new(partitions, session_timeout)))
 }
 
 impl Publisher for MemoryBroker {
@@ -573,5 +636,43 @@ impl LogAdmin for MemoryBroker {
 
     fn end_offsets<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, AdminError>> {
         Box::pin(std::future::ready(Ok(MemoryBroker::end_offsets(self, topic))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SubscriberConfig;
+
+    #[tokio::test]
+    async fn a_commit_is_applied_per_partition_and_refuses_only_what_the_member_does_not_own() {
+        let broker = MemoryBroker::new(2, SESSION_TIMEOUT);
+        broker.create_topic("t", 2).unwrap();
+        let mut cfg = SubscriberConfig::new("t");
+        cfg.group_id = Some("g".into());
+        let mut member = broker.join(&cfg.resolve(true).unwrap());
+        let Some(LogEvent::Assigned(owned)) = member.next().await else {
+            panic!("the only member is assigned the topic");
+        };
+        assert_eq!(owned.len(), 2);
+        // The group moves partition 1 elsewhere (a rebalance this member has not seen yet).
+        lock(&broker.shared)
+            .groups
+            .get_mut("g")
+            .unwrap()
+            .members
+            .get_mut(&member.member)
+            .unwrap()
+            .owned = vec![owned[0].clone()];
+        let r = member.commit(vec![(owned[0].clone(), 5), (owned[1].clone(), 7)]).await;
+        let Err(BrokerError::PartialCommit { refused }) = r else {
+            panic!("a partly refused commit names what was refused: {r:?}");
+        };
+        assert_eq!(refused.iter().map(|(tp, _)| tp).collect::<Vec<_>>(), [&owned[1]]);
+        assert_eq!(
+            broker.committed("g", "t"),
+            BTreeMap::from([(0, 5), (1, 0)]),
+            "the owned partition is committed; the refused one keeps where the group started it"
+        );
     }
 }
