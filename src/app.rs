@@ -251,7 +251,8 @@ impl App {
             cfg.shutdown_timeout = self.shutdown_timeout;
             let name = cfg.name.clone();
             tracing::info!(subscriber = %name, topic = %cfg.topic, group = %cfg.group_id.as_deref().unwrap_or("-"),
-                policy = %cfg.policy, max_in_flight = cfg.max_in_flight, "starting subscriber");
+                policy = %cfg.policy, max_in_flight = cfg.max_in_flight,
+                group_instance_id = cfg.group_instance_id.as_deref(), "starting subscriber");
             let retry_consumer = match &cfg.retry_topic {
                 Some(topic) => Some(self.retry_consumer(&cfg, topic).await?),
                 None => None,

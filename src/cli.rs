@@ -74,6 +74,10 @@ enum Command {
         /// a page production users can reach).
         #[arg(long)]
         allow_publish: bool,
+        /// Kafka static membership: this instance's stable name (a pod name), so that a restart takes its
+        /// partitions back at once instead of waiting out its session (README, "Kafka settings").
+        #[arg(long, env = "FERROSTREAM_INSTANCE_ID", value_name = "ID")]
+        instance_id: Option<String>,
     },
     /// The service's AsyncAPI 3.0 document and docs page.
     Docs {
@@ -191,10 +195,21 @@ impl App {
         let run = Command::Run {
             http: DEFAULT_HTTP.to_owned(),
             allow_publish: false,
+            instance_id: None,
         };
-        match cli.command.unwrap_or(run) {
+        let command = cli.command.unwrap_or(run);
+        if let Command::Run {
+            instance_id: Some(id), ..
+        } = &command
+        {
+            // The broker's state is shared by its clones: this names the app's broker's instance.
+            let _ = self.broker().clone().with_instance_id(id.clone());
+        }
+        match command {
             Command::Run { http, .. } if http == "off" => Ok(self.run().await?),
-            Command::Run { http, allow_publish } => Ok(self.http(http).allow_docs_publish(allow_publish).run().await?),
+            Command::Run {
+                http, allow_publish, ..
+            } => Ok(self.http(http).allow_docs_publish(allow_publish).run().await?),
             Command::Docs {
                 command: DocsCommand::Gen { yaml, output, .. },
             } => {

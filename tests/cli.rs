@@ -284,6 +284,38 @@ async fn run_consumes_until_sigterm_and_serves_its_docs_and_publish_publishes() 
     assert!(status.success(), "a SIGTERM is a graceful stop: {status}");
 }
 
+/// `run --instance-id` names the instance for Kafka static membership: each subscriber with a group joins
+/// as `<id>-<subscriber name>`. (What static membership does is proved on Kafka by kafka_crash's restart of
+/// a static member; a static member of the example's shared group would hold its partitions there for a
+/// session after it stops, so this runs on memory://.)
+#[tokio::test(flavor = "multi_thread")]
+async fn run_instance_id_gives_each_grouped_subscriber_its_static_member_name() {
+    if !common::is_memory() {
+        return;
+    }
+    let _turn = SERVICE.lock().await;
+    let mut service = Child::spawn(&[
+        "--broker",
+        "memory://",
+        "--log-format",
+        "json",
+        "run",
+        "--http",
+        "off",
+        "--instance-id",
+        "pod-7",
+    ]);
+    let line = service
+        .wait_line("a subscriber starting as a static member", |l| {
+            l.contains("starting subscriber") && l.contains("group_instance_id")
+        })
+        .await;
+    let line: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    let id = line["fields"]["group_instance_id"].as_str().unwrap_or_default();
+    assert!(id.starts_with("pod-7-"), "{line}");
+    assert!(service.terminate().await.success());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn publish_on_memory_prints_the_acknowledgement() {
     if !common::is_memory() {
