@@ -416,8 +416,13 @@ impl Broker {
     /// # let _ = broker;
     /// ```
     pub fn with_instance_id(self, id: impl Into<String>) -> Self {
-        *lock(&self.inner.instance_id) = Some(id.into());
+        self.set_instance_id(id.into());
         self
+    }
+
+    /// [`with_instance_id`](Self::with_instance_id) on a shared handle: every clone sees it.
+    pub(crate) fn set_instance_id(&self, id: String) {
+        *lock(&self.inner.instance_id) = Some(id);
     }
 
     /// Registers shared state that handlers receive with [`State<T>`](crate::State).

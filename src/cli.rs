@@ -202,8 +202,7 @@ impl App {
             instance_id: Some(id), ..
         } = &command
         {
-            // The broker's state is shared by its clones: this names the app's broker's instance.
-            let _ = self.broker().clone().with_instance_id(id.clone());
+            self.broker().set_instance_id(id.clone());
         }
         match command {
             Command::Run { http, .. } if http == "off" => Ok(self.run().await?),

@@ -136,6 +136,14 @@ pub(crate) struct ResolvedSubscriber {
     pub(crate) queue: Option<crate::amqp::Queue>,
 }
 
+impl ResolvedSubscriber {
+    /// How long a revocation may wait for this subscriber to drain: one can come while it drains for its
+    /// shutdown, which answers it only with its final commit, so the longer of the two drains.
+    pub(crate) fn revocation_drain(&self) -> Duration {
+        self.drain_timeout.max(self.shutdown_timeout)
+    }
+}
+
 impl SubscriberConfig {
     pub(crate) fn new(topic: &str) -> Self {
         SubscriberConfig {

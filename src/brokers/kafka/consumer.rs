@@ -29,7 +29,7 @@ use crate::log::{Commits, LogConsumer, LogEvent};
 use crate::message::{Headers, Record};
 use crate::offset::TopicPartition;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 
 /// How long the poll thread waits for records before checking whether it should stop.
 const POLL_WAIT: Duration = Duration::from_millis(100);
@@ -158,6 +158,16 @@ impl ClientContext for Ctx {
     }
 }
 
+/// Takes an assignment: the partitions added under the incremental protocol, the whole assignment under
+/// the eager one.
+fn take(consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList, cooperative: bool) -> KafkaResult<()> {
+    if cooperative {
+        consumer.incremental_assign(tpl)
+    } else {
+        consumer.assign(tpl)
+    }
+}
+
 impl ConsumerContext for Ctx {
     /// rdkafka's own sequence (pre-rebalance, assign or unassign, post-rebalance), with the start positions
     /// of `Latest` partitions resolved before the assignment (see [`Ctx::resolve_latest`]).
@@ -185,12 +195,7 @@ impl ConsumerContext for Ctx {
                 // (librdkafka's group waits for the call) without looking up positions, and released
                 // by the unsubscribe that follows.
                 tracing::debug!(subscriber = %self.name, "partitions assigned while stopping; releasing them");
-                let assigned = if cooperative {
-                    consumer.incremental_assign(tpl)
-                } else {
-                    consumer.assign(tpl)
-                };
-                if let Err(e) = assigned {
+                if let Err(e) = take(consumer, tpl, cooperative) {
                     tracing::debug!(subscriber = %self.name, error = %e, "assigning partitions while stopping failed");
                 }
             }
@@ -201,12 +206,7 @@ impl ConsumerContext for Ctx {
                 }
                 self.resolve_latest(consumer, tpl, committed.as_ref());
                 self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
-                let assigned = if cooperative {
-                    consumer.incremental_assign(tpl)
-                } else {
-                    consumer.assign(tpl)
-                };
-                if let Err(e) = assigned {
+                if let Err(e) = take(consumer, tpl, cooperative) {
                     tracing::error!(subscriber = %self.name, error = %e, "assigning partitions failed");
                 }
                 self.post_rebalance(consumer, &Rebalance::Assign(tpl));
@@ -365,9 +365,8 @@ impl KafkaConsumer {
             topic: topic.clone(),
             events: tx.clone(),
             closing: closing.clone(),
-            // A revocation can come while the subscriber drains for its shutdown, which answers it only
-            // with its final commit: the longer of the two drains, plus room for that commit.
-            revoke_wait: cfg.drain_timeout.max(cfg.shutdown_timeout) + Duration::from_secs(5),
+            // Plus room for the final commit.
+            revoke_wait: cfg.revocation_drain() + Duration::from_secs(5),
             fetch: OnceLock::new(),
             cooperative: OnceLock::new(),
             throttle: Arc::default(),

@@ -205,9 +205,7 @@ impl MemoryBroker {
 
     /// Joins the subscriber's group (a private one without a group) as a member consuming its topic.
     pub(crate) fn join(&self, cfg: &ResolvedSubscriber) -> MemoryConsumer {
-        // A revocation can come while the member drains for its shutdown, which answers it only with its
-        // final commit: it may take the longer of the two drains.
-        let drain_timeout = cfg.drain_timeout.max(cfg.shutdown_timeout);
+        let drain_timeout = cfg.revocation_drain();
         let (topic, reset) = (cfg.topic.as_str(), cfg.auto_offset_reset);
         let member = self.shared.next_member.fetch_add(1, Ordering::Relaxed);
         let group = cfg
