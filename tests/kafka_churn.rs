@@ -171,7 +171,11 @@ impl Member {
     /// Notes when it joined; fails the test if it exited on its own.
     fn check(&mut self) {
         if let Some(status) = self.child.try_wait().expect("query the member") {
-            panic!("{} exited on its own ({status}):\n{}", self.label, tail(&self.log));
+            panic!(
+                "{} exited on its own ({status}):\n{}",
+                self.label,
+                common::log_tail(&self.log, 30)
+            );
         }
         if self.joined_in.is_none() && std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains(STARTED)) {
             self.joined_in = Some(self.spawned.elapsed());
@@ -192,12 +196,6 @@ impl Drop for Member {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// The members' output file, read as it grows: how often each message was handled.
@@ -341,7 +339,12 @@ async fn churn(strategy: Option<&str>) -> Figures {
         // Members leaving gracefully must be gone within their shutdown.
         leaving.retain_mut(|(m, since)| match m.child.try_wait().expect("query a leaving member") {
             Some(status) => {
-                assert!(status.success(), "{} left with {status}:\n{}", m.label, tail(&m.log));
+                assert!(
+                    status.success(),
+                    "{} left with {status}:\n{}",
+                    m.label,
+                    common::log_tail(&m.log, 30)
+                );
                 figures.leave_times.push(since.elapsed());
                 false
             }
@@ -350,7 +353,7 @@ async fn churn(strategy: Option<&str>) -> Figures {
                     since.elapsed() < Duration::from_secs(45),
                     "{} did not leave:\n{}",
                     m.label,
-                    tail(&m.log)
+                    common::log_tail(&m.log, 30)
                 );
                 true
             }
@@ -386,7 +389,7 @@ async fn churn(strategy: Option<&str>) -> Figures {
             published.load(Ordering::Acquire),
             members
                 .iter()
-                .map(|m| format!("--- {}\n{}", m.label, tail(&m.log)))
+                .map(|m| format!("--- {}\n{}", m.label, common::log_tail(&m.log, 30)))
                 .collect::<Vec<_>>()
                 .join("\n")
         );
@@ -410,7 +413,7 @@ async fn churn(strategy: Option<&str>) -> Figures {
             status.success(),
             "{} did not shut down cleanly ({status}):\n{}",
             m.label,
-            tail(&m.log)
+            common::log_tail(&m.log, 30)
         );
     }
     figures.join_times.sort();

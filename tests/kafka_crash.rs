@@ -355,12 +355,6 @@ impl Drop for ScratchDir {
     }
 }
 
-fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()));
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// Where the children consume from and write to.
 struct Target {
     url: String,
@@ -419,7 +413,7 @@ impl ChildConsumer {
             panic!(
                 "{} exited on its own ({status}); the end of its log:\n{}",
                 self.label,
-                log_tail(&self.log, 40)
+                common::log_tail(&self.log, 40)
             );
         }
     }
@@ -446,7 +440,11 @@ impl Drop for ChildConsumer {
             let _ = process.kill();
             let _ = process.wait();
             if std::thread::panicking() {
-                eprintln!("--- end of the log of {} ---\n{}", self.label, log_tail(&self.log, 40));
+                eprintln!(
+                    "--- end of the log of {} ---\n{}",
+                    self.label,
+                    common::log_tail(&self.log, 40)
+                );
             }
         }
     }
@@ -634,7 +632,7 @@ impl Watch {
             log.lines.len(),
             log.distinct,
             log.position(),
-            log_tail(&child.log, 40)
+            common::log_tail(&child.log, 40)
         );
     }
 

@@ -9,85 +9,21 @@
 
 mod common;
 
+#[path = "common/logs.rs"]
+mod logs;
+
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use ferrostream::{AckPolicy, Message, State};
-use tokio::sync::{Notify, mpsc, watch};
-use tracing::field::{Field, Visit};
-use tracing_subscriber::layer::{Context, SubscriberExt};
+use tokio::sync::{Notify, mpsc};
 
-/// Every ferrostream event at DEBUG or above: level, `subscriber` field and message.
-static EVENTS: Mutex<Vec<(tracing::Level, String, String)>> = Mutex::new(Vec::new());
-
-/// Counts the recorded events, so a test can await one.
-fn recorded() -> &'static watch::Sender<usize> {
-    static RECORDED: std::sync::OnceLock<watch::Sender<usize>> = std::sync::OnceLock::new();
-    RECORDED.get_or_init(|| watch::channel(0).0)
-}
-
-struct Record;
-
-#[derive(Default)]
-struct Fields {
-    message: String,
-    subscriber: String,
-}
-
-impl Visit for Fields {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        match field.name() {
-            "message" => self.message = format!("{value:?}"),
-            "subscriber" => self.subscriber = format!("{value:?}"),
-            _ => {}
-        }
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        match field.name() {
-            "message" => self.message = value.to_owned(),
-            "subscriber" => self.subscriber = value.to_owned(),
-            _ => {}
-        }
-    }
-}
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Record {
-    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
-        let meta = event.metadata();
-        if meta.target().starts_with("ferrostream") && *meta.level() <= tracing::Level::DEBUG {
-            let mut f = Fields::default();
-            event.record(&mut f);
-            EVENTS.lock().unwrap().push((*meta.level(), f.subscriber, f.message));
-            recorded().send_modify(|n| *n += 1);
-        }
-    }
-}
-
-fn install_recorder() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let filter = tracing_subscriber::filter::Targets::new().with_target("ferrostream", tracing::Level::DEBUG);
-        tracing::subscriber::set_global_default(
-            tracing_subscriber::registry()
-                .with(Record)
-                .with(tracing_subscriber::Layer::with_filter(
-                    tracing_subscriber::fmt::layer().with_test_writer(),
-                    tracing_subscriber::filter::LevelFilter::INFO,
-                ))
-                .with(filter),
-        )
-        .unwrap();
-    });
-}
-
-/// The recorded events of these subscribers at `level` or above.
+/// The recorded events of these subscribers at `level` or above, as (level, subscriber, message).
 fn events_of(names: &[&str], level: tracing::Level) -> Vec<(tracing::Level, String, String)> {
-    EVENTS
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(l, s, _)| *l <= level && names.contains(&s.as_str()))
-        .cloned()
+    logs::at_least(level)
+        .into_iter()
+        .filter(|e| names.contains(&e.subscriber.as_str()))
+        .map(|e| (e.level.unwrap_or(level), e.subscriber, e.message))
         .collect()
 }
 
@@ -113,7 +49,7 @@ async fn handle(msg: Message, State(shared): State<Shared>, member: &'static str
 }
 
 async fn leave_while_a_join_revokes(policy: AckPolicy) {
-    install_recorder();
+    logs::install();
     const MESSAGES: i64 = 200;
     let (slow_started, mut slow_seen) = mpsc::unbounded_channel();
     let shared = Shared {
@@ -157,15 +93,12 @@ async fn leave_while_a_join_revokes(policy: AckPolicy) {
     // (a start is not `Send`, so not spawned).
     let hand_over = async {
         // The rebalance that b's join starts reaches a while a drains.
-        let revoking = |_: &usize| {
-            events_of(&[name_a], tracing::Level::DEBUG)
+        let revoking = logs::wait_for(common::WAIT, |events| {
+            events
                 .iter()
-                .any(|(_, _, m)| m.starts_with("partitions revoked; waiting"))
-        };
-        tokio::time::timeout(common::WAIT, recorded().subscribe().wait_for(revoking))
-            .await
-            .expect("b's join revokes a's partitions while a drains")
-            .unwrap();
+                .any(|e| e.subscriber == name_a && e.message.starts_with("partitions revoked; waiting"))
+        });
+        assert!(revoking.await, "b's join revokes a's partitions while a drains");
         // What comes now is for b: a takes nothing new while it stops.
         for i in 0..MESSAGES {
             let ack = broker

@@ -1,51 +1,16 @@
 //! Guarantee 2.7, the logs: a message that fails again and again is logged at ERROR at its 1st, 2nd, 4th,
 //! 8th, 16th attempt, not at every one; a message that cannot decode is rejected with one ERROR naming its
 //! coordinates and never delivered again. One test in its own binary: it installs a process-wide tracing
-//! subscriber that counts ERROR events.
+//! subscriber that records ferrostream's events (common/logs.rs).
 
 mod common;
 
-use std::sync::Mutex;
+#[path = "common/logs.rs"]
+mod logs;
+
 use std::time::Duration;
 
 use ferrostream::{AckPolicy, Json, RetryPolicy, Settle, SettledBy};
-use tracing::field::{Field, Visit};
-use tracing_subscriber::layer::{Context, SubscriberExt};
-
-/// Every ERROR event of ferrostream: its message and its `offset` field.
-static ERRORS: Mutex<Vec<(String, Option<i64>)>> = Mutex::new(Vec::new());
-
-struct CountErrors;
-
-#[derive(Default)]
-struct Fields {
-    message: String,
-    offset: Option<i64>,
-}
-
-impl Visit for Fields {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.message = format!("{value:?}");
-        }
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        if field.name() == "offset" {
-            self.offset = Some(value);
-        }
-    }
-}
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountErrors {
-    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
-        let meta = event.metadata();
-        if *meta.level() == tracing::Level::ERROR && meta.target().starts_with("ferrostream") {
-            let mut fields = Fields::default();
-            event.record(&mut fields);
-            ERRORS.lock().unwrap().push((fields.message, fields.offset));
-        }
-    }
-}
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
 struct Order {
@@ -55,7 +20,7 @@ struct Order {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_failures_are_summarised_and_an_undecodable_message_is_rejected_once() {
-    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(CountErrors)).unwrap();
+    logs::install();
     let broker = common::broker();
     let observer = broker.observer();
     let failing = common::topic(&broker, "quiet-fail", 1).await;
@@ -82,7 +47,10 @@ async fn repeated_failures_are_summarised_and_an_undecodable_message_is_rejected
     app.shutdown().await.unwrap();
 
     assert_eq!(observer.handled("failing").len(), 17);
-    let errors = ERRORS.lock().unwrap().clone();
+    let errors: Vec<(String, Option<i64>)> = logs::at_least(tracing::Level::ERROR)
+        .into_iter()
+        .map(|e| (e.message, e.offset))
+        .collect();
     let failed: Vec<_> = errors.iter().filter(|(m, _)| m.starts_with("handler failed")).collect();
     // Attempts 1, 2, 4, 8, 16 of the failing message, and the one failed decode.
     assert_eq!(failed.len(), 6, "{errors:#?}");

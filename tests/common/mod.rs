@@ -145,3 +145,10 @@ pub async fn unsettled(broker: &Broker, group: &str, topic: &str, expected: impl
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The last `lines` lines of a log file, for a failing test's message.
+pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
