@@ -279,10 +279,6 @@ impl Broker {
         middleware::layered_sender(metered, &layers)
     }
 
-    fn sender(&self) -> Arc<dyn Sender> {
-        self.inner.sender.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
     /// Publishes a payload; add key, partition, headers... then `.await` it.
     pub fn publish(&self, payload: impl IntoPayload, topic: &str) -> Publish {
         Publish::new(self.clone(), payload, topic)
@@ -490,8 +486,10 @@ impl Broker {
         admin.end_offsets(topic).await
     }
 
-    pub(crate) async fn send(&self, out: Outgoing) -> Result<PublishAck, PublishError> {
-        self.sender().send(out).await
+    /// Sends through the publish chain (middleware, metering, the backend).
+    pub(crate) fn send(&self, out: Outgoing) -> futures::future::BoxFuture<'static, Result<PublishAck, PublishError>> {
+        // The future owns what it needs: no clone of the chain per publish.
+        self.inner.sender.read().unwrap_or_else(|p| p.into_inner()).send(out)
     }
 
     pub(crate) fn register(&self, spec: SubscriberSpec) {

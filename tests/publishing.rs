@@ -341,3 +341,38 @@ async fn an_illegal_topic_name_or_an_oversized_record_is_refused() {
         .await
         .expect("under the limit");
 }
+
+/// Kafka: a publish with nothing else in flight is sent at once, not after `linger.ms`, and publishes
+/// that overlap it still land in publish order (one producer, one queue per partition).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_is_alone_skips_the_linger_and_overlapping_ones_keep_their_order() {
+    if common::is_memory() || !common::is_log() {
+        return;
+    }
+    // A linger no test could sit out unnoticed: a lone publish that waited it would take 3 s.
+    let url = common::broker_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let broker = ferrostream::Broker::new(&format!("{url}{sep}producer.linger.ms=3000")).unwrap();
+    let topic = common::topic(&broker, "pub-lone", 1).await;
+
+    for i in 0..5 {
+        let sent = tokio::time::timeout(
+            std::time::Duration::from_millis(1500),
+            broker.publish(format!("lone-{i}"), &topic),
+        )
+        .await;
+        sent.unwrap_or_else(|_| panic!("lone publish {i} waited out the 3 s linger"))
+            .unwrap();
+    }
+
+    let publishes: Vec<_> = (0..200)
+        .map(|i| std::future::IntoFuture::into_future(broker.publish(format!("burst-{i}"), &topic).key("k")))
+        .collect();
+    let acks = futures::future::join_all(publishes).await;
+    let offsets: Vec<i64> = acks.into_iter().map(|a| a.unwrap().offset).collect();
+    assert!(
+        offsets.windows(2).all(|w| w[0] < w[1]),
+        "overlapping publishes landed out of publish order: {offsets:?}"
+    );
+    assert_eq!(offsets[0], 5, "the burst follows the lone publishes");
+}

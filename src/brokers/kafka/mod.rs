@@ -11,7 +11,7 @@
 //! | `fetch.queue.backoff.ms` | `10` | librdkafka's default (1 s) caused random ~1 s stalls |
 //! | `enable.idempotence` | `true` | no duplicates from producer retries |
 //! | `acks` | `all` | `publish` resolves once every in-sync replica has the record |
-//! | `linger.ms` | `1` | a lone publish is not held back long; concurrent ones still batch (an application that awaits each publish one by one gets ~3.6x more a second with `?producer.linger.ms=0`, and pipelined publishing ~20% less: BENCHMARKS.md) |
+//! | `linger.ms` | `1` | concurrent publishes share produce requests; a publish that is alone (nothing else in flight) does not wait it: the producer is flushed for it, so an application that awaits each publish gets the broker's round trip, not the linger |
 //! | `group.instance.id` | unset; `<id>-<subscriber>` under [`Broker::with_instance_id`](crate::Broker::with_instance_id) | static membership: a restarted member takes its partitions back at once |
 //! | `message.timeout.ms` | `30000` | a publish the broker has not acknowledged in 30 s fails with `PublishError::Timeout` (librdkafka's default waits 5 minutes, e.g. for a broker that is down) |
 //!
@@ -24,6 +24,7 @@ mod commit_queue;
 mod consumer;
 mod error_code;
 mod fetch_queue;
+mod lone;
 mod quiet;
 
 use std::collections::BTreeMap;
@@ -50,6 +51,7 @@ use super::{Backend, LogAdmin, spawn_log};
 use crate::engine::Launch;
 use crate::error::{AdminError, BrokerError, ConfigError, PublishError, StartError};
 use crate::log::{MAX_MESSAGE_BYTES, check_topic_name, record_size};
+use crate::metrics::Meter;
 use crate::transport::{Outgoing, PublishAck, Publisher, no_exchanges};
 
 /// How long a subscriber's start waits for a broker to answer at all.
@@ -60,6 +62,8 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 /// The default delivery timeout of a publish (`message.timeout.ms`), in milliseconds.
 const DELIVERY_TIMEOUT_MS: &str = "30000";
+/// The producer's default `linger.ms` (a publish that is alone does not wait it: see [`lone`]).
+const LINGER_MS: &str = "1";
 
 /// Kafka client settings: bootstrap servers plus any librdkafka setting, passed through as is.
 ///
@@ -192,7 +196,7 @@ impl KafkaConfig {
         c.set("bootstrap.servers", &self.bootstrap)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "1")
+            .set("linger.ms", LINGER_MS)
             .set("message.timeout.ms", DELIVERY_TIMEOUT_MS);
         for (k, v) in self.common.iter().chain(&self.producer) {
             c.set(k, v);
@@ -240,7 +244,9 @@ fn admin_error(op: &'static str, e: KafkaError) -> AdminError {
 #[derive(Clone)]
 pub(crate) struct KafkaBackend {
     config: Arc<KafkaConfig>,
-    producer: FutureProducer<QuietContext>,
+    producer: Arc<FutureProducer<QuietContext>>,
+    /// Sends a publish that is alone without waiting out the linger (`None` at `linger.ms=0`).
+    lone: Option<Arc<lone::Lone>>,
     /// The producer's `message.max.bytes`, to say in a `TooLarge` error.
     max_message_bytes: usize,
     /// A broker answered a probe once: later subscribers of this backend start without one.
@@ -272,8 +278,21 @@ impl KafkaBackend {
             .or_else(|| config.common.get("message.max.bytes"))
             .and_then(|v| v.parse().ok())
             .unwrap_or(MAX_MESSAGE_BYTES);
+        let linger = config
+            .producer
+            .get("linger.ms")
+            .or_else(|| config.producer.get("queue.buffering.max.ms"))
+            .or_else(|| config.common.get("linger.ms"))
+            .or_else(|| config.common.get("queue.buffering.max.ms"))
+            .map_or(LINGER_MS, String::as_str)
+            .parse::<f64>()
+            .ok()
+            .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok())
+            .unwrap_or_default();
+        let producer = Arc::new(producer);
         Ok(KafkaBackend {
             config: Arc::new(config),
+            lone: lone::Lone::start(&producer, linger).map(Arc::new),
             producer,
             max_message_bytes,
             delivery_timeout,
@@ -284,17 +303,26 @@ impl KafkaBackend {
     /// Hands the record to librdkafka now and returns what waits for the broker's acknowledgement: a small
     /// future (the delivery report's channel), not one that carries the record. A full producer queue
     /// waits in [`Self::publish_when_queued`] instead.
-    fn enqueue(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, PublishError>> {
+    fn enqueue(&self, out: Outgoing, meter: Option<Meter>) -> BoxFuture<'static, Result<PublishAck, PublishError>> {
+        let done = move |r: Result<PublishAck, PublishError>| {
+            if let Some(m) = meter {
+                m.record(&r);
+            }
+            r
+        };
         if let Err(e) = check_outgoing(&out) {
-            return Box::pin(std::future::ready(Err(e)));
+            return Box::pin(std::future::ready(done(Err(e))));
         }
         let sent = self.producer.send_result(record_of(&out)).map_err(|(e, _)| e);
         let failure = Failure::of(&out, self);
         match sent {
             Ok(delivery) => {
                 let topic = out.topic;
+                let in_flight = self.lone.as_ref().map(|l| l.queued());
                 Box::pin(async move {
-                    match delivery.await {
+                    let delivered = delivery.await;
+                    drop(in_flight);
+                    done(match delivered {
                         Ok(Ok(d)) => Ok(PublishAck {
                             topic,
                             partition: d.partition,
@@ -304,14 +332,14 @@ impl KafkaBackend {
                         Err(_) => {
                             Err(client_error("publish", "the producer went away before the delivery report").into())
                         }
-                    }
+                    })
                 })
             }
             Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
                 let this = self.clone();
-                Box::pin(async move { this.publish_when_queued(out).await })
+                Box::pin(async move { done(this.publish_when_queued(out).await) })
             }
-            Err(e) => Box::pin(std::future::ready(Err(failure.error(e, out.topic)))),
+            Err(e) => Box::pin(std::future::ready(done(Err(failure.error(e, out.topic))))),
         }
     }
 
@@ -576,7 +604,11 @@ pub(crate) fn open(url: &str, rest: &str) -> Result<Arc<dyn Backend>, ConfigErro
 
 impl Publisher for KafkaBackend {
     fn send(&self, out: Outgoing) -> BoxFuture<'static, Result<PublishAck, PublishError>> {
-        self.enqueue(out)
+        self.enqueue(out, None)
+    }
+
+    fn send_metered(&self, out: Outgoing, meter: Meter) -> BoxFuture<'static, Result<PublishAck, PublishError>> {
+        self.enqueue(out, Some(meter))
     }
 }
 
