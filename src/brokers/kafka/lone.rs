@@ -94,3 +94,50 @@ fn flush_for(producer: &FutureProducer<QuietContext>, timeout_ms: i32) {
     // own polling thread serves the reports). A timeout is the normal outcome under load: ignored.
     let _ = unsafe { rdkafka::bindings::rd_kafka_flush(rk, timeout_ms) };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lone() -> (Lone, Receiver<()>) {
+        let (wake, woken) = sync_channel(1);
+        let lone = Lone {
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            wake,
+        };
+        (lone, woken)
+    }
+
+    #[test]
+    fn only_a_record_with_nothing_else_in_flight_wakes_the_flusher() {
+        let (lone, woken) = lone();
+        let first = lone.queued();
+        assert!(woken.try_recv().is_ok(), "the first record is alone");
+        let second = lone.queued();
+        assert!(woken.try_recv().is_err(), "the second overlaps the first: it batches");
+        drop(first);
+        let third = lone.queued();
+        assert!(woken.try_recv().is_err(), "the second is still in flight");
+        drop((second, third));
+        let _fourth = lone.queued();
+        assert!(
+            woken.try_recv().is_ok(),
+            "everything before it was answered (or dropped)"
+        );
+    }
+
+    #[test]
+    fn wake_ups_during_a_flush_collapse_into_one_and_a_gone_flusher_is_harmless() {
+        let (lone, woken) = lone();
+        drop(lone.queued());
+        drop(lone.queued());
+        assert!(woken.try_recv().is_ok());
+        assert!(
+            woken.try_recv().is_err(),
+            "two wake-ups while the flusher was busy: one more flush"
+        );
+        drop(woken);
+        drop(lone.queued()); // the flushing thread is gone: the record waits the linger, nothing fails
+        assert_eq!(lone.in_flight.load(Ordering::Acquire), 0);
+    }
+}
