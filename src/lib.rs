@@ -149,7 +149,7 @@ pub use message::{CORRELATION_ID, Coordinates, Headers, Message, REPLY_TO, Settl
 pub use metrics::{Metrics, SubscriberMetrics};
 pub use observe::{Event, Observer, Outcome};
 pub use offset::TopicPartition;
-pub use publish::{Publish, PublishAck};
+pub use publish::{Publish, PublishAck, PublishFuture};
 pub use publisher::Publisher;
 pub use request::PendingRequest;
 pub use response::Response;

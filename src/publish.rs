@@ -3,6 +3,9 @@
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use futures::future::BoxFuture;
 
 use std::sync::Arc;
 
@@ -104,12 +107,42 @@ impl Publish {
 
 impl IntoFuture for Publish {
     type Output = Result<PublishAck, PublishError>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+    type IntoFuture = PublishFuture;
 
-    /// Hands the record to the broker's publish chain now and returns the chain's own future (one
-    /// allocation per publish, not one more for a wrapper): on Kafka the record is queued in the producer
-    /// when this is called, and the future waits for the acknowledgement.
-    fn into_future(self) -> Self::IntoFuture {
+    fn into_future(self) -> PublishFuture {
+        PublishFuture(PublishState::Unsent(self))
+    }
+}
+
+/// A [`Publish`] being sent: nothing is sent until it is first polled; it then hands the record to the
+/// broker's publish chain (on Kafka the record is queued in the producer there) and waits for the
+/// acknowledgement in the chain's own future, so a publish allocates once.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::future::IntoFuture;
+/// let broker = ferrostream::Broker::new("memory://")?;
+/// let first: ferrostream::PublishFuture = broker.publish("one", "events").into_future();
+/// let second = broker.publish("two", "events").into_future();
+/// let (a, b) = futures::join!(first, second); // sent in the order they are first polled
+/// assert_eq!((a?.offset, b?.offset), (0, 1));
+/// # Ok(()) }
+/// ```
+#[must_use = "nothing is sent until the publish is awaited"]
+pub struct PublishFuture(PublishState);
+
+// The record travels inline until the first poll: boxing it would be the allocation this type avoids.
+#[allow(clippy::large_enum_variant)]
+enum PublishState {
+    Unsent(Publish),
+    Sent(BoxFuture<'static, Result<PublishAck, PublishError>>),
+    Done,
+}
+
+impl Publish {
+    /// Hands the record to the publish chain.
+    fn send(self) -> BoxFuture<'static, Result<PublishAck, PublishError>> {
         let record = self.record.map_err(|e| PublishError::Encode { source: Box::new(e) });
         match (record, self.broker) {
             (Ok(mut record), Ok(broker)) => {
@@ -119,6 +152,27 @@ impl IntoFuture for Publish {
                 broker.send(record)
             }
             (Err(e), _) | (_, Err(e)) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+}
+
+impl Future for PublishFuture {
+    type Output = Result<PublishAck, PublishError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let state = &mut self.0;
+        if matches!(state, PublishState::Unsent(_))
+            && let PublishState::Unsent(publish) = std::mem::replace(state, PublishState::Done)
+        {
+            *state = PublishState::Sent(publish.send());
+        }
+        match state {
+            PublishState::Sent(sent) => {
+                let out = ready!(sent.as_mut().poll(cx));
+                *state = PublishState::Done;
+                Poll::Ready(out)
+            }
+            PublishState::Unsent(_) | PublishState::Done => panic!("a publish polled after it completed"),
         }
     }
 }

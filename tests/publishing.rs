@@ -376,3 +376,22 @@ async fn a_publish_that_is_alone_skips_the_linger_and_overlapping_ones_keep_thei
     );
     assert_eq!(offsets[0], 5, "the burst follows the lone publishes");
 }
+
+/// A publish is sent when it is first polled, not when it is built or turned into a future: a dropped
+/// future (a `select!` branch disabled by its condition, a cancelled task) publishes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_future_that_is_never_polled_sends_nothing() {
+    if !common::is_log() {
+        return;
+    }
+    let broker = common::broker();
+    let topic = common::topic(&broker, "pub-lazy", 1).await;
+    let unpolled = std::future::IntoFuture::into_future(broker.publish("never", &topic));
+    let send_it = false;
+    tokio::select! {
+        ack = broker.publish("first", &topic) => assert_eq!(ack.unwrap().offset, 0),
+        _ = unpolled, if send_it => unreachable!("a disabled branch is never polled"),
+    }
+    let ack = broker.publish("second", &topic).await.unwrap();
+    assert_eq!(ack.offset, 1, "nothing but 'first' was published before");
+}

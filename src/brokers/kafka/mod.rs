@@ -11,7 +11,7 @@
 //! | `fetch.queue.backoff.ms` | `10` | librdkafka's default (1 s) caused random ~1 s stalls |
 //! | `enable.idempotence` | `true` | no duplicates from producer retries |
 //! | `acks` | `all` | `publish` resolves once every in-sync replica has the record |
-//! | `linger.ms` | `1` | concurrent publishes share produce requests; a publish that is alone (nothing else in flight) does not wait it: the producer is flushed for it, so an application that awaits each publish gets the broker's round trip, not the linger |
+//! | `linger.ms` | `1` | concurrent publishes share produce requests; a publish that is alone (nothing else in flight) does not wait it: the producer is flushed for it (for at most one linger period and 10 ms), so an application that awaits each publish gets the broker's round trip, not the linger; `0` turns batching and this off |
 //! | `group.instance.id` | unset; `<id>-<subscriber>` under [`Broker::with_instance_id`](crate::Broker::with_instance_id) | static membership: a restarted member takes its partitions back at once |
 //! | `message.timeout.ms` | `30000` | a publish the broker has not acknowledged in 30 s fails with `PublishError::Timeout` (librdkafka's default waits 5 minutes, e.g. for a broker that is down) |
 //!
@@ -37,7 +37,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 pub(crate) use consumer::KafkaConsumer;
@@ -318,7 +318,7 @@ impl KafkaBackend {
         match sent {
             Ok(delivery) => {
                 let topic = out.topic;
-                let in_flight = self.lone.as_ref().map(|l| l.queued());
+                let in_flight = self.lone.as_ref().map(|l| l.queued(|| self.producer.in_flight_count()));
                 Box::pin(async move {
                     let delivered = delivery.await;
                     drop(in_flight);
@@ -337,7 +337,12 @@ impl KafkaBackend {
             }
             Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
                 let this = self.clone();
-                Box::pin(async move { done(this.publish_when_queued(out).await) })
+                let in_flight = self.lone.as_ref().map(|l| l.crowded());
+                Box::pin(async move {
+                    let r = this.publish_when_queued(out).await;
+                    drop(in_flight);
+                    done(r)
+                })
             }
             Err(e) => Box::pin(std::future::ready(done(Err(failure.error(e, out.topic))))),
         }
