@@ -313,6 +313,10 @@ async fn run_instance_id_gives_each_grouped_subscriber_its_static_member_name() 
     let line: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
     let id = line["fields"]["group_instance_id"].as_str().unwrap_or_default();
     assert!(id.starts_with("pod-7-"), "{line}");
+    // A signal during the start interrupts it (a failure exit): stop it once it runs.
+    service
+        .wait_line("`app started` log line", |l| l.contains("app started"))
+        .await;
     assert!(service.terminate().await.success());
 }
 
