@@ -257,36 +257,27 @@ pub(crate) struct KafkaBackend {
 
 impl KafkaBackend {
     pub(crate) fn new(config: KafkaConfig) -> Result<Self, ConfigError> {
-        let producer: FutureProducer<QuietContext> = config
-            .producer_config()
+        // The producer's settings as librdkafka gets them: defaults, then the common, then the producer's.
+        let settings = config.producer_config();
+        let producer: FutureProducer<QuietContext> = settings
             .create_with_context(QuietContext::new("producer"))
             .map_err(|e| ConfigError::InvalidUrl {
                 url: format!("kafka://{}", config.bootstrap),
                 reason: format!("cannot create the Kafka producer: {e}"),
             })?;
-        let delivery_timeout = config
-            .producer
+        let delivery_timeout = settings
             .get("message.timeout.ms")
-            .or_else(|| config.common.get("message.timeout.ms"))
-            .map_or(DELIVERY_TIMEOUT_MS, String::as_str)
-            .parse()
-            .map(Duration::from_millis)
-            .unwrap_or(PUBLISH_TIMEOUT);
-        let max_message_bytes = config
-            .producer
+            .and_then(|v| v.parse().ok())
+            .map_or(PUBLISH_TIMEOUT, Duration::from_millis);
+        let max_message_bytes = settings
             .get("message.max.bytes")
-            .or_else(|| config.common.get("message.max.bytes"))
             .and_then(|v| v.parse().ok())
             .unwrap_or(MAX_MESSAGE_BYTES);
-        let linger = config
-            .producer
-            .get("linger.ms")
-            .or_else(|| config.producer.get("queue.buffering.max.ms"))
-            .or_else(|| config.common.get("linger.ms"))
-            .or_else(|| config.common.get("queue.buffering.max.ms"))
-            .map_or(LINGER_MS, String::as_str)
-            .parse::<f64>()
-            .ok()
+        // `queue.buffering.max.ms` is librdkafka's older name for `linger.ms`, which is always set.
+        let linger = settings
+            .get("queue.buffering.max.ms")
+            .or_else(|| settings.get("linger.ms"))
+            .and_then(|ms| ms.parse::<f64>().ok())
             .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok())
             .unwrap_or_default();
         let producer = Arc::new(producer);
