@@ -301,10 +301,8 @@ impl crate::transport::Publisher for Metered {
         &self,
         #[cfg_attr(not(feature = "otel"), allow(unused_mut))] mut out: crate::transport::Outgoing,
     ) -> futures::future::BoxFuture<'static, Result<crate::PublishAck, crate::PublishError>> {
-        let meter = Meter {
-            counters: self.publishes.of(if out.mandatory { &out.topic } else { "(reply)" }),
-            started: quanta::Instant::now(),
-        };
+        let meter =
+            crate::transport::Meter::start(self.publishes.of(if out.mandatory { &out.topic } else { "(reply)" }));
         #[cfg(feature = "otel")]
         {
             let span = crate::otel::send(&mut out, self.system);
@@ -316,23 +314,10 @@ impl crate::transport::Publisher for Metered {
     }
 }
 
-/// One publish being counted and timed: where its outcome goes, and when it was handed over (quanta's
-/// TSC clock: two reads per publish, at a fraction of the system clock's cost).
-pub(crate) struct Meter {
-    counters: Arc<PublishCounters>,
-    started: quanta::Instant,
-}
-
-impl Meter {
-    /// Counts the publish as sent or failed and observes how long the broker took.
-    pub(crate) fn record<T, E>(self, outcome: &Result<T, E>) {
-        self.counters.latency.observe_shared(self.started.elapsed());
-        if outcome.is_ok() {
-            &self.counters.sent
-        } else {
-            &self.counters.failed
-        }
-        .fetch_add(1, Relaxed);
+impl crate::transport::PublishOutcomes for PublishCounters {
+    fn record(&self, ok: bool, took: std::time::Duration) {
+        self.latency.observe_shared(took);
+        if ok { &self.sent } else { &self.failed }.fetch_add(1, Relaxed);
     }
 }
 

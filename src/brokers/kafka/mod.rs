@@ -51,8 +51,7 @@ use super::{Backend, LogAdmin, spawn_log};
 use crate::engine::Launch;
 use crate::error::{AdminError, BrokerError, ConfigError, PublishError, StartError};
 use crate::log::{MAX_MESSAGE_BYTES, check_topic_name, record_size};
-use crate::metrics::Meter;
-use crate::transport::{Outgoing, PublishAck, Publisher, no_exchanges};
+use crate::transport::{Meter, Outgoing, PublishAck, Publisher, no_exchanges};
 
 /// How long a subscriber's start waits for a broker to answer at all.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
